@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.readers import MISSING_KEY, Chunk, Skipped, iter_chunks, is_datasets_dir, resolve_inputs
+from data_pipeline.readers import Chunk, Skipped, chunk_documents, is_datasets_dir, iter_chunks, resolve_inputs
 from data_pipeline.shards import Journal, ShardWriter, indexed_dataset_module
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 
@@ -57,34 +57,6 @@ def _init_worker(tokenizer_spec: str, text_key: str) -> None:
     _worker_text_key = text_key
 
 
-def check_text(value, text_key: str) -> tuple[str, str] | None:
-    """(reason, detail) when `value` is not a usable document, else None."""
-    if value is MISSING_KEY:
-        return "missing_text_key", f"no {text_key!r} key (choose the key with --text-key)"
-    if value is None:
-        return "null_text", f"{text_key!r} is null"
-    if not isinstance(value, str):
-        return "not_a_string", f"{text_key!r} holds a {type(value).__name__}, not a string"
-    if not value.strip():
-        return "empty_document", "the text is empty or whitespace only"
-    return None
-
-
-def parse_json_line(raw: bytes, text_key: str):
-    """(text value or MISSING_KEY, None) for a parsable jsonl line, else (None, (reason, detail))."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return None, ("invalid_utf8", f"invalid UTF-8 at byte {error.start}")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        return None, ("malformed_json", f"{error.msg} at column {error.colno}")
-    if not isinstance(record, dict):
-        return None, ("not_an_object", f"a JSON {type(record).__name__}, not an object")
-    return record.get(text_key, MISSING_KEY), None
-
-
 @dataclass
 class TokenizedChunk:
     file_index: int
@@ -98,18 +70,8 @@ class TokenizedChunk:
 
 
 def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
-    tokenizer, text_key = _worker_tokenizer, _worker_text_key
-    texts, records, skipped = [], [], []
-    for offset, item in enumerate(chunk.items):
-        record = chunk.first_record + offset
-        value, problem = parse_json_line(item, text_key) if chunk.kind == "jsonl" else (item, None)
-        problem = problem or check_text(value, text_key)
-        if problem:
-            skipped.append(Skipped(chunk.path, record + 1, *problem))
-        else:
-            texts.append(value)
-            records.append(record)
-    skipped.extend(chunk.stream_errors)
+    tokenizer = _worker_tokenizer
+    texts, records, skipped = chunk_documents(chunk, _worker_text_key)
     encoded = tokenizer.encode_batch(texts)
     eod = [tokenizer.eod_id]
     lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import json
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -133,6 +134,65 @@ def iter_chunks(
         yield from _parquet_chunks(path, file_index, text_key, start_record, chunk_bytes)
     else:
         yield from _jsonl_chunks(path, file_index, start_record, chunk_bytes)
+
+
+# ---- records -> text ------------------------------------------------------------
+
+
+def check_text(value, text_key: str) -> tuple[str, str] | None:
+    """(reason, detail) when `value` is not a usable document, else None."""
+    if value is MISSING_KEY:
+        return "missing_text_key", f"no {text_key!r} key (choose the key with --text-key)"
+    if value is None:
+        return "null_text", f"{text_key!r} is null"
+    if not isinstance(value, str):
+        return "not_a_string", f"{text_key!r} holds a {type(value).__name__}, not a string"
+    if not value.strip():
+        return "empty_document", "the text is empty or whitespace only"
+    return None
+
+
+def parse_json_line(raw: bytes, text_key: str):
+    """(text value or MISSING_KEY, None) for a parsable jsonl line, else (None, (reason, detail))."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return None, ("invalid_utf8", f"invalid UTF-8 at byte {error.start}")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, ("malformed_json", f"{error.msg} at column {error.colno}")
+    if not isinstance(record, dict):
+        return None, ("not_an_object", f"a JSON {type(record).__name__}, not an object")
+    return record.get(text_key, MISSING_KEY), None
+
+
+def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], list[Skipped]]:
+    """Split a chunk into usable texts with their record numbers, and skipped records."""
+    texts, records, skipped = [], [], []
+    for offset, item in enumerate(chunk.items):
+        record = chunk.first_record + offset
+        value, problem = parse_json_line(item, text_key) if chunk.kind == "jsonl" else (item, None)
+        problem = problem or check_text(value, text_key)
+        if problem:
+            skipped.append(Skipped(chunk.path, record + 1, *problem))
+        else:
+            texts.append(value)
+            records.append(record)
+    return texts, records, skipped + chunk.stream_errors
+
+
+def iter_texts(inputs: list[str], text_key: str = "text", skipped: list[Skipped] | None = None) -> Iterator[str]:
+    """Every usable document text of the inputs, in order, read in this process.
+
+    Bad records are appended to `skipped` (when given) instead of being yielded.
+    """
+    for file_index, path in enumerate(inputs):
+        for chunk in iter_chunks(path, file_index, text_key):
+            texts, _, bad = chunk_documents(chunk, text_key)
+            yield from texts
+            if skipped is not None:
+                skipped.extend(bad)
 
 
 # ---- jsonl family -----------------------------------------------------------

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -184,3 +184,53 @@ def load_tokenizer(spec: str) -> Tokenizer:
         f"tokenizer {spec!r} is not 'gpt2', a directory with BPE files, or an existing "
         "tokenizer.model file"
     )
+
+
+def sentencepiece_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Non-empty lines of each document: SentencePiece trains on lines and drops
+    any longer than its max_sentence_length, so whole documents would be lost."""
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    output_dir: str | os.PathLike,
+    vocab_size: int,
+    max_sentences: int = 10_000_000,
+    threads: int | None = None,
+) -> SentencePieceTokenizer:
+    """Train a byte-fallback BPE SentencePiece model; writes DIR/tokenizer.model.
+
+    At most `max_sentences` lines are kept, by SentencePiece's own reservoir
+    sampling over the whole input, so memory is bounded on any corpus size.
+    Normalization is off and whitespace kept, so decode(encode(text)) == text.
+    """
+    import sentencepiece as spm
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentencepiece_lines(texts),
+        model_prefix=str(output_dir / "tokenizer"),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=1,
+        pad_id=-1,
+        eos_piece=ENDOFTEXT,
+        num_threads=threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    return SentencePieceTokenizer(output_dir / "tokenizer.model")

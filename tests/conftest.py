@@ -1,0 +1,37 @@
+"""Shared fixtures: real English text from the gensim wheel, and a runner for tools/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def real_documents() -> list[dict]:
+    from data_pipeline.sample_text import real_documents as load
+
+    documents = load()
+    assert len(documents) > 400, "gensim's test data should give ~400 real documents"
+    return documents
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from data_pipeline.tokenizers import load_tokenizer
+
+    return load_tokenizer("gpt2")
+
+
+def run_tool(script: str, *args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """Run tools/<script> as a user would, from the repository root."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen,
+    )
