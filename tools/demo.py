@@ -42,8 +42,8 @@ def show_shards(summary: dict, prefix: Path) -> None:
         print(f"{shard['name']:<14}{shard['documents']:>10}{shard['tokens']:>10}")
     print(f"{'total':<14}{summary['documents']:>10}{summary['tokens']:>10}   ({summary['dtype']} ids, "
           f"tokenizer {summary['tokenizer']['name']} sha256 {summary['tokenizer']['sha256'][:12]})")
-    first = IndexedDataset(str(prefix.parent / summary["shards"][-1]["name"]))
-    ids = first[len(first) - 1]
+    last_shard = IndexedDataset(str(prefix.parent / summary["shards"][-1]["name"]))
+    ids = last_shard[len(last_shard) - 1]
     tokenizer = load_tokenizer("gpt2")
     print(f"\nlast document of the last shard, read back with megatron-core's IndexedDataset "
           f"({len(ids)} tokens, ends with end-of-document id {ids[-1]}):")
@@ -52,6 +52,7 @@ def show_shards(summary: dict, prefix: Path) -> None:
 
 def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
+    indexed_dataset_module()  # megatron-core's import takes seconds; keep it out of the timing below
     inputs = write_corpus()
     print(f"corpus: {', '.join(f'{p.name} ({p.stat().st_size / 1e6:.1f} MB)' for p in inputs)}")
     prefix = OUT / "tokens" / "demo"

@@ -269,3 +269,33 @@ def test_rerun_with_other_settings_is_refused(corpus, tmp_path):
     preprocess([str(corpus / "a.jsonl")], prefix, shard_size_tokens=10_000, show_progress=False)
     with pytest.raises(JournalMismatch, match="another --output-prefix"):
         preprocess([str(corpus / "a.jsonl")], prefix, shard_size_tokens=20_000, show_progress=False)
+
+
+PEAK_MEMORY_SCRIPT = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+from tools.preprocess_data import main
+
+if __name__ == "__main__":
+    assert main({args!r}) == 0
+    print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(tmp_path, corpus_path, name: str) -> float:
+    args = ["--input", str(corpus_path), "--output-prefix", str(tmp_path / name / "c"), "--workers", "2", "--quiet"]
+    script = tmp_path / f"measure_{name}.py"
+    script.write_text(PEAK_MEMORY_SCRIPT.format(repo=str(REPO), args=args))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split("maxrss_kb")[1]) / 1024
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_as_the_corpus_grows(tmp_path, real_documents):
+    """Peak memory of the writing process barely moves when the input grows 16-fold (3.5 -> 56 MB)."""
+    small = write_jsonl(tmp_path / "small.jsonl", real_documents)
+    large = write_jsonl(tmp_path / "large.jsonl", real_documents * 16)
+    growth_mb = large.stat().st_size / 1e6 - small.stat().st_size / 1e6
+    rss_growth = peak_rss_mb(tmp_path, large, "large") - peak_rss_mb(tmp_path, small, "small")
+    assert rss_growth < 0.25 * growth_mb, f"peak RSS grew {rss_growth:.1f} MB for {growth_mb:.0f} MB more input"
