@@ -63,7 +63,6 @@ def _init_worker(tokenizer: Tokenizer, text_key: str) -> None:
 @dataclass
 class TokenizedChunk:
     file_index: int
-    end_record: int
     tokens: np.ndarray  # every kept document's ids + end-of-document, concatenated
     lengths: np.ndarray  # tokens per kept document
     records: np.ndarray  # record number (0-based, within the file) of each kept document
@@ -78,7 +77,6 @@ def tokenize_chunk(chunk: Chunk) -> TokenizedChunk:
     tokens, lengths = tokenizer.encode_documents(texts)
     return TokenizedChunk(
         file_index=chunk.file_index,
-        end_record=chunk.end_record,
         tokens=tokens,
         lengths=lengths,
         records=np.array(records, dtype=np.int64),
@@ -149,7 +147,6 @@ class RunState:
     """What the writer accumulates: the open shard and the skips since the last one."""
 
     shard: ShardWriter | None = None
-    position: Position = field(default_factory=Position)
     pending_skips: list[Skipped] = field(default_factory=list)
     documents: int = 0
     tokens: int = 0
@@ -183,7 +180,7 @@ def close_shard(state: RunState, journal: Journal, end: Position) -> None:
     record["end"] = {"file_index": end.file_index, "record": end.record}
     record["skipped"] = [vars(skip) for skip in state.pending_skips]
     journal.add_shard(record)
-    state.shard, state.pending_skips, state.position = None, [], end
+    state.shard, state.pending_skips = None, []
 
 
 # ---- the whole run -------------------------------------------------------------------
@@ -228,7 +225,7 @@ def tokenize_into_shards(inputs, output_prefix, tokenizer, journal, header, work
         log.info("resuming after %d finished shards, at %s record %d", len(journal.shards),
                  inputs[start.file_index] if start.file_index < len(inputs) else "the end", start.record)
     sizes = [entry["bytes"] for entry in header["inputs"]]
-    state = RunState(position=start)
+    state = RunState()
 
     def open_shard() -> ShardWriter:
         return ShardWriter(output_prefix, len(journal.shards), tokenizer.token_dtype)

@@ -77,10 +77,6 @@ class Chunk:
     stream_errors: list[Skipped] = field(default_factory=list)
     disk_bytes: int = 0  # bytes of the input file consumed since the previous chunk
 
-    @property
-    def end_record(self) -> int:
-        return self.first_record + len(self.items) + len(self.stream_errors)
-
 
 def is_datasets_dir(path: Path) -> bool:
     return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()

@@ -28,10 +28,10 @@ def gpt2_tokenizer():
     return load_tokenizer("gpt2")
 
 
-def run_tool(script: str, *args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+def run_tool(script: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run tools/<script> as a user would, from the repository root."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
         [sys.executable, str(REPO / "tools" / script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen,
+        cwd=REPO, env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
+        capture_output=True, text=True, timeout=timeout,
     )

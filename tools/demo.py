@@ -22,7 +22,7 @@ from data_pipeline.sample_text import news_articles, wikipedia_pages, write_json
 from data_pipeline.shards import indexed_dataset_module  # noqa: E402
 from data_pipeline.tokenizers import load_tokenizer  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[1] / "demo_out"
+OUT = Path(os.environ.get("DEMO_OUT") or Path(__file__).resolve().parents[1] / "demo_out")
 
 
 def write_corpus() -> list[Path]:

@@ -1,0 +1,47 @@
+"""End to end: the tool command lines as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from data_pipeline.sample_text import write_jsonl
+from tests.conftest import run_tool
+
+
+@pytest.mark.slow
+def test_train_tokenizer_then_preprocess_with_it(tmp_path, real_documents):
+    corpus = write_jsonl(tmp_path / "docs.jsonl", real_documents[:200])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Plain text files train the tokenizer too.\nOne sentence per line.\n")
+    result = run_tool("train_tokenizer.py", "--input", str(corpus), str(notes), "--vocab-size", "700",
+                      "--output", str(tmp_path / "tok"))
+    assert result.returncode == 0, result.stderr
+    info = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    assert info["documents"] == 200 + 2  # 200 jsonl documents + 2 text lines
+    assert info["tokenizer"]["vocab_size"] == 700
+    result = run_tool("preprocess_data.py", "--input", str(corpus), "--output-prefix", str(tmp_path / "out" / "c"),
+                      "--tokenizer", str(tmp_path / "tok" / "tokenizer.model"), "--workers", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "c.json").read_text())
+    assert summary["documents"] == 200 and summary["tokenizer"]["sha256"] == info["tokenizer"]["sha256"]
+
+
+def test_train_tokenizer_refuses_missing_input(tmp_path):
+    result = run_tool("train_tokenizer.py", "--input", str(tmp_path / "absent.jsonl"), "--vocab-size", "500",
+                      "--output", str(tmp_path / "tok"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: input not found: {tmp_path / 'absent.jsonl'}"
+
+
+@pytest.mark.slow
+def test_demo_tokenizes_real_text_and_reads_it_back(tmp_path):
+    result = run_tool("demo.py", env=dict(os.environ, DEMO_OUT=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "tokens" / "demo.json").read_text())
+    assert summary["documents"] > 400 and summary["skipped"]["total"] == 0
+    assert len(summary["shards"]) >= 3
+    assert "read back with megatron-core's IndexedDataset" in result.stdout
+    assert all((tmp_path / "tokens" / f"{shard['name']}.idx").exists() for shard in summary["shards"])
