@@ -57,7 +57,8 @@ class Skipped:
     detail: str = ""
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.reason}: {self.detail}" if self.detail else f"{self.file}:{self.line}: {self.reason}"
+        where = f"{self.file}:{self.line}: {self.reason}"
+        return f"{where}: {self.detail}" if self.detail else where
 
 
 @dataclass
@@ -95,10 +96,8 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
             raise InputError(f"input not found: {pattern}")
         for match in matches:
             path = Path(match)
-            if is_datasets_dir(path):
-                resolved.append(str(path))
-            elif path.is_dir():
-                inside = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.endswith(SUPPORTED))
+            if path.is_dir():
+                inside = _expand_directory(path)
                 if not inside:
                     raise InputError(f"input directory {path} holds no {', '.join(SUPPORTED)} files")
                 resolved.extend(inside)
@@ -114,6 +113,20 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
     if duplicates:
         raise InputError(f"input given twice: {duplicates[0]} (each file is read once)")
     return resolved
+
+
+def _expand_directory(path: Path) -> list[str]:
+    """Supported files under `path`, sorted by name at each level; a datasets
+    directory counts as one input (its own state.json is not a corpus file)."""
+    if is_datasets_dir(path):
+        return [str(path)]
+    found: list[str] = []
+    for child in sorted(path.iterdir()):
+        if child.is_dir():
+            found += _expand_directory(child)
+        elif child.name.endswith(SUPPORTED):
+            found.append(str(child))
+    return found
 
 
 def iter_chunks(

@@ -299,3 +299,13 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path, real_documents):
     growth_mb = large.stat().st_size / 1e6 - small.stat().st_size / 1e6
     rss_growth = peak_rss_mb(tmp_path, large, "large") - peak_rss_mb(tmp_path, small, "small")
     assert rss_growth < 0.25 * growth_mb, f"peak RSS grew {rss_growth:.1f} MB for {growth_mb:.0f} MB more input"
+
+
+def test_directories_expand_in_name_order_and_datasets_directories_count_once(tmp_path, real_documents):
+    from data_pipeline.readers import resolve_inputs
+
+    write_all_formats(tmp_path, real_documents[:10])
+    write_jsonl(tmp_path / "nested" / "b.jsonl", real_documents[:2])
+    write_jsonl(tmp_path / "nested" / "a.jsonl", real_documents[:2])
+    names = [str(Path(p).relative_to(tmp_path)) for p in resolve_inputs([str(tmp_path)])]
+    assert names == ["docs.jsonl.gz", "docs.jsonl.zst", "docs.parquet", "hf", "nested/a.jsonl", "nested/b.jsonl"]
