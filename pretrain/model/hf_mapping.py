@@ -1,0 +1,98 @@
+"""The one mapping between our GPT-2 weights and Hugging Face's GPT2LMHeadModel.
+
+Our names are canonical layer names, `"{layer}.{param}"` as in gpt2.py's layer
+sequence (`0.word.weight`, `2.attn.qkv.weight`, ...), the same whether the model
+is a `GPT2` (`layers.{i}.` prefix) or a pipeline stage. Tensors are full size
+(tensor-parallel size 1).
+
+Two layout differences, both handled here:
+  * HF's Conv1D stores weights as (in, out); torch Linear as (out, in).
+  * HF orders the fused QKV output as (q | k | v) each over all heads; we order it
+    per head, (head, [q, k, v], head_dim), so a tensor-parallel split keeps heads whole.
+The vocabulary is padded with zero rows to `padded_vocab_size` on the way in and
+cut back to `vocab_size` on the way out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.model.gpt2 import GPTConfig
+
+
+def _qkv_hf_to_ours(tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    # HF weight (C, 3C) -> (3C, C) rows ordered (3, head, hd) -> (head, 3, hd); bias likewise.
+    rows = tensor.t() if tensor.dim() == 2 else tensor
+    rest = rows.shape[1:]
+    per_head = rows.reshape(3, config.n_head, config.head_dim, *rest).transpose(0, 1)
+    return per_head.reshape(3 * config.n_embd, *rest).contiguous()
+
+
+def _qkv_ours_to_hf(tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(config.n_head, 3, config.head_dim, *rest).transpose(0, 1)
+    rows = grouped.reshape(3 * config.n_embd, *rest)
+    return (rows.t() if rows.dim() == 2 else rows).contiguous()
+
+
+def _block_pairs(config: GPTConfig):
+    """(our name, HF name, kind) for every block parameter; kind says how it converts."""
+    for layer in range(config.n_layer):
+        ours, hf = f"{layer + 2}", f"transformer.h.{layer}"
+        for norm in ("ln_1", "ln_2"):
+            for p in ("weight", "bias"):
+                yield f"{ours}.{norm}.{p}", f"{hf}.{norm}.{p}", "copy"
+        for p in ("weight", "bias"):
+            yield f"{ours}.attn.qkv.{p}", f"{hf}.attn.c_attn.{p}", "qkv"
+        for our_linear, hf_linear in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            yield f"{ours}.{our_linear}.weight", f"{hf}.{hf_linear}.weight", "transpose"
+            yield f"{ours}.{our_linear}.bias", f"{hf}.{hf_linear}.bias", "copy"
+
+
+def _pairs(config: GPTConfig):
+    yield "0.word.weight", "transformer.wte.weight", "vocab"
+    yield "1.position.weight", "transformer.wpe.weight", "copy"
+    yield from _block_pairs(config)
+    final = config.n_layer + 2
+    yield f"{final}.ln_f.weight", "transformer.ln_f.weight", "copy"
+    yield f"{final}.ln_f.bias", "transformer.ln_f.bias", "copy"
+
+
+def hf_to_ours(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """HF GPT2LMHeadModel state dict -> our canonical full-size state dict."""
+    ours = {}
+    for our_name, hf_name, kind in _pairs(config):
+        tensor = hf_state[hf_name]
+        if kind == "qkv":
+            tensor = _qkv_hf_to_ours(tensor, config)
+        elif kind == "transpose":
+            tensor = tensor.t().contiguous()
+        elif kind == "vocab":
+            tensor = torch.cat([tensor, tensor.new_zeros(config.padded_vocab_size - tensor.shape[0], tensor.shape[1])])
+        ours[our_name] = tensor.clone()
+    return ours
+
+
+def ours_to_hf(our_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our canonical full-size state dict -> HF GPT2LMHeadModel state dict (lm_head tied to wte)."""
+    hf = {}
+    for our_name, hf_name, kind in _pairs(config):
+        tensor = our_state[our_name]
+        if kind == "qkv":
+            tensor = _qkv_ours_to_hf(tensor, config)
+        elif kind == "transpose":
+            tensor = tensor.t().contiguous()
+        elif kind == "vocab":
+            tensor = tensor[: config.vocab_size]
+        hf[hf_name] = tensor.clone()
+    hf["lm_head.weight"] = hf["transformer.wte.weight"]
+    return hf
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name of `GPT2` or of a DeepSpeed pipeline stage -> our canonical name."""
+    if name.startswith("layers."):
+        return name[len("layers."):]
+    if name.startswith("tied_modules.embed."):
+        return "0." + name[len("tied_modules.embed."):]
+    return name

@@ -1,0 +1,60 @@
+"""Process groups: torch.distributed, megatron-core's parallel_state and DeepSpeed's
+topology, set up once and checked to describe the same groups."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from pretrain.parallel.layout import ParallelLayout
+
+
+def _megatron():
+    # megatron-core warns at import that Transformer Engine and Apex are absent; we use neither.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state
+        from megatron.core.model_parallel_config import ModelParallelConfig
+    return parallel_state, ModelParallelConfig
+
+
+def initialize_model_parallel(layout: ParallelLayout):
+    """megatron-core's groups (tensor, pipeline, data) and DeepSpeed's matching topology.
+
+    Both order ranks tensor-fastest, then data, then pipeline; the check below
+    fails loudly if a library upgrade ever changes that.
+    """
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    parallel_state, _ = _megatron()
+    tp, pp, dp = layout.tensor_parallel_size, layout.pipeline_parallel_size, layout.data_parallel_size
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    coordinates = topology.get_coord(dist.get_rank())
+    ours = (coordinates.pipe, coordinates.data, coordinates.model)
+    megatron = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
+                parallel_state.get_tensor_model_parallel_rank())
+    if ours != megatron:
+        raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed places it at (pipe, data, model) {ours}, "
+                           f"megatron-core at {megatron}; the two libraries disagree on rank order")
+    return topology
+
+
+def model_parallel_config(layout: ParallelLayout, params_dtype: torch.dtype = torch.float32):
+    """megatron-core's ModelParallelConfig for our layers: CPU initialization of the full
+    weight, then a split, which keeps initialization independent of the layout."""
+    _, ModelParallelConfig = _megatron()
+    return ModelParallelConfig(
+        tensor_model_parallel_size=layout.tensor_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_parallel_size,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+    )
