@@ -20,6 +20,15 @@ def _megatron():
     return parallel_state, ModelParallelConfig
 
 
+def init_distributed(backend: str | None = None) -> None:
+    """torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
+    registered with DeepSpeed's communication layer too. An existing process group is reused."""
+    import deepspeed
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
 def initialize_model_parallel(layout: ParallelLayout):
     """megatron-core's groups (tensor, pipeline, data) and DeepSpeed's matching topology.
 
