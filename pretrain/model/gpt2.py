@@ -101,6 +101,8 @@ class WordEmbedding(nn.Module):
         self.word = VocabParallelEmbedding(
             config.padded_vocab_size, config.n_embd, init_method=init.normal(f"{index}.word.weight"), config=parallel
         )
+        # Columns of this rank's logit slice that are vocabulary padding, not tokens.
+        self.padding_start = max(0, config.vocab_size - self.word.vocab_start_index)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.word(token_ids)  # (B, T) -> (B, T, C), all-reduced over TP
@@ -200,20 +202,22 @@ class FinalNorm(nn.Module):
 
 
 def lm_head(embedding: WordEmbedding, x: torch.Tensor) -> torch.Tensor:
-    """Logits over this rank's vocabulary slice with the tied embedding: (B, T, C) -> (B, T, V / tp)."""
-    x = copy_to_tensor_model_parallel_region(x)  # identity forward, all-reduce of the gradient
-    return F.linear(x, embedding.word.weight)
+    """Logits over this rank's vocabulary slice with the tied embedding: (B, T, C) -> (B, T, V / tp).
 
-
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
-    """Mean next-token cross entropy over vocabulary-parallel logits.
-
-    Rows past `vocab_size` exist only to pad the embedding; their logits are
-    set to -inf so they take no part in the softmax, the loss or its gradient.
+    Embedding rows past the real vocabulary exist only as padding; their logits
+    are -inf, so they take no part in the softmax, the loss, its gradient, or
+    sampling. Filled in place: the matmul's backward does not need its output,
+    and only the few padding columns are touched.
     """
-    padded = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device) >= vocab_size
-    if padded.any():
-        logits = logits.masked_fill(padded, float("-inf"))
+    x = copy_to_tensor_model_parallel_region(x)  # identity forward, all-reduce of the gradient
+    logits = F.linear(x, embedding.word.weight)
+    if embedding.padding_start < logits.shape[-1]:
+        logits[..., embedding.padding_start:] = float("-inf")
+    return logits
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over vocabulary-parallel logits (B, T, V / tp), in fp32."""
     return vocab_parallel_cross_entropy(logits.float(), labels).mean()
 
 
@@ -240,4 +244,4 @@ class GPT2(nn.Module):
         logits = lm_head(self.layers[0], x)  # (B, T, V / tp)
         if labels is None:
             return logits
-        return language_model_loss(logits, labels, self.config.vocab_size, self.layers[0].word.vocab_start_index)
+        return language_model_loss(logits, labels)

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from torch import nn
 
 from pretrain.model.gpt2 import GPT2, Block, GPTConfig, Initializer, WordEmbedding, language_model_loss, layer_classes, lm_head
@@ -18,12 +16,7 @@ from pretrain.parallel.layout import ParallelLayout
 TIED_EMBEDDING = "embed"
 
 
-def vocab_start_index(config: GPTConfig, layout: ParallelLayout, tensor_rank: int) -> int:
-    return tensor_rank * (config.padded_vocab_size // layout.tensor_parallel_size)
-
-
-def build_pipeline(config: GPTConfig, layout: ParallelLayout, topology, parallel, seed: int,
-                   partition_method: str = "parameters"):
+def build_pipeline(config: GPTConfig, topology, parallel, seed: int, partition_method: str = "parameters"):
     """The layer sequence as a DeepSpeed PipelineModule.
 
     The word embedding appears twice, as a TiedLayerSpec: on the first stage it
@@ -32,7 +25,6 @@ def build_pipeline(config: GPTConfig, layout: ParallelLayout, topology, parallel
     "parameters" (balance parameter counts), "uniform", or "type:Block".
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-    from megatron.core import parallel_state
 
     init = Initializer(seed, config.init_std)
     specs = []
@@ -44,16 +36,15 @@ def build_pipeline(config: GPTConfig, layout: ParallelLayout, topology, parallel
             specs.append(LayerSpec(cls, config, parallel, init, index))
     specs.append(TiedLayerSpec(TIED_EMBEDDING, WordEmbedding, config, parallel, init, 0,
                                forward_fn=lm_head, tied_weight_attr="word.weight"))
-    start = vocab_start_index(config, layout, parallel_state.get_tensor_model_parallel_rank())
-    loss = partial(language_model_loss, vocab_size=config.vocab_size, vocab_start=start)
-    return PipelineModule(layers=specs, loss_fn=loss, topology=topology, partition_method=partition_method)
+    return PipelineModule(layers=specs, loss_fn=language_model_loss, topology=topology,
+                          partition_method=partition_method)
 
 
 def build_model(config: GPTConfig, layout: ParallelLayout, topology, parallel, seed: int,
                 partition_method: str = "parameters") -> nn.Module:
     if layout.pipeline_parallel_size == 1:
         return GPT2(config, parallel, seed)
-    return build_pipeline(config, layout, topology, parallel, seed, partition_method)
+    return build_pipeline(config, topology, parallel, seed, partition_method)
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int) -> int:

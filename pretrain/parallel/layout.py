@@ -62,6 +62,11 @@ class ParallelLayout:
                 f"parallel.tensor_parallel_size={tp} does not divide the model's {model.n_head} attention heads; "
                 f"choose one of {valid}"
             )
+        if model.padded_vocab_size % (128 * tp):
+            raise LayoutError(
+                f"model.padded_vocab_size={model.padded_vocab_size} is not a multiple of 128 x "
+                f"parallel.tensor_parallel_size = {128 * tp}; leave it unset and it is derived from the vocabulary"
+            )
         if model.n_layer < pp:
             raise LayoutError(
                 f"parallel.pipeline_parallel_size={pp} exceeds the model's {model.n_layer} layers; use at most {model.n_layer}"

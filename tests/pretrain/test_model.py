@@ -57,6 +57,7 @@ def test_padded_vocabulary_rows_take_no_part_in_the_loss(single_process_group):
     labels = torch.roll(ids, -1, dims=1)
     loss = model(ids, labels)
     logits = model(ids).detach()
+    assert torch.all(logits[..., 1000:] == float("-inf"))  # never sampled either
     assert torch.allclose(loss, F.cross_entropy(logits[..., :1000].flatten(0, 1), labels.flatten()), rtol=1e-6)
     with torch.no_grad():
         model.layers[0].word.weight[1000:] += 100.0  # would dominate the softmax if it took part

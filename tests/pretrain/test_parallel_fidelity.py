@@ -84,3 +84,10 @@ def test_layout_matches_single_process(reference, out_root, tp, pp, dp):
     assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     assert max_abs_difference(result["final"], reference["final"]) < 1e-4
     assert reference["losses"][-1] < reference["losses"][0]  # it did train
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(reference, out_root):
+    """Every block recomputed in backward, under TP=2 x PP=2: the same losses and weights."""
+    result = run(Scenario(2, 2, 1, activation_checkpointing=1), out_root)
+    assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert max_abs_difference(result["final"], reference["final"]) < 1e-4

@@ -1,0 +1,45 @@
+"""Model presets (configs/*.yaml, the `model:` section) and what follows from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from data_pipeline.tokenizers import padded_vocab_size
+from pretrain.model.gpt2 import GPTConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = CONFIGS / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIGS.glob("gpt2-*.yaml")))
+    raise ValueError(f"model preset {name_or_path!r} is neither a YAML file nor one of: {known}")
+
+
+def model_config(name_or_path: str, tensor_parallel_size: int = 1, **overrides) -> GPTConfig:
+    """GPTConfig from a preset, with the vocabulary padded for `tensor_parallel_size`."""
+    with open(preset_path(name_or_path), encoding="utf-8") as f:
+        fields = dict((yaml.safe_load(f) or {}).get("model", {}), **overrides)
+    known = {field.name for field in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown model settings {unknown} in {name_or_path}; known: {sorted(known)}")
+    fields.setdefault("padded_vocab_size", padded_vocab_size(fields.get("vocab_size", GPTConfig.vocab_size),
+                                                             tensor_parallel_size))
+    return GPTConfig(**fields)
+
+
+def parameter_count(config: GPTConfig, include_padding: bool = False) -> int:
+    """Trainable parameters (tied head counted once), without the vocabulary padding by default."""
+    C, L = config.n_embd, config.n_layer
+    vocab = config.padded_vocab_size if include_padding else config.vocab_size
+    per_block = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    return vocab * C + config.n_positions * C + L * per_block + 2 * C
