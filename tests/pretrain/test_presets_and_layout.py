@@ -50,10 +50,12 @@ def layout(**kwargs) -> ParallelLayout:
 
 
 def test_valid_layouts_and_derived_sizes():
-    checked = layout(tensor_parallel_size=2, pipeline_parallel_size=2, global_batch_size=16).validate(model_config("gpt2-124m"))
+    small = model_config("gpt2-124m", tensor_parallel_size=2)
+    checked = layout(tensor_parallel_size=2, pipeline_parallel_size=2, global_batch_size=16).validate(small)
     assert checked.data_parallel_size == 2 and checked.gradient_accumulation_steps == 8
     for tp in (1, 5, 25):  # GPT-2 XL's 25 heads
-        ParallelLayout(world_size=tp * 2, tensor_parallel_size=tp, global_batch_size=4).validate(XL)
+        xl = model_config("gpt2-1.5b", tensor_parallel_size=tp)
+        ParallelLayout(world_size=tp * 2, tensor_parallel_size=tp, global_batch_size=4).validate(xl)
 
 
 @pytest.mark.parametrize("settings,message", [
