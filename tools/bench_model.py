@@ -7,7 +7,10 @@
 Same dimensions, batch, data and optimizer (torch AdamW) for both; a step is
 forward, loss, backward, optimizer step, zero_grad. Ours runs at TP=PP=DP=1
 (megatron-core layers in a one-process group); attention is torch's
-scaled_dot_product_attention in both (flash attention on a GPU). Repeats are
+scaled_dot_product_attention in both (flash attention on a GPU). With --dtype
+bf16 both models hold bf16 parameters (as under DeepSpeed's bf16 mode, which
+keeps the fp32 master copy in its optimizer; here plain AdamW updates the bf16
+weights, the same work for both) and compute the loss in fp32. Repeats are
 interleaved and the best kept. On a GPU, MFU counts 6N + 12 L C T FLOPs per
 token against the device's bf16 dense peak.
 """
@@ -38,18 +41,18 @@ from pretrain.parallel.layout import ParallelLayout  # noqa: E402
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def build_ours(config, device, layout):
-    return GPT2(config, model_parallel_config(layout)).to(device)
+def build_ours(config, device, layout, dtype):
+    return GPT2(config, model_parallel_config(layout, params_dtype=dtype)).to(device)
 
 
-def build_hf(config, device):
+def build_hf(config, device, dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     hf_config = GPT2Config(n_layer=config.n_layer, n_embd=config.n_embd, n_head=config.n_head,
                            n_positions=config.n_positions, vocab_size=config.vocab_size,
                            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf_config._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(hf_config).to(device)
+    return GPT2LMHeadModel(hf_config).to(device=device, dtype=dtype)
 
 
 def ours_loss(model, ids, labels):
@@ -64,11 +67,9 @@ def hf_loss(model, ids, labels):
 def time_steps(model, loss_fn, batches, device, dtype, warmup: int) -> float:
     """Seconds per step after `warmup` steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step(ids, labels):
-        with autocast:
-            loss = loss_fn(model, ids, labels)
+        loss = loss_fn(model, ids, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     batches = [(b[:, :-1].to(device), b[:, 1:].to(device)) for b in batches]
 
     torch.manual_seed(0)
-    models = {"ours": (build_ours(config, device, layout), ours_loss), "huggingface": (build_hf(config, device), hf_loss)}
+    models = {"ours": (build_ours(config, device, layout, dtype), ours_loss),
+              "huggingface": (build_hf(config, device, dtype), hf_loss)}
     best = {name: float("inf") for name in models}
     for _ in range(args.repeats):
         for name, (model, loss_fn) in models.items():

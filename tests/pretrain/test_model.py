@@ -87,3 +87,18 @@ def test_parameter_count_and_initialization_match_gpt2(single_process_group):
     assert torch.all(params["2.attn.qkv.bias"] == 0) and torch.all(params["2.ln_1.weight"] == 1)
     again = GPT2(config, model_parallel_config(single_process_group), seed=7)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_bf16_parameters_give_the_fp32_loss_within_bf16_precision(single_process_group):
+    config = GPTConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=1000, padded_vocab_size=1024)
+    full = GPT2(config, model_parallel_config(single_process_group), seed=3)
+    half = GPT2(config, model_parallel_config(single_process_group, params_dtype=torch.bfloat16), seed=3)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(full.parameters(), half.parameters()))
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(4))
+    labels = torch.roll(ids, -1, dims=1)
+    loss = half(ids, labels)
+    assert loss.dtype == torch.float32  # the loss is computed in fp32
+    assert loss.item() == pytest.approx(full(ids, labels).item(), rel=1e-2)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in half.parameters())
