@@ -27,8 +27,10 @@ def test_deepspeed_and_megatron_core_import_on_this_machine():
 def test_mpiexec_from_the_mpich_wheel_runs_mpi4py_ranks():
     mpiexec = Path(sys.executable).parent / "mpiexec"
     assert mpiexec.exists() or shutil.which("mpiexec"), "the mpich wheel should put mpiexec in the venv"
-    code = "from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.rank, c.size, c.allreduce(c.rank))"
+    # Rank 0 prints what every rank saw (two ranks printing at once would interleave).
+    code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; seen = c.gather((c.rank, c.size, c.allreduce(c.rank)))\n"
+            "if c.rank == 0: print(seen)")
     result = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", code],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(result.stdout.split("\n")[:2]) == ["0 2 1", "1 2 1"]
+    assert result.stdout.strip() == "[(0, 2, 1), (1, 2, 1)]"

@@ -58,35 +58,29 @@ def _pairs(config: GPTConfig):
     yield f"{final}.ln_f.bias", "transformer.ln_f.bias", "copy"
 
 
+def _pad_vocab(tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros(config.padded_vocab_size - tensor.shape[0], tensor.shape[1])])
+
+
+# kind -> (HF -> ours, ours -> HF)
+_CONVERSIONS = {
+    "copy": (lambda t, c: t, lambda t, c: t),
+    "transpose": (lambda t, c: t.t().contiguous(), lambda t, c: t.t().contiguous()),
+    "qkv": (_qkv_hf_to_ours, _qkv_ours_to_hf),
+    "vocab": (_pad_vocab, lambda t, c: t[: c.vocab_size]),
+}
+
+
 def hf_to_ours(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """HF GPT2LMHeadModel state dict -> our canonical full-size state dict."""
-    ours = {}
-    for our_name, hf_name, kind in _pairs(config):
-        tensor = hf_state[hf_name]
-        if kind == "qkv":
-            tensor = _qkv_hf_to_ours(tensor, config)
-        elif kind == "transpose":
-            tensor = tensor.t().contiguous()
-        elif kind == "vocab":
-            tensor = torch.cat([tensor, tensor.new_zeros(config.padded_vocab_size - tensor.shape[0], tensor.shape[1])])
-        ours[our_name] = tensor.clone()
-    return ours
+    return {ours: _CONVERSIONS[kind][0](hf_state[hf], config).clone() for ours, hf, kind in _pairs(config)}
 
 
 def ours_to_hf(our_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Our canonical full-size state dict -> HF GPT2LMHeadModel state dict (lm_head tied to wte)."""
-    hf = {}
-    for our_name, hf_name, kind in _pairs(config):
-        tensor = our_state[our_name]
-        if kind == "qkv":
-            tensor = _qkv_ours_to_hf(tensor, config)
-        elif kind == "transpose":
-            tensor = tensor.t().contiguous()
-        elif kind == "vocab":
-            tensor = tensor[: config.vocab_size]
-        hf[hf_name] = tensor.clone()
-    hf["lm_head.weight"] = hf["transformer.wte.weight"]
-    return hf
+    hf_state = {hf: _CONVERSIONS[kind][1](our_state[ours], config).clone() for ours, hf, kind in _pairs(config)}
+    hf_state["lm_head.weight"] = hf_state["transformer.wte.weight"]
+    return hf_state
 
 
 def canonical_name(name: str) -> str:
