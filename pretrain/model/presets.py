@@ -1,13 +1,9 @@
-"""Model presets (configs/*.yaml, the `model:` section) and what follows from them."""
+"""Model presets: the `model:` section of configs/*.yaml, and what follows from them."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-import yaml
-
-from data_pipeline.tokenizers import padded_vocab_size
 from pretrain.model.gpt2 import GPTConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -26,15 +22,10 @@ def preset_path(name_or_path: str) -> Path:
 
 def model_config(name_or_path: str, tensor_parallel_size: int = 1, **overrides) -> GPTConfig:
     """GPTConfig from a preset, with the vocabulary padded for `tensor_parallel_size`."""
-    with open(preset_path(name_or_path), encoding="utf-8") as f:
-        fields = dict((yaml.safe_load(f) or {}).get("model", {}), **overrides)
-    known = {field.name for field in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"unknown model settings {unknown} in {name_or_path}; known: {sorted(known)}")
-    fields.setdefault("padded_vocab_size", padded_vocab_size(fields.get("vocab_size", GPTConfig.vocab_size),
-                                                             tensor_parallel_size))
-    return GPTConfig(**fields)
+    from pretrain.config import load_config
+
+    settings = [f"model.{key}={value}" for key, value in overrides.items()]
+    return load_config(preset_path(name_or_path), settings).model.gpt_config(tensor_parallel_size)
 
 
 def parameter_count(config: GPTConfig, include_padding: bool = False) -> int:

@@ -1,0 +1,236 @@
+"""One config tree: dataclasses with a docstring per field, loaded from YAML,
+overridden by dotted command-line keys (`--set optim.lr=3e-4`); CLI > file >
+defaults. Validated once, with errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data_pipeline.tokenizers import padded_vocab_size
+from pretrain.model.gpt2 import GPTConfig
+
+
+class ConfigError(ValueError):
+    """A setting that does not exist or cannot hold the value given; names the key."""
+
+
+@dataclass
+class ModelSection:
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_embd: int = 128
+    """Hidden size."""
+    n_head: int = 4
+    """Attention heads; must divide by parallel.tensor_parallel_size."""
+    n_positions: int = 256
+    """Context length; also the training sequence length."""
+    vocab_size: int = 50257
+    """Real vocabulary size (the tokenizer's); padding to 128 x TP is derived."""
+    dropout: float = 0.0
+    """Dropout everywhere; 0 for pretraining."""
+    activation_checkpointing: int = 0
+    """Recompute every k-th block in backward: 0 off, 1 every block."""
+    partition_method: str = "parameters"
+    """How pipeline stages are cut: DeepSpeed's "parameters", "uniform" or "type:Block"."""
+
+    def gpt_config(self, tensor_parallel_size: int) -> GPTConfig:
+        return GPTConfig(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, n_positions=self.n_positions,
+            vocab_size=self.vocab_size, padded_vocab_size=padded_vocab_size(self.vocab_size, tensor_parallel_size),
+            dropout=self.dropout,
+        )
+
+
+@dataclass
+class ParallelSection:
+    tensor_parallel_size: int = 1
+    """Tensor-parallel ranks per model replica."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0-3 without a pipeline, 0-1 with one."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward pass."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step; gradient accumulation is derived from it."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 6e-4
+    """Peak learning rate (AdamW)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to biases, LayerNorms or embeddings of positions."""
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+
+
+@dataclass
+class ScheduleSection:
+    warmup: int = 0
+    """Linear warm-up length, in `unit`s."""
+    decay: str = "cosine"
+    """After warm-up: cosine, linear or constant."""
+    min_lr_ratio: float = 0.1
+    """The decay's floor, as a fraction of optim.lr."""
+    unit: str = "steps"
+    """What warm-up and decay count: steps or tokens."""
+    decay_end: int = 0
+    """Where the decay reaches its floor, in `unit`s; 0 means the end of training."""
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    seed: int = 1234
+    """Seeds initialization and the data order."""
+    precision: str = "bf16"
+    """bf16, fp16 (dynamic loss scaling) or fp32."""
+    max_consecutive_skips: int = 5
+    """Stop after this many steps in a row with non-finite loss or gradients."""
+
+
+@dataclass
+class DataSection:
+    prefixes: list = field(default_factory=list)
+    """Shard prefixes (PREFIX for PREFIX.bin/.idx), or alternating weight and prefix."""
+    tokenizer: str = "gpt2"
+    """The tokenizer the shards were made with (see tools/preprocess_data.py)."""
+    split: str = "969,30,1"
+    """Train, validation and test proportions of every prefix."""
+    cache_dir: str = ""
+    """Where megatron-core caches sample indices; default RUN_DIR/data_cache."""
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = ""
+    """Checkpoint directory; default RUN_DIR/checkpoints."""
+    interval: int = 100
+    """Save every this many steps (and at the end, and on SIGTERM / SIGUSR1)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra."""
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 1
+    """Console line every this many steps (metrics.jsonl gets every step)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to RUN_DIR/tensorboard."""
+
+
+@dataclass
+class EvalSection:
+    interval: int = 0
+    """Validation loss every this many steps; 0 disables."""
+    iterations: int = 10
+    """Global batches per validation."""
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    run: RunSection = field(default_factory=RunSection)
+    deepspeed: dict = field(default_factory=dict)
+    """Extra DeepSpeed config keys, merged over the generated ones."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "train.precision": ("bf16", "fp16", "fp32"),
+    "schedule.decay": ("cosine", "linear", "constant"),
+    "schedule.unit": ("steps", "tokens"),
+}
+
+
+def _coerce(key: str, value, annotation):
+    """Check (and gently convert) a YAML value for a field of type `annotation`."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}[annotation]
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 3e-4 (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be a {annotation}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}={value!r} must be one of {', '.join(CHOICES[key])}")
+    return value
+
+
+def _apply(target, values: dict, prefix: str = "") -> None:
+    hints = {f.name: f.type for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise ConfigError(f"unknown setting {key!r}; known under {prefix or 'the top level'}: {', '.join(hints)}")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section; give it keys, e.g. {key}.{next(iter(vars(current)))}=...")
+            _apply(current, value, key + ".")
+        elif hints[name] == "dict":
+            setattr(target, name, {**current, **_coerce(key, value, "dict")})
+        else:
+            setattr(target, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> dict:
+    """"optim.lr=3e-4" -> {"optim": {"lr": 0.0003}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then each override in order."""
+    config = Config()
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+        _apply(config, loaded)
+    for override in overrides:
+        _apply(config, parse_override(override))
+    return config
