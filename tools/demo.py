@@ -58,12 +58,12 @@ def main() -> int:
     prefix = OUT / "tokens" / "demo"
     began = time.monotonic()
     summary = preprocess([str(p) for p in inputs], str(prefix), "gpt2", workers=max(1, len(os.sched_getaffinity(0))),
-                         shard_size_tokens=250_000)
+                         shard_size_tokens=300_000)
     print(f"tokenized in {time.monotonic() - began:.1f} s; {summary['skipped']['total']} records skipped")
     show_shards(summary, prefix)
     print(f"\nsummary: {prefix}.json")
     print(f"again from the command line:\n  .venv/bin/python tools/preprocess_data.py --input {OUT}/corpus/* "
-          f"--output-prefix {OUT}/cli/demo --tokenizer gpt2 --shard-size-tokens 250000")
+          f"--output-prefix {OUT}/cli/demo --tokenizer gpt2 --shard-size-tokens 300000")
     return 0
 
 

@@ -20,6 +20,34 @@ def _megatron():
     return parallel_state, ModelParallelConfig
 
 
+def environment_from_launcher() -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK from torchrun / our launcher, or else from srun's
+    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (never SLURM_NODEID: that is the node,
+    not the rank). A single process needs nothing set."""
+    import os
+
+    slurm = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
+    for ours, theirs in slurm.items():
+        if ours not in os.environ and theirs in os.environ:
+            os.environ[ours] = os.environ[theirs]
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set: start multi-process runs with python -m pretrain.launch, "
+                               "torchrun, or an sbatch script from slurm/")
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(backend: str | None = None) -> None:
     """torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
     registered with DeepSpeed's communication layer too. An existing process group is reused."""

@@ -31,7 +31,8 @@ def deepspeed_config(layout: ParallelLayout, precision: str = "fp32", gradient_c
     return config
 
 
-def initialize_engine(model: torch.nn.Module, layout: ParallelLayout, topology, optimizer, config: dict):
+def initialize_engine(model: torch.nn.Module, layout: ParallelLayout, topology, optimizer, config: dict,
+                      lr_scheduler=None):
     """deepspeed.initialize with the groups our layout implies.
 
     A PipelineModule carries its topology itself (DeepSpeed asserts mpu=None);
@@ -45,7 +46,7 @@ def initialize_engine(model: torch.nn.Module, layout: ParallelLayout, topology, 
 
     mpu = None if isinstance(model, PipelineModule) else PipelineParallelGrid(topology=topology)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu,
-                                           dist_init_required=False)
+                                           lr_scheduler=lr_scheduler, dist_init_required=False)
     return engine
 
 
@@ -63,5 +64,19 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -
         engine.step()
         total += loss.detach().float()
     total /= len(micro_batches)
+    dist.all_reduce(total, group=engine.mpu.get_data_parallel_group())
+    return (total / engine.mpu.get_data_parallel_world_size()).item()
+
+
+def evaluate_loss(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean loss over one global batch without updating anything (all DP ranks agree)."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if isinstance(engine, PipelineEngine):
+        return engine.eval_batch(iter(micro_batches)).item()  # averaged over micro-batches and DP
+    engine.eval()
+    with torch.no_grad():
+        total = sum(engine(token_ids, labels).float() for token_ids, labels in micro_batches) / len(micro_batches)
+    engine.train()
     dist.all_reduce(total, group=engine.mpu.get_data_parallel_group())
     return (total / engine.mpu.get_data_parallel_world_size()).item()

@@ -1,0 +1,153 @@
+"""Training samples from .bin/.idx shards through megatron-core's GPT dataset machinery.
+
+megatron-core's BlendedMegatronDatasetBuilder / GPTDataset provide the sample and
+shuffle indices (cached on disk), blending of several prefixes by weight, and the
+train / validation / test split. On top of that we define the order: global batch
+k is samples [k G, (k + 1) G) of the blended training set, G = global batch size,
+whatever the parallel layout. A data-parallel rank takes a contiguous slice of
+it and cuts that into micro-batches; so the step-k batch never depends on TP, PP
+or DP, and resuming at step k continues exactly where training stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_pipeline.tokenizers import Tokenizer
+from pretrain.config import Config
+from pretrain.parallel.layout import ParallelLayout
+
+
+class DataError(ValueError):
+    """Data settings that cannot work; names the setting and the file."""
+
+
+@dataclass
+class MegatronTokenizerView:
+    """What megatron-core's GPTDataset asks of a tokenizer: the end-of-document id,
+    the vocabulary size, and identifiers that key its index cache."""
+
+    eod: int
+    vocab_size: int
+    unique_identifiers: dict
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> "MegatronTokenizerView":
+        identity = tokenizer.identity()
+        return cls(tokenizer.eod_id, tokenizer.vocab_size, {"name": identity["name"], "sha256": identity["sha256"]})
+
+
+def _shards_of(prefix: str, tokenizer_sha256: str) -> list[tuple[str, float]]:
+    """(shard prefix, token count) for PREFIX: itself if PREFIX.bin exists, else the
+    shards listed in PREFIX.json (written by tools/preprocess_data.py)."""
+    if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
+        return [(prefix, 1.0)]
+    summary_path = Path(prefix + ".json")
+    if not summary_path.is_file():
+        raise DataError(f"data.prefixes: neither {prefix}.bin/.idx nor {prefix}.json exists; "
+                        "make shards with tools/preprocess_data.py --output-prefix PREFIX")
+    summary = json.loads(summary_path.read_text())
+    made_with = summary["tokenizer"]["sha256"]
+    if made_with != tokenizer_sha256:
+        raise DataError(f"{summary_path} was tokenized with {summary['tokenizer']['name']} (sha256 {made_with[:12]}), "
+                        f"not with data.tokenizer (sha256 {tokenizer_sha256[:12]}); set data.tokenizer to match")
+    directory = summary_path.parent
+    return [(str(directory / shard["name"]), float(shard["tokens"])) for shard in summary["shards"]]
+
+
+def resolve_blend(prefixes: list, tokenizer: Tokenizer) -> tuple[list[str], list[float]]:
+    """data.prefixes -> (shard prefixes, weights). A prefix made of several shards
+    shares its weight among them by token count."""
+    if not prefixes:
+        raise DataError("data.prefixes is empty; give shard prefixes, e.g. --set data.prefixes=[data/web]")
+    if all(isinstance(p, str) for p in prefixes):
+        weighted = [(1.0, p) for p in prefixes]
+    elif len(prefixes) % 2 == 0 and all(isinstance(w, (int, float)) and isinstance(p, str)
+                                        for w, p in zip(prefixes[::2], prefixes[1::2])):
+        weighted = list(zip(map(float, prefixes[::2]), prefixes[1::2]))
+    else:
+        raise DataError(f"data.prefixes={prefixes!r} must be prefixes, or alternating weight and prefix")
+    sha = tokenizer.identity()["sha256"]
+    paths, weights = [], []
+    for weight, prefix in weighted:
+        shards = _shards_of(prefix, sha)
+        total = sum(tokens for _, tokens in shards)
+        for shard, tokens in shards:
+            paths.append(shard)
+            weights.append(weight * tokens / total)
+    return paths, weights
+
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def check_splits_have_documents(paths: list[str], split: str, sizes: list[int]) -> None:
+    """Refuse a split that would hold no document of some shard while samples are wanted from it.
+
+    megatron-core cuts each shard's documents by `split` and, asked for samples
+    from an empty part, loops forever looking for tokens; say so instead.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for path in paths:
+        documents = len(IndexedDataset(path).document_indices) - 1
+        for name, bounds, wanted in zip(SPLIT_NAMES, matrix, sizes):
+            begin, end = bounds or (0.0, 0.0)  # None: a split of weight 0
+            if wanted and int(round(begin * documents)) == int(round(end * documents)):
+                raise DataError(
+                    f"data.split={split!r} leaves the {name} part of {path} ({documents} documents) empty, and "
+                    f"{wanted} {name} samples are needed; give that part more weight in data.split, use larger "
+                    "shards (--shard-size-tokens), or set eval.interval=0 when the validation part is empty"
+                )
+
+
+def build_datasets(config: Config, tokenizer: Tokenizer, run_dir: Path, data_parallel_size: int):
+    """(train, valid) blended GPT datasets sized for the whole run; valid is None without evaluation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    paths, weights = resolve_blend(config.data.prefixes, tokenizer)
+    global_batch = config.parallel.global_batch_size
+    # Every evaluation uses the same first `eval.iterations` global batches of the
+    # validation split, so validation losses along a run compare like with like.
+    valid_samples = config.eval.iterations * global_batch if config.eval.interval else 0
+    sizes = [config.train.max_steps * global_batch, valid_samples, 0]
+    check_splits_have_documents(paths, config.data.split, sizes)
+    dataset_config = GPTDatasetConfig(
+        random_seed=config.train.seed,
+        sequence_length=config.model.n_positions,
+        blend=(paths, weights),
+        split=config.data.split,
+        path_to_cache=config.data.cache_dir or str(run_dir / "data_cache"),
+        tokenizer=MegatronTokenizerView.of(tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        data_parallel_size=data_parallel_size,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_config).build()
+    return train, (valid if valid_samples else None)
+
+
+def micro_batches(dataset, step: int, layout: ParallelLayout, data_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This data-parallel rank's (tokens, labels) micro-batches of global batch `step`."""
+    per_rank = layout.global_batch_size // layout.data_parallel_size
+    first = step * layout.global_batch_size + data_rank * per_rank
+    samples = [dataset[index] for index in range(first, first + per_rank)]
+    tokens = torch.stack([sample["tokens"] for sample in samples])  # (per_rank, T)
+    labels = torch.stack([sample["labels"] for sample in samples])
+    size = layout.micro_batch_size
+    return [(tokens[i:i + size], labels[i:i + size]) for i in range(0, per_rank, size)]

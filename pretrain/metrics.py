@@ -1,0 +1,72 @@
+"""Training metrics, written by rank 0 in three forms: a console line per interval,
+TensorBoard events, and RUN_DIR/metrics.jsonl (one JSON object per step)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("pretrain")
+
+# bf16 dense peak TFLOP/s by device-name fragment (vendor data sheets), for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for fragment, peak in PEAK_BF16_TFLOPS.items() if fragment in name), None)
+
+
+def memory_gib() -> float:
+    """Peak memory of this process: GPU allocations on CUDA, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, console_interval: int, tensorboard: bool, enabled: bool):
+        self.enabled, self.console_interval = enabled, console_interval
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self._board = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(metrics) + "\n")
+        self._jsonl.flush()
+        step = metrics["step"]
+        if self._board is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self._board.add_scalar(f"train/{key}" if not key.startswith("valid_") else f"valid/{key[6:]}",
+                                           value, step)
+        if step % self.console_interval == 0 or "valid_loss" in metrics:
+            log.info(self.console_line(metrics))
+
+    @staticmethod
+    def console_line(m: dict) -> str:
+        if "valid_loss" in m:
+            return f"step {m['step']:>6} | valid loss {m['valid_loss']:.4f} | valid perplexity {m['valid_perplexity']:.2f}"
+        parts = [f"step {m['step']:>6}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3e}",
+                 f"grad norm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "grad norm -",
+                 f"loss scale {m['loss_scale']:g}" if m.get("loss_scale") else None,
+                 f"{m['tokens_per_second']:,.0f} tok/s", f"{m['tflops_per_device']:.2f} TFLOP/s/device",
+                 f"MFU {m['mfu']:.1%}" if m.get("mfu") is not None else None, f"mem {m['memory_gib']:.2f} GiB"]
+        return " | ".join(p for p in parts if p)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._board:
+            self._board.close()

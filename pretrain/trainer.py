@@ -1,0 +1,137 @@
+"""The trainer: named steps (`setup`, `train_step`, `evaluate`, `run`) over a DeepSpeed engine.
+
+setup builds, in order: process groups -> the validated layout -> the model
+(pipeline stages and tensor-parallel layers) -> activation checkpointing ->
+AdamW with the schedule -> deepspeed.initialize -> the datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_pipeline.tokenizers import load_tokenizer
+from pretrain.config import Config, ConfigError
+from pretrain.data import build_datasets, micro_batches
+from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
+from pretrain.model.presets import parameter_count
+from pretrain.parallel.build import apply_activation_checkpointing, build_model
+from pretrain.parallel.distributed import init_distributed, initialize_model_parallel, model_parallel_config
+from pretrain.parallel.engine import deepspeed_config, evaluate_loss, initialize_engine, train_step
+from pretrain.parallel.layout import ParallelLayout
+from pretrain.schedule import lr_multiplier
+
+log = logging.getLogger("pretrain")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings only; never on biases or LayerNorm parameters."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.run_dir = Path(config.run.dir)
+        self.step = 0
+        self.metrics: MetricsWriter | None = None
+
+    # ---- setup -------------------------------------------------------------------
+
+    def setup(self) -> None:
+        config = self.config
+        init_distributed()
+        self.rank = dist.get_rank()
+        tp = config.parallel.tensor_parallel_size
+        self.model_config = config.model.gpt_config(tp)
+        self.layout = ParallelLayout(
+            dist.get_world_size(), tp, config.parallel.pipeline_parallel_size, config.parallel.zero_stage,
+            config.parallel.micro_batch_size, config.parallel.global_batch_size,
+        ).validate(self.model_config)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        if self.tokenizer.vocab_size != config.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "
+                              f"has {self.tokenizer.vocab_size} tokens; set model.vocab_size={self.tokenizer.vocab_size}")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            log.info("%s; model %.1fM parameters", self.layout.describe(), parameter_count(self.model_config) / 1e6)
+        topology = initialize_model_parallel(self.layout)
+        self.engine = self._build_engine(topology)
+        from megatron.core import parallel_state
+
+        self.data_rank = parallel_state.get_data_parallel_rank()
+        self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.run_dir,
+                                                          self.layout.data_parallel_size)
+        self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
+                                     enabled=self.rank == 0)
+
+    def _build_engine(self, topology):
+        config, layout = self.config, self.layout
+        model = build_model(self.model_config, layout, topology, model_parallel_config(layout), config.train.seed,
+                            config.model.partition_method)
+        apply_activation_checkpointing(model, config.model.activation_checkpointing)
+        optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+                                      betas=tuple(config.optim.betas), eps=config.optim.eps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
+        ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, config.deepspeed)
+        return initialize_engine(model, layout, topology, optimizer, ds_config, lr_scheduler=schedule)
+
+    # ---- steps --------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        """One optimizer step on global batch `self.step`; returns its metrics."""
+        lr = self.engine.get_lr()[0]
+        batches = micro_batches(self.train_data, self.step, self.layout, self.data_rank)
+        began = time.perf_counter()
+        loss = train_step(self.engine, batches)
+        seconds = time.perf_counter() - began
+        self.step += 1
+        return self._step_metrics(loss, lr, seconds)
+
+    def _step_metrics(self, loss: float, lr: float, seconds: float) -> dict:
+        tokens = self.layout.global_batch_size * self.config.model.n_positions
+        tokens_per_second = tokens / seconds
+        c, n = self.model_config, parameter_count(self.model_config)
+        flops_per_token = 6 * n + 12 * c.n_layer * c.n_embd * c.n_positions
+        tflops = tokens_per_second * flops_per_token / self.layout.world_size / 1e12
+        peak = device_peak_tflops()
+        grad_norm = self.engine.get_global_grad_norm()
+        scale = self.engine.optimizer.cur_scale if self.config.train.precision == "fp16" else None
+        return {
+            "step": self.step, "loss": loss, "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "loss_scale": scale, "tokens_per_second": tokens_per_second, "tflops_per_device": tflops,
+            "mfu": tflops / peak if peak else None, "memory_gib": memory_gib(),
+            "consumed_samples": self.step * self.layout.global_batch_size,
+        }
+
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity over the first eval.iterations global batches of the valid split."""
+        losses = [evaluate_loss(self.engine, micro_batches(self.valid_data, batch, self.layout, self.data_rank))
+                  for batch in range(self.config.eval.iterations)]
+        loss = sum(losses) / len(losses)
+        return {"step": self.step, "valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0))}
+
+    def run(self) -> None:
+        config = self.config
+        while self.step < config.train.max_steps:
+            self.metrics.write(self.train_step())
+            if config.eval.interval and self.step % config.eval.interval == 0:
+                self.metrics.write(self.evaluate())
+        if self.rank == 0:
+            log.info("finished %d steps; metrics in %s", self.step, self.run_dir / "metrics.jsonl")
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()

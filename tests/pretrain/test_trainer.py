@@ -1,0 +1,111 @@
+"""The trainer end to end: `python -m pretrain` and `python -m pretrain.launch` on real text."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.preprocess import preprocess
+from data_pipeline.sample_text import write_jsonl
+from pretrain.config import load_config
+from pretrain.schedule import lr_multiplier
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs" / "gpt2-tiny.yaml")
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "consumed_samples"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, real_documents) -> str:
+    """Real text (news + Wikipedia) as GPT-2 token shards: 3 shards, ~780k tokens."""
+    directory = tmp_path_factory.mktemp("shards")
+    corpus = write_jsonl(directory / "real.jsonl", real_documents)
+    prefix = str(directory / "real")
+    summary = preprocess([str(corpus)], prefix, "gpt2", workers=2, shard_size_tokens=300_000, show_progress=False)
+    assert len(summary["shards"]) == 3
+    return prefix
+
+
+def train(run_dir: Path, shards: str, *settings: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    module = ["-m", "pretrain.launch", "--nproc", str(nproc)] if nproc > 1 else ["-m", "pretrain"]
+    command = [sys.executable, *module, "--config", TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={run_dir}",
+               "eval.interval=0", *settings]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, shards):
+    run_dir = tmp_path_factory.mktemp("single")
+    result = train(run_dir, shards, "train.max_steps=4", "eval.interval=2", "eval.iterations=1", "logging.interval=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+@pytest.mark.slow
+def test_single_process_run_logs_every_form(single_process_run):
+    run_dir, result = single_process_run
+    rows = metrics(run_dir)
+    steps = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3, 4]
+    assert all(METRIC_KEYS <= row.keys() for row in steps)
+    assert [row["consumed_samples"] for row in steps] == [8, 16, 24, 32]
+    assert steps[-1]["loss"] < steps[0]["loss"] < math.log(50257) + 0.5
+    valid = [row for row in rows if "valid_loss" in row]
+    assert [row["step"] for row in valid] == [2, 4]
+    assert valid[0]["valid_perplexity"] == pytest.approx(math.exp(valid[0]["valid_loss"]))
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.run.dir == str(run_dir) and saved.train.max_steps == 4
+    assert "step      4 | loss" in result.stderr and "tok/s" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,settings", [
+    (8, ["parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2", "parallel.zero_stage=1"]),
+    (2, ["parallel.zero_stage=3"]),
+], ids=["tp2pp2dp2-zero1", "dp2-zero3"])
+def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run, nproc, settings):
+    """Same seed and data, another layout: the same global batches, so the same losses (fp32)."""
+    result = train(tmp_path, shards, "train.max_steps=4", *settings, nproc=nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = [row["loss"] for row in metrics(single_process_run[0]) if "loss" in row]
+    losses = [row["loss"] for row in metrics(tmp_path)]
+    assert losses == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["parallel.pipeline_parallel_size=2", "parallel.zero_stage=2"], "DeepSpeed supports only ZeRO-0/1 with pipelines"),
+    (["data.prefixes=[/nonexistent/web]"], "data.prefixes: neither /nonexistent/web.bin/.idx nor /nonexistent/web.json"),
+    (["model.vocab_size=32000"], "model.vocab_size=32000 but data.tokenizer 'gpt2' has 50257 tokens"),
+    (["train.precision=fp64"], "train.precision='fp64' must be one of bf16, fp16, fp32"),
+])
+def test_impossible_settings_stop_at_start_up_naming_the_setting(tmp_path, shards, settings, message):
+    nproc = 2 if any("pipeline" in s for s in settings) else 1
+    result = train(tmp_path, shards, *settings, nproc=nproc, timeout=300)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = load_config(None, ["train.max_steps=100", "schedule.warmup=10", "schedule.min_lr_ratio=0.1"])
+    assert lr_multiplier(0, config) == pytest.approx(0.1)
+    assert lr_multiplier(9, config) == pytest.approx(1.0)
+    assert lr_multiplier(10, config) == pytest.approx(1.0)
+    assert lr_multiplier(55, config) == pytest.approx(0.55)  # cosine midpoint: (1 + 0.1) / 2
+    assert lr_multiplier(100, config) == pytest.approx(0.1)
+    linear = load_config(None, ["train.max_steps=100", "schedule.decay=linear", "schedule.min_lr_ratio=0.0"])
+    assert lr_multiplier(50, linear) == pytest.approx(0.5)
+    tokens = load_config(None, ["train.max_steps=100", "schedule.unit=tokens", "schedule.warmup=4096",
+                                "parallel.global_batch_size=8", "model.n_positions=256"])  # 2048 tokens per step
+    assert lr_multiplier(0, tokens) == pytest.approx(1 / 4096) and lr_multiplier(2, tokens) == pytest.approx(1.0)
