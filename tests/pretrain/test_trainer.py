@@ -109,3 +109,26 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     tokens = load_config(None, ["train.max_steps=100", "schedule.unit=tokens", "schedule.warmup=4096",
                                 "parallel.global_batch_size=8", "model.n_positions=256"])  # 2048 tokens per step
     assert lr_multiplier(0, tokens) == pytest.approx(1 / 4096) and lr_multiplier(2, tokens) == pytest.approx(1.0)
+
+
+def test_global_batch_is_the_same_for_every_data_parallel_size(single_process_group, shards, tmp_path):
+    """Step k's samples, gathered over DP ranks in rank order, do not depend on DP or the micro batch."""
+    import torch
+
+    from data_pipeline.tokenizers import load_tokenizer
+    from pretrain.data import build_datasets, micro_batches
+    from pretrain.parallel.layout import ParallelLayout
+
+    config = load_config(TINY, [f"data.prefixes=[{shards}]", "train.max_steps=6", "eval.interval=0"])
+    train_data, _ = build_datasets(config, load_tokenizer("gpt2"), tmp_path, data_parallel_size=1)
+
+    def global_batch(step: int, dp: int, micro: int) -> torch.Tensor:
+        layout = ParallelLayout(world_size=dp, micro_batch_size=micro, global_batch_size=8)
+        return torch.cat([tokens for rank in range(dp) for tokens, _ in micro_batches(train_data, step, layout, rank)])
+
+    for step in (0, 5):
+        reference = global_batch(step, 1, 8)
+        assert reference.shape == (8, 256)
+        for dp, micro in ((2, 1), (4, 2), (8, 1)):
+            assert torch.equal(global_batch(step, dp, micro), reference)
+    assert not torch.equal(global_batch(0, 1, 8), global_batch(5, 1, 8))

@@ -37,11 +37,16 @@ def test_train_tokenizer_refuses_missing_input(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_tokenizes_real_text_and_reads_it_back(tmp_path):
+def test_demo_tokenizes_real_text_and_trains_on_8_processes(tmp_path):
     result = run_tool("demo.py", env=dict(os.environ, DEMO_OUT=str(tmp_path)))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "tokens" / "demo.json").read_text())
     assert summary["documents"] > 400 and summary["skipped"]["total"] == 0
     assert len(summary["shards"]) >= 3
     assert "read back with megatron-core's IndexedDataset" in result.stdout
     assert all((tmp_path / "tokens" / f"{shard['name']}.idx").exists() for shard in summary["shards"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 1.0
+    assert "TP=2 PP=2 DP=2 ZeRO-1" in result.stderr
+    assert f"tensorboard --logdir {tmp_path / 'run'}" in result.stdout
