@@ -2,7 +2,10 @@
 
 Runs under torchrun, srun, or python -m pretrain.launch (it reads RANK /
 WORLD_SIZE / LOCAL_RANK, or the SLURM_* variables); alone it is one process.
-Exit codes: 0 done, 2 a setting that cannot work (the message names it).
+Starting again with the same run directory resumes from its latest checkpoint.
+SIGTERM or SIGUSR1 saves a checkpoint after the current step and exits 0.
+Exit codes: 0 done (or stopped by a signal, checkpoint saved), 2 a setting or a
+checkpoint that cannot work (the message names it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not __import__("torch").cuda.is_available() else "cuda")
 
+from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import DataError  # noqa: E402
 from pretrain.parallel.distributed import environment_from_launcher  # noqa: E402
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     try:
         trainer.setup()
         trainer.run()
-    except (ConfigError, LayoutError, DataError) as error:
+    except (ConfigError, LayoutError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

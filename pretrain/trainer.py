@@ -7,8 +7,10 @@ AdamW with the schedule -> deepspeed.initialize -> the datasets.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -17,8 +19,9 @@ import torch.distributed as dist
 import yaml
 
 from data_pipeline.tokenizers import load_tokenizer
+from pretrain.checkpoint import CheckpointError, CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
-from pretrain.data import build_datasets, micro_batches
+from pretrain.data import build_datasets, micro_batches, resolve_blend
 from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.presets import parameter_count
 from pretrain.parallel.build import apply_activation_checkpointing, build_model
@@ -39,12 +42,16 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+MODEL_SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+
+
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self.run_dir = Path(config.run.dir)
         self.step = 0
         self.metrics: MetricsWriter | None = None
+        self.stop_requested = False
 
     # ---- setup -------------------------------------------------------------------
 
@@ -73,8 +80,17 @@ class Trainer:
         self.data_rank = parallel_state.get_data_parallel_rank()
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.run_dir,
                                                           self.layout.data_parallel_size)
+        self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
+                                             config.checkpoint.keep_last, config.checkpoint.keep_every)
+        self.resume()
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
                                      enabled=self.rank == 0)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._request_stop)
+
+    def _request_stop(self, signum, _frame) -> None:
+        log.warning("received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
+        self.stop_requested = True
 
     def _build_engine(self, topology):
         config, layout = self.config, self.layout
@@ -86,6 +102,59 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
         ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, config.deepspeed)
         return initialize_engine(model, layout, topology, optimizer, ds_config, lr_scheduler=schedule)
+
+    # ---- checkpoints ----------------------------------------------------------------
+
+    def manifest(self) -> dict:
+        paths, weights = resolve_blend(self.config.data.prefixes, self.tokenizer)
+        layout = self.layout
+        return {
+            "layout": {"tensor_parallel_size": layout.tensor_parallel_size,
+                       "pipeline_parallel_size": layout.pipeline_parallel_size,
+                       "data_parallel_size": layout.data_parallel_size, "zero_stage": layout.zero_stage},
+            "consumed_samples": self.step * layout.global_batch_size,
+            "config_sha256": config_hash(self.config.to_dict()),
+            "model": self.model_shape(),
+            "data": {"shards": paths, "weights": weights, "tokenizer_sha256": self.tokenizer.identity()["sha256"],
+                     "seed": self.config.train.seed, "global_batch_size": layout.global_batch_size},
+            "precision": self.config.train.precision,
+        }
+
+    def model_shape(self) -> dict:
+        return {key: getattr(self.model_config, key) for key in MODEL_SHAPE_KEYS}
+
+    def save(self) -> None:
+        self.checkpoints.save(self.engine, self.step, self.manifest())
+
+    def resume(self) -> None:
+        """Continue from `latest` in the checkpoint directory, if there is one."""
+        self.checkpoints.clean_partial_saves()
+        tag = self.checkpoints.latest()
+        if tag is None:
+            return
+        manifest = self.checkpoints.verify(tag, self.model_shape())
+        saved, ours = manifest["layout"], self.manifest()["layout"]
+        if saved != ours:
+            raise CheckpointError(f"checkpoint {tag} was written with layout {saved}, this run is {ours}; "
+                                  "resuming on another layout is not supported yet: use the original layout")
+        self.checkpoints.load(self.engine, tag)
+        self.step = manifest["step"]
+        if self.rank == 0:
+            self._forget_metrics_after(self.step)
+            log.info("resumed from %s at step %d (%d samples consumed)", tag, self.step, manifest["consumed_samples"])
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop metrics.jsonl lines past the checkpoint: those steps are trained again."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop; every rank must agree to save together."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ---- steps --------------------------------------------------------------------
 
@@ -129,6 +198,12 @@ class Trainer:
             self.metrics.write(self.train_step())
             if config.eval.interval and self.step % config.eval.interval == 0:
                 self.metrics.write(self.evaluate())
+            stop = self._stop_agreed()
+            if stop or self.step % config.checkpoint.interval == 0 or self.step == config.train.max_steps:
+                self.save()
+            if stop:
+                log.warning("stopped at step %d after a signal; run the same command to resume", self.step)
+                return
         if self.rank == 0:
             log.info("finished %d steps; metrics in %s", self.step, self.run_dir / "metrics.jsonl")
 

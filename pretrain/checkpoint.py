@@ -1,0 +1,148 @@
+"""Sharded checkpoints, written atomically, with a manifest; resume from `latest`.
+
+Every rank writes its own model and optimizer shards through DeepSpeed's
+`save_checkpoint`, into `DIR/.tmp-step_0000020/`. When all ranks are done, rank 0
+lists every file with its size in `manifest.json` (with the layout, step,
+consumed samples, config hash, model shape and data identity), renames the
+directory to `DIR/step_0000020/`, and only then points `DIR/latest` at it. A
+crash at any moment leaves the previous checkpoint as `latest`; a `.tmp-` directory
+is never loaded and is removed at the next start.
+
+On load, every file the manifest lists must exist with its recorded size, and
+the model shape must match the config; otherwise the error names the file or the
+mismatch. A run never silently starts fresh over a checkpoint it cannot read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("pretrain")
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; names the file or the mismatch."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def config_hash(config_dict: dict) -> str:
+    """Hash of the settings that shape training (not where files go)."""
+    shaping = {k: v for k, v in config_dict.items() if k not in ("run", "checkpoint", "logging")}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    def __init__(self, directory: Path, keep_last: int, keep_every: int):
+        self.directory = Path(directory)
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.rank = dist.get_rank()
+
+    def clean_partial_saves(self) -> None:
+        """Remove `.tmp-` directories a crash mid-save left behind (rank 0)."""
+        if self.rank == 0 and self.directory.is_dir():
+            for partial in self.directory.glob(TMP_PREFIX + "*"):
+                log.warning("removing %s, an unfinished save", partial)
+                shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier()
+
+    def latest(self) -> str | None:
+        pointer = self.directory / LATEST
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        if not (self.directory / tag / MANIFEST).is_file():
+            raise CheckpointError(f"{pointer} names {tag}, but {self.directory / tag / MANIFEST} is missing; "
+                                  "restore that checkpoint or point latest at another step_* directory")
+        return tag
+
+    # ---- save ----------------------------------------------------------------------
+
+    def save(self, engine, step: int, manifest: dict) -> Path:
+        tag, partial_tag = tag_for(step), TMP_PREFIX + tag_for(step)
+        partial = self.directory / partial_tag
+        engine.save_checkpoint(str(self.directory), tag=partial_tag, client_state={"step": step}, save_latest=False)
+        torch.save(torch.get_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+        dist.barrier()  # every rank's shards are on disk
+        final = self.directory / tag
+        if self.rank == 0:
+            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+            _write_atomically(partial / MANIFEST, json.dumps({**manifest, "step": step, "files": files}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_directory(self.directory)
+            _write_atomically(self.directory / LATEST, tag + "\n")
+            self._prune()
+            log.info("saved checkpoint %s", final)
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(int(p.name.split("_")[1]) for p in self.directory.glob("step_*") if p.is_dir())
+        keep = set(steps[-self.keep_last:]) if self.keep_last > 0 else set(steps[-1:])
+        if self.keep_every:
+            keep |= {s for s in steps if s % self.keep_every == 0}
+        for step in steps:
+            if step not in keep:
+                shutil.rmtree(self.directory / tag_for(step), ignore_errors=True)
+
+    # ---- load ----------------------------------------------------------------------
+
+    def verify(self, tag: str, expected_model: dict) -> dict:
+        """The manifest of `tag`, after checking every file and the model shape."""
+        directory = self.directory / tag
+        manifest = json.loads((directory / MANIFEST).read_text())
+        for name, size in manifest["files"].items():
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {directory} is missing {name}; it cannot be resumed")
+            if path.stat().st_size != size:
+                raise CheckpointError(f"{path} has {path.stat().st_size} bytes, the manifest says {size}: "
+                                      "truncated or overwritten; resume from an older checkpoint")
+        if manifest["model"] != expected_model:
+            differences = {k: (manifest["model"].get(k), v) for k, v in expected_model.items()
+                           if manifest["model"].get(k) != v}
+            raise CheckpointError(f"checkpoint {directory} holds a different model; (checkpoint, config): {differences}")
+        return manifest
+
+    def load(self, engine, tag: str) -> None:
+        directory = self.directory / tag
+        load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {directory}")
+        rng = directory / f"rng_rank{self.rank:05d}.pt"
+        if rng.is_file():
+            torch.set_rng_state(torch.load(rng))

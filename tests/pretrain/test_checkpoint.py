@@ -1,0 +1,121 @@
+"""Checkpoints: exact resume after SIGTERM, atomic saves, retention, and clear errors on bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.pretrain.test_trainer import TINY, metrics, shards, train  # noqa: F401 (shards: a fixture)
+
+STEPS = 6
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in metrics(run_dir) if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, shards):  # noqa: F811
+    run_dir = tmp_path_factory.mktemp("straight")
+    result = train(run_dir, shards, f"train.max_steps={STEPS}", "checkpoint.interval=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def start(run_dir: Path, shards: str, *settings: str, nproc: int = 1) -> subprocess.Popen:  # noqa: F811
+    module = ["-m", "pretrain.launch", "--nproc", str(nproc)] if nproc > 1 else ["-m", "pretrain"]
+    command = [sys.executable, *module, "--config", TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={run_dir}",
+               "eval.interval=0", f"train.max_steps={STEPS}", "checkpoint.interval=100", *settings]
+    return subprocess.Popen(command, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def interrupt_after_two_steps(process: subprocess.Popen, run_dir: Path) -> str:
+    deadline = time.monotonic() + 300
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,settings", [(1, []), (2, ["parallel.pipeline_parallel_size=2"])], ids=["1x1x1", "1x2x1"])
+def test_sigterm_saves_and_the_rerun_continues_the_same_curve(tmp_path, shards, straight, nproc, settings):  # noqa: F811
+    stderr = interrupt_after_two_steps(start(tmp_path, shards, *settings, nproc=nproc), tmp_path)
+    assert "saving a checkpoint after this step" in stderr
+    stopped_at = int((tmp_path / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= stopped_at < STEPS, "the signal should land mid-run"
+    resumed = train(tmp_path, shards, f"train.max_steps={STEPS}", "checkpoint.interval=100", *settings, nproc=nproc)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step_{stopped_at:07d} at step {stopped_at}" in resumed.stderr
+    assert [row["step"] for row in metrics(tmp_path)] == list(range(1, STEPS + 1))
+    if nproc == 1:
+        assert losses(tmp_path) == losses(straight)  # exactly: same layout, fp32
+    else:
+        assert losses(tmp_path) == pytest.approx(losses(straight), rel=1e-5)
+
+
+@pytest.fixture
+def finished_copy(tmp_path, straight):
+    """A copy of the straight run, to damage."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    return run_dir
+
+
+def test_retention_keeps_the_last_k_and_every_mth(straight):
+    kept = sorted(p.name for p in (straight / "checkpoints").glob("step_*"))
+    assert kept == ["step_0000004", "step_0000006"]  # interval 2, keep_last 2 (default), keep_every 0
+    manifest = json.loads((straight / "checkpoints" / "step_0000006" / "manifest.json").read_text())
+    assert manifest["step"] == 6 and manifest["consumed_samples"] == 48
+    assert manifest["layout"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
+                                  "zero_stage": 1}
+    assert manifest["data"]["tokenizer_sha256"] and len(manifest["config_sha256"]) == 64
+    assert any(name.endswith("optim_states.pt") for name in manifest["files"])
+
+
+@pytest.mark.slow
+def test_an_unfinished_save_is_never_resumed_from(finished_copy, shards):  # noqa: F811
+    checkpoints = finished_copy / "checkpoints"
+    partial = checkpoints / ".tmp-step_0000008"
+    shutil.copytree(checkpoints / "step_0000006", partial)  # as a kill mid-save would leave it
+    (partial / "manifest.json").unlink()
+    result = train(finished_copy, shards, "train.max_steps=8", "checkpoint.interval=100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step_0000006 at step 6" in result.stderr
+    assert not partial.exists()
+    assert (checkpoints / "latest").read_text().strip() == "step_0000008"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "has 100 bytes, the manifest says"),
+    ("delete", "is missing mp_rank_00_model_states.pt"),
+    ("shape", "holds a different model; (checkpoint, config): {'n_layer': (4, 2)}"),
+])
+def test_a_damaged_or_incompatible_checkpoint_is_an_error_naming_it(finished_copy, shards, damage, message):  # noqa: F811
+    latest = finished_copy / "checkpoints" / "step_0000006"
+    settings = [f"train.max_steps={STEPS + 2}"]
+    if damage == "truncate":
+        with open(latest / "mp_rank_00_model_states.pt", "r+b") as f:
+            f.truncate(100)
+    elif damage == "delete":
+        (latest / "mp_rank_00_model_states.pt").unlink()
+    else:
+        settings.append("model.n_layer=2")
+    result = train(finished_copy, shards, *settings, timeout=300)
+    assert result.returncode == 2
+    assert message in result.stderr
