@@ -5,7 +5,8 @@ WORLD_SIZE / LOCAL_RANK, or the SLURM_* variables); alone it is one process.
 Starting again with the same run directory resumes from its latest checkpoint.
 SIGTERM or SIGUSR1 saves a checkpoint after the current step and exits 0.
 Exit codes: 0 done (or stopped by a signal, checkpoint saved), 2 a setting or a
-checkpoint that cannot work (the message names it).
+checkpoint that cannot work (the message names it), 3 training diverged (too many
+consecutive steps with non-finite loss or gradients, each skipped).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import DataError  # noqa: E402
 from pretrain.parallel.distributed import environment_from_launcher  # noqa: E402
 from pretrain.parallel.layout import LayoutError  # noqa: E402
-from pretrain.trainer import Trainer  # noqa: E402
+from pretrain.trainer import Trainer, TrainingDiverged  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     except (ConfigError, LayoutError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     finally:
         trainer.close()
         import torch.distributed as dist

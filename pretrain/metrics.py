@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class MetricsWriter:
     def write(self, metrics: dict) -> None:
         if not self.enabled:
             return
+        # NaN and inf are not JSON; a skipped step's loss is written as null.
+        metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         self._jsonl.write(json.dumps(metrics) + "\n")
         self._jsonl.flush()
         step = metrics["step"]
@@ -58,7 +61,8 @@ class MetricsWriter:
     def console_line(m: dict) -> str:
         if "valid_loss" in m:
             return f"step {m['step']:>6} | valid loss {m['valid_loss']:.4f} | valid perplexity {m['valid_perplexity']:.2f}"
-        parts = [f"step {m['step']:>6}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3e}",
+        loss = "skipped (non-finite)" if m["loss"] is None else f"{m['loss']:.4f}"
+        parts = [f"step {m['step']:>6}", f"loss {loss}", f"lr {m['lr']:.3e}",
                  f"grad norm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "grad norm -",
                  f"loss scale {m['loss_scale']:g}" if m.get("loss_scale") else None,
                  f"{m['tokens_per_second']:,.0f} tok/s", f"{m['tflops_per_device']:.2f} TFLOP/s/device",

@@ -24,6 +24,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.data import build_datasets, micro_batches, resolve_blend
 from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.presets import parameter_count
+from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, build_model
 from pretrain.parallel.distributed import init_distributed, initialize_model_parallel, model_parallel_config
 from pretrain.parallel.engine import deepspeed_config, evaluate_loss, initialize_engine, train_step
@@ -45,6 +46,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 MODEL_SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradients."""
+
+
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
@@ -52,6 +57,8 @@ class Trainer:
         self.step = 0
         self.metrics: MetricsWriter | None = None
         self.stop_requested = False
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
 
     # ---- setup -------------------------------------------------------------------
 
@@ -97,11 +104,11 @@ class Trainer:
         model = build_model(self.model_config, layout, topology, model_parallel_config(layout), config.train.seed,
                             config.model.partition_method)
         apply_activation_checkpointing(model, config.model.activation_checkpointing)
-        optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-                                      betas=tuple(config.optim.betas), eps=config.optim.eps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
+        self.optimizer = SkipNonFiniteAdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+                                            betas=tuple(config.optim.betas), eps=config.optim.eps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, config))
         ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, config.deepspeed)
-        return initialize_engine(model, layout, topology, optimizer, ds_config, lr_scheduler=schedule)
+        return initialize_engine(model, layout, topology, self.optimizer, ds_config, lr_scheduler=schedule)
 
     # ---- checkpoints ----------------------------------------------------------------
 
@@ -162,11 +169,27 @@ class Trainer:
         """One optimizer step on global batch `self.step`; returns its metrics."""
         lr = self.engine.get_lr()[0]
         batches = micro_batches(self.train_data, self.step, self.layout, self.data_rank)
+        overflows_before = self.engine.skipped_steps  # fp16: DeepSpeed's loss scaler skips overflows itself
         began = time.perf_counter()
         loss = train_step(self.engine, batches)
         seconds = time.perf_counter() - began
         self.step += 1
-        return self._step_metrics(loss, lr, seconds)
+        skipped = self.optimizer.skipped_last_step or self.engine.skipped_steps > overflows_before
+        self._count_skip(skipped, loss)
+        return {**self._step_metrics(loss, lr, seconds), "skipped": skipped, "skipped_steps": self.skipped_steps}
+
+    def _count_skip(self, skipped: bool, loss: float) -> None:
+        self.skipped_steps += skipped
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        if skipped:
+            log.warning("step %d skipped: non-finite loss or gradients (loss %s); %d in a row", self.step, loss,
+                        self.consecutive_skips)
+        limit = self.config.train.max_consecutive_skips
+        if self.consecutive_skips >= limit:
+            raise TrainingDiverged(
+                f"{self.consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                f"gradients (train.max_consecutive_skips={limit}); the weights are those of the last good step. "
+                "Lower optim.lr, check the data, or resume from an earlier checkpoint")
 
     def _step_metrics(self, loss: float, lr: float, seconds: float) -> dict:
         tokens = self.layout.global_batch_size * self.config.model.n_positions

@@ -4,7 +4,9 @@
 1. real English text: gensim's ABC news articles and Wikipedia pages;
 2. GPT-2 BPE -> Megatron .bin/.idx shards, read back with megatron-core's IndexedDataset;
 3. a tiny GPT-2 trained on 8 local processes, TP=2 x PP=2 x DP=2 under ZeRO-1 (gloo);
-4. the loss curve, and the TensorBoard command.
+4. interrupted with SIGTERM midway (it saves a sharded checkpoint and exits), then the same
+   command again, which resumes from that checkpoint;
+5. the loss curve, and the TensorBoard command.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ from data_pipeline.tokenizers import load_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("DEMO_OUT") or REPO / "demo_out")
 TRAIN_STEPS = 30
+INTERRUPT_AFTER = 12  # steps
 
 
 def write_corpus() -> list[Path]:
@@ -79,12 +83,27 @@ def train(prefix: Path) -> int:
     print("  " + " ".join(command[1:]))
     # The demo runs on CPU even where a GPU is present: NCCL cannot put 8 ranks on one GPU.
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    first = subprocess.Popen(command, cwd=REPO, env=env)
+    wait_for_steps(run_dir / "metrics.jsonl", INTERRUPT_AFTER, first)
+    print(f"\n--- sending SIGTERM after step {INTERRUPT_AFTER}, as a Slurm preemption would ---\n", flush=True)
+    first.send_signal(signal.SIGTERM)
+    if first.wait() != 0:
+        print(f"the interrupted run failed with exit code {first.returncode}", file=sys.stderr)
+        return first.returncode
+    print("\n--- the same command again: it resumes from the sharded checkpoint ---\n", flush=True)
     code = subprocess.run(command, cwd=REPO, env=env).returncode
     if code != 0:
-        print(f"training failed with exit code {code}", file=sys.stderr)
+        print(f"the resumed run failed with exit code {code}", file=sys.stderr)
         return code
     show_loss_curve(run_dir)
     return 0
+
+
+def wait_for_steps(metrics: Path, steps: int, process: subprocess.Popen) -> None:
+    while process.poll() is None:
+        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.1)
 
 
 def show_loss_curve(run_dir: Path) -> None:
@@ -98,7 +117,9 @@ def show_loss_curve(run_dir: Path) -> None:
             print(f"  step {row['step']:>3}  {row['loss']:7.4f}  {bar}")
     for row in (r for r in rows if "valid_loss" in r):
         print(f"  validation at step {row['step']}: loss {row['valid_loss']:.4f}, perplexity {row['valid_perplexity']:.0f}")
-    print(f"\nTensorBoard: .venv/bin/tensorboard --logdir {run_dir}")
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    print(f"\ncheckpoints: {', '.join(checkpoints)} in {run_dir / 'checkpoints'}")
+    print(f"TensorBoard: .venv/bin/tensorboard --logdir {run_dir}")
 
 
 if __name__ == "__main__":

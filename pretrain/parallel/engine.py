@@ -22,6 +22,9 @@ def deepspeed_config(layout: ParallelLayout, precision: str = "fp32", gradient_c
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
         "gradient_clipping": gradient_clipping,
         "zero_optimization": {"stage": layout.zero_stage},
+        # ZeRO accepts only optimizer classes it lists; ours is torch's AdamW plus a
+        # skip on non-finite gradients (pretrain/optim.py), the same update otherwise.
+        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
         "steps_per_print": 10**9,  # our own logging reports progress

@@ -132,3 +132,16 @@ def test_global_batch_is_the_same_for_every_data_parallel_size(single_process_gr
         for dp, micro in ((2, 1), (4, 2), (8, 1)):
             assert torch.equal(global_batch(step, dp, micro), reference)
     assert not torch.equal(global_batch(0, 1, 8), global_batch(5, 1, 8))
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, shards):
+    """An absurd learning rate blows the weights up after step 1: later steps are skipped, then the run stops."""
+    result = train(tmp_path, shards, "train.max_steps=8", "optim.lr=1e30", "optim.gradient_clipping=0",
+                   "schedule.warmup=0", "train.max_consecutive_skips=2", "logging.interval=1")
+    assert result.returncode == 3
+    assert "2 consecutive steps (up to step 3) had a non-finite loss" in result.stderr
+    assert "train.max_consecutive_skips=2" in result.stderr
+    rows = metrics(tmp_path)
+    assert [(row["step"], row["skipped"]) for row in rows] == [(1, False), (2, True)]
+    assert rows[1]["loss"] is None and rows[1]["skipped_steps"] == 1

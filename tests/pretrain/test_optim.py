@@ -1,0 +1,51 @@
+"""Non-finite gradients: every rank skips the update together, then training goes on."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pretrain.optim import SkipNonFiniteAdamW
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = SkipNonFiniteAdamW([weight], lr=0.1)
+    history = []
+    for step, poisoned in enumerate([True, False]):
+        weight.grad = torch.full((4,), 0.5)
+        if poisoned and rank == 1:  # only one rank sees the NaN
+            weight.grad[2] = float("nan")
+        optimizer.step()
+        history.append((optimizer.skipped_last_step, weight.detach().clone()))
+    torch.save(history, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_all_ranks_skip_when_any_rank_has_a_non_finite_gradient(tmp_path):
+    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        (skipped_1, after_1), (skipped_2, after_2) = torch.load(tmp_path / f"rank{rank}.pt")
+        assert skipped_1 and torch.equal(after_1, torch.ones(4))  # untouched, although rank 0's gradient was fine
+        assert not skipped_2 and torch.all(after_2 < 1.0)  # the next, finite step updates
+    assert torch.equal(torch.load(tmp_path / "rank0.pt")[1][1], torch.load(tmp_path / "rank1.pt")[1][1])
+
+
+def test_adam_state_is_untouched_by_a_skipped_step():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = SkipNonFiniteAdamW([weight], lr=0.1)
+    weight.grad = torch.tensor([1.0, float("inf"), 1.0])
+    optimizer.step()
+    assert optimizer.skipped_last_step and not optimizer.state[weight]  # no moments, no step count
