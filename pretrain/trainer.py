@@ -72,6 +72,8 @@ class Trainer:
             dist.get_world_size(), tp, config.parallel.pipeline_parallel_size, config.parallel.zero_stage,
             config.parallel.micro_batch_size, config.parallel.global_batch_size,
         ).validate(self.model_config)
+        if config.train.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         if self.tokenizer.vocab_size != config.model.vocab_size:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "

@@ -119,3 +119,12 @@ def test_a_damaged_or_incompatible_checkpoint_is_an_error_naming_it(finished_cop
     result = train(finished_copy, shards, *settings, timeout=300)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_retention_with_keep_every(single_process_group, tmp_path):
+    from pretrain.checkpoint import CheckpointManager, tag_for
+
+    for step in range(1, 11):
+        (tmp_path / tag_for(step)).mkdir()
+    CheckpointManager(tmp_path, keep_last=2, keep_every=4)._prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(s) for s in (4, 8, 9, 10)]

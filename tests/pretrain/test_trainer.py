@@ -84,11 +84,23 @@ def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run
     assert losses == pytest.approx(reference, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_bf16_pipeline_follows_the_fp32_curve_within_bf16_precision(tmp_path, shards, single_process_run):
+    settings = ["train.max_steps=3", "train.precision=bf16", "parallel.tensor_parallel_size=2",
+                "parallel.pipeline_parallel_size=2"]
+    result = train(tmp_path, shards, *settings, nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = [row["loss"] for row in metrics(single_process_run[0]) if "loss" in row][:3]
+    assert [row["loss"] for row in metrics(tmp_path)] == pytest.approx(reference, rel=2e-3)
+
+
 @pytest.mark.parametrize("settings,message", [
     (["parallel.pipeline_parallel_size=2", "parallel.zero_stage=2"], "DeepSpeed supports only ZeRO-0/1 with pipelines"),
     (["data.prefixes=[/nonexistent/web]"], "data.prefixes: neither /nonexistent/web.bin/.idx nor /nonexistent/web.json"),
     (["model.vocab_size=32000"], "model.vocab_size=32000 but data.tokenizer 'gpt2' has 50257 tokens"),
     (["train.precision=fp64"], "train.precision='fp64' must be one of bf16, fp16, fp32"),
+    pytest.param(["train.precision=fp16"], "train.precision=fp16 needs a GPU", id="fp16-on-cpu",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 works on a GPU")),
 ])
 def test_impossible_settings_stop_at_start_up_naming_the_setting(tmp_path, shards, settings, message):
     nproc = 2 if any("pipeline" in s for s in settings) else 1
