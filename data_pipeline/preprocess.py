@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.atomic import write_text_atomically
 from data_pipeline.readers import Chunk, Skipped, chunk_documents, is_datasets_dir, iter_chunks, resolve_inputs
 from data_pipeline.shards import Journal, ShardWriter, indexed_dataset_module
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
@@ -214,7 +215,7 @@ def preprocess(
     if journal.done is None:
         tokenize_into_shards(inputs, output_prefix, tokenizer, journal, header, workers, strict, show_progress)
     summary = build_summary(header, identity, tokenizer, journal)
-    write_json_atomic(output_prefix + ".json", summary)
+    write_text_atomically(output_prefix + ".json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -268,13 +269,3 @@ def build_summary(header: dict, identity: dict, tokenizer: Tokenizer, journal: J
             "records": skipped,
         },
     }
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

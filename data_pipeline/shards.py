@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import fsync_path, write_text_atomically
+
 
 def indexed_dataset_module():
     # megatron-core warns at import that Transformer Engine and Apex are absent;
@@ -36,14 +38,6 @@ def indexed_dataset_module():
 
 def shard_prefix(prefix: str, index: int) -> str:
     return f"{prefix}_{index:05d}"
-
-
-def fsync_path(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -127,16 +121,10 @@ class Journal:
 
     def _rewrite(self) -> None:
         """Rewrite atomically: drops torn last lines and shards no longer intact."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"header": self.header}) + "\n")
-            for record in self.shards:
-                f.write(json.dumps({"shard": record}) + "\n")
-            if self.done is not None:
-                f.write(json.dumps({"done": self.done}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        lines = [{"header": self.header}] + [{"shard": record} for record in self.shards]
+        if self.done is not None:
+            lines.append({"done": self.done})
+        write_text_atomically(self.path, "".join(json.dumps(line) + "\n" for line in lines))
 
 
 def _read_complete_lines(path: Path) -> list[dict]:

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.atomic import fsync_path, write_text_atomically
+
 log = logging.getLogger("pretrain")
 
 MANIFEST = "manifest.json"
@@ -44,23 +46,6 @@ def config_hash(config_dict: dict) -> str:
     """Hash of the settings that shape training (not where files go)."""
     shaping = {k: v for k, v in config_dict.items() if k not in ("run", "checkpoint", "logging")}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointManager:
@@ -98,12 +83,12 @@ class CheckpointManager:
         final = self.directory / tag
         if self.rank == 0:
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-            _write_atomically(partial / MANIFEST, json.dumps({**manifest, "step": step, "files": files}, indent=1))
+            write_text_atomically(partial / MANIFEST, json.dumps({**manifest, "step": step, "files": files}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _fsync_directory(self.directory)
-            _write_atomically(self.directory / LATEST, tag + "\n")
+            fsync_path(self.directory)
+            write_text_atomically(self.directory / LATEST, tag + "\n")
             self._prune()
             log.info("saved checkpoint %s", final)
         dist.barrier()
