@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from pretrain.parallel.distributed import collective_device
+
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):
     def __init__(self, *args, **kwargs):
@@ -20,8 +22,7 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
 
     def _any_non_finite(self) -> bool:
         sums = [p.grad.float().sum() for group in self.param_groups for p in group["params"] if p.grad is not None]
-        nccl = dist.is_initialized() and dist.get_backend() == "nccl"
-        flag = torch.zeros(1, device="cuda" if nccl else "cpu")
+        flag = torch.zeros(1, device=collective_device())
         if sums:  # a sum over all gradients is non-finite if any element is (NaN and inf propagate)
             flag += (~torch.isfinite(torch.stack(sums).sum())).float().to(flag.device)
         if dist.is_initialized():

@@ -26,7 +26,12 @@ from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.presets import parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, build_model
-from pretrain.parallel.distributed import init_distributed, initialize_model_parallel, model_parallel_config
+from pretrain.parallel.distributed import (
+    collective_device,
+    init_distributed,
+    initialize_model_parallel,
+    model_parallel_config,
+)
 from pretrain.parallel.engine import deepspeed_config, evaluate_loss, initialize_engine, train_step
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.schedule import lr_multiplier
@@ -161,7 +166,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop; every rank must agree to save together."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -48,6 +48,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: the GPU under NCCL, else the CPU."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
 def init_distributed(backend: str | None = None) -> None:
     """torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
     registered with DeepSpeed's communication layer too. An existing process group is reused."""

@@ -60,13 +60,13 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -
 
     if isinstance(engine, PipelineEngine):
         return engine.train_batch(iter(micro_batches)).item()
-    total = torch.zeros(())
+    losses = []
     for token_ids, labels in micro_batches:
-        loss = engine(token_ids, labels)
+        loss = engine(token_ids.to(engine.device), labels.to(engine.device))
         engine.backward(loss)
         engine.step()
-        total += loss.detach().float()
-    total /= len(micro_batches)
+        losses.append(loss.detach().float())
+    total = torch.stack(losses).mean()  # on the model's device, as NCCL needs
     dist.all_reduce(total, group=engine.mpu.get_data_parallel_group())
     return (total / engine.mpu.get_data_parallel_world_size()).item()
 
@@ -79,7 +79,8 @@ def evaluate_loss(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
         return engine.eval_batch(iter(micro_batches)).item()  # averaged over micro-batches and DP
     engine.eval()
     with torch.no_grad():
-        total = sum(engine(token_ids, labels).float() for token_ids, labels in micro_batches) / len(micro_batches)
+        total = sum(engine(token_ids.to(engine.device), labels.to(engine.device)).float()
+                    for token_ids, labels in micro_batches) / len(micro_batches)
     engine.train()
     dist.all_reduce(total, group=engine.mpu.get_data_parallel_group())
     return (total / engine.mpu.get_data_parallel_world_size()).item()
