@@ -226,22 +226,38 @@ def layer_classes(config: GPTConfig) -> list[type[nn.Module]]:
     return [WordEmbedding, PositionEmbedding] + [Block] * config.n_layer + [FinalNorm]
 
 
+# The key of the word embedding shared by the first layer and the output head; DeepSpeed's
+# PipelineModule keeps tied layers under `tied_modules.<key>`, and GPT2 does the same.
+TIED_EMBEDDING = "embed"
+
+
 class GPT2(nn.Module):
-    """The whole model in one process (pipeline size 1); tensor parallelism still applies."""
+    """The whole model in one process (pipeline size 1); tensor parallelism still applies.
+
+    Parameters carry the same names as in a DeepSpeed pipeline stage
+    (`tied_modules.embed.word.weight`, `1.position.weight`, `2.attn.qkv.weight`, ...),
+    so a checkpoint's names do not depend on the pipeline size.
+    """
 
     def __init__(self, config: GPTConfig, parallel: ModelParallelConfig, seed: int = 1234):
         super().__init__()
         self.config = config
         init = Initializer(seed, config.init_std)
-        self.layers = nn.ModuleList(
-            cls(config, parallel, init, index) for index, cls in enumerate(layer_classes(config))
-        )
+        classes = layer_classes(config)
+        self.tied_modules = nn.ModuleDict({TIED_EMBEDDING: WordEmbedding(config, parallel, init, 0)})
+        for index, cls in enumerate(classes[1:], start=1):
+            self.add_module(str(index), cls(config, parallel, init, index))
+        self.num_layers = len(classes)
+
+    @property
+    def embedding(self) -> WordEmbedding:
+        return self.tied_modules[TIED_EMBEDDING]
 
     def forward(self, token_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        x = token_ids
-        for layer in self.layers:
-            x = layer(x)
-        logits = lm_head(self.layers[0], x)  # (B, T, V / tp)
+        x = self.embedding(token_ids)  # (B, T, C)
+        for index in range(1, self.num_layers):
+            x = getattr(self, str(index))(x)
+        logits = lm_head(self.embedding, x)  # (B, T, V / tp)
         if labels is None:
             return logits
         return language_model_loss(logits, labels)

@@ -1,9 +1,9 @@
 """The one mapping between our GPT-2 weights and Hugging Face's GPT2LMHeadModel.
 
 Our names are canonical layer names, `"{layer}.{param}"` as in gpt2.py's layer
-sequence (`0.word.weight`, `2.attn.qkv.weight`, ...), the same whether the model
-is a `GPT2` (`layers.{i}.` prefix) or a pipeline stage. Tensors are full size
-(tensor-parallel size 1).
+sequence (`0.word.weight`, `2.attn.qkv.weight`, ...). `GPT2` and a pipeline stage
+both name the tied embedding `tied_modules.embed.word.weight`; `canonical_name`
+and `module_name` translate. Tensors are full size (tensor-parallel size 1).
 
 Two layout differences, both handled here:
   * HF's Conv1D stores weights as (in, out); torch Linear as (out, in).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.model.gpt2 import GPTConfig
+from pretrain.model.gpt2 import TIED_EMBEDDING, GPTConfig
 
 
 def _qkv_hf_to_ours(tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
@@ -83,10 +83,14 @@ def ours_to_hf(our_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[st
     return hf_state
 
 
+_TIED = f"tied_modules.{TIED_EMBEDDING}."
+
+
 def canonical_name(name: str) -> str:
     """A parameter name of `GPT2` or of a DeepSpeed pipeline stage -> our canonical name."""
-    if name.startswith("layers."):
-        return name[len("layers."):]
-    if name.startswith("tied_modules.embed."):
-        return "0." + name[len("tied_modules.embed."):]
-    return name
+    return "0." + name[len(_TIED):] if name.startswith(_TIED) else name
+
+
+def module_name(canonical: str) -> str:
+    """Our canonical name -> the parameter's name in `GPT2` and in pipeline stages."""
+    return _TIED + canonical[2:] if canonical.startswith("0.") else canonical

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from pretrain.model.gpt2 import GPT2, Block, GPTConfig, Initializer, WordEmbedding, language_model_loss, layer_classes, lm_head
+from pretrain.model.gpt2 import (
+    GPT2,
+    TIED_EMBEDDING,
+    Block,
+    GPTConfig,
+    Initializer,
+    WordEmbedding,
+    language_model_loss,
+    layer_classes,
+    lm_head,
+)
 from pretrain.parallel.layout import ParallelLayout
-
-TIED_EMBEDDING = "embed"
 
 
 def build_pipeline(config: GPTConfig, topology, parallel, seed: int, partition_method: str = "parameters"):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model.gpt2 import GPT2, GPTConfig
-from pretrain.model.hf_mapping import canonical_name, hf_to_ours, ours_to_hf
+from pretrain.model.hf_mapping import canonical_name, hf_to_ours, module_name, ours_to_hf
 from pretrain.parallel.distributed import model_parallel_config
 
 
@@ -26,7 +26,7 @@ def hf_model(config: GPTConfig, seed: int = 0):
 def ours_from_hf(hf, config: GPTConfig, layout) -> GPT2:
     model = GPT2(config, model_parallel_config(layout)).eval()
     weights = hf_to_ours(hf.state_dict(), config)
-    missing = model.load_state_dict({f"layers.{name}": tensor for name, tensor in weights.items()}, strict=True)
+    missing = model.load_state_dict({module_name(name): tensor for name, tensor in weights.items()}, strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys
     return model
 
@@ -60,10 +60,10 @@ def test_padded_vocabulary_rows_take_no_part_in_the_loss(single_process_group):
     assert torch.all(logits[..., 1000:] == float("-inf"))  # never sampled either
     assert torch.allclose(loss, F.cross_entropy(logits[..., :1000].flatten(0, 1), labels.flatten()), rtol=1e-6)
     with torch.no_grad():
-        model.layers[0].word.weight[1000:] += 100.0  # would dominate the softmax if it took part
+        model.embedding.word.weight[1000:] += 100.0  # would dominate the softmax if it took part
     assert torch.allclose(model(ids, labels), loss, rtol=1e-6)
     model(ids, labels).backward()
-    assert model.layers[0].word.weight.grad[1000:].abs().max() == 0
+    assert model.embedding.word.weight.grad[1000:].abs().max() == 0
 
 
 def test_weight_mapping_round_trips():
