@@ -96,6 +96,11 @@ class Tokenizer:
         return np.uint16 if self.vocab_size < 65500 else np.int32
 
     def identity(self) -> dict:
+        if getattr(self, "_identity", None) is None:
+            self._identity = self._compute_identity()
+        return self._identity
+
+    def _compute_identity(self) -> dict:
         hashes = {role: sha256_of_file(path) for role, path in sorted(self.files.items())}
         combined = hashlib.sha256(json.dumps([self.name, hashes]).encode()).hexdigest()
         return {

@@ -70,7 +70,7 @@ class OptimSection:
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.1
-    """Decoupled weight decay; never applied to biases, LayerNorms or embeddings of positions."""
+    """Decoupled weight decay on weight matrices and embeddings; never on biases or LayerNorms."""
     gradient_clipping: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
 

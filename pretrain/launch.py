@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from pretrain.parallel.distributed import _free_port
+from pretrain.parallel.distributed import free_port
 
 
 def main(argv=None) -> int:
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     if args.nproc < 1:
         print("error: --nproc must be at least 1", file=sys.stderr)
         return 2
-    port = str(_free_port())
+    port = str(free_port())
     children = []
     for rank in range(args.nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),

@@ -23,7 +23,7 @@ from pretrain.checkpoint import CheckpointError, CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_datasets, micro_batches, resolve_blend
 from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
-from pretrain.model.presets import parameter_count
+from pretrain.model.presets import flops_per_token, parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, build_model
 from pretrain.parallel.distributed import (
@@ -92,6 +92,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         self.data_rank = parallel_state.get_data_parallel_rank()
+        self.blend = resolve_blend(config.data.prefixes, self.tokenizer)  # for checkpoint manifests
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.run_dir,
                                                           self.layout.data_parallel_size)
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
@@ -120,7 +121,7 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------
 
     def manifest(self) -> dict:
-        paths, weights = resolve_blend(self.config.data.prefixes, self.tokenizer)
+        paths, weights = self.blend
         layout = self.layout
         return {
             "layout": {"tensor_parallel_size": layout.tensor_parallel_size,
@@ -201,9 +202,8 @@ class Trainer:
     def _step_metrics(self, loss: float, lr: float, seconds: float) -> dict:
         tokens = self.layout.global_batch_size * self.config.model.n_positions
         tokens_per_second = tokens / seconds
-        c, n = self.model_config, parameter_count(self.model_config)
-        flops_per_token = 6 * n + 12 * c.n_layer * c.n_embd * c.n_positions
-        tflops = tokens_per_second * flops_per_token / self.layout.world_size / 1e12
+        flops = flops_per_token(self.model_config, self.model_config.n_positions)
+        tflops = tokens_per_second * flops / self.layout.world_size / 1e12
         peak = device_peak_tflops()
         grad_norm = self.engine.get_global_grad_norm()
         scale = self.engine.optimizer.cur_scale if self.config.train.precision == "fp16" else None

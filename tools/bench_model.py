@@ -33,13 +33,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pretrain.model.gpt2 import GPT2  # noqa: E402
-from pretrain.model.presets import model_config, parameter_count  # noqa: E402
+from pretrain.metrics import device_peak_tflops  # noqa: E402
+from pretrain.model.presets import flops_per_token, model_config, parameter_count  # noqa: E402
 from pretrain.parallel.distributed import initialize_model_parallel, model_parallel_config  # noqa: E402
 from pretrain.parallel.layout import ParallelLayout  # noqa: E402
-
-# bf16 dense peak, TFLOP/s, by device name fragment (vendor data sheets).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
 
 def build_ours(config, device, layout, dtype):
     return GPT2(config, model_parallel_config(layout, params_dtype=dtype)).to(device)
@@ -121,14 +118,14 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"{args.preset} ({parameter_count(config) / 1e6:.1f}M parameters), batch {args.batch} x {args.sequence}, "
           f"{args.dtype}, AdamW; device {name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
-    flops_per_token = 6 * parameter_count(config) + 12 * config.n_layer * config.n_embd * args.sequence
+    peak = device_peak_tflops() if device.type == "cuda" else None
+    flops = flops_per_token(config, args.sequence)
     print("\n| model | s/step | tokens/s | vs Hugging Face |" + (" MFU |" if peak else ""))
     print("|---|---:|---:|---:|" + ("---:|" if peak else ""))
     for model_name, seconds in best.items():
         row = f"| {model_name} | {seconds:.3f} | {tokens / seconds:,.0f} | {best['huggingface'] / seconds:.2f}x |"
         if peak:
-            row += f" {tokens / seconds * flops_per_token / (peak * 1e12):.1%} |"
+            row += f" {tokens / seconds * flops / (peak * 1e12):.1%} |"
         print(row)
     dist.destroy_process_group()
     return 0

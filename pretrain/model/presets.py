@@ -28,6 +28,11 @@ def model_config(name_or_path: str, tensor_parallel_size: int = 1, **overrides) 
     return load_config(preset_path(name_or_path), settings).model.gpt_config(tensor_parallel_size)
 
 
+def flops_per_token(config: GPTConfig, sequence_length: int) -> int:
+    """Training FLOPs per token: 6 N for the matmuls (forward + backward) plus 12 L C T for attention."""
+    return 6 * parameter_count(config) + 12 * config.n_layer * config.n_embd * sequence_length
+
+
 def parameter_count(config: GPTConfig, include_padding: bool = False) -> int:
     """Trainable parameters (tied head counted once), without the vocabulary padding by default."""
     C, L = config.n_embd, config.n_layer

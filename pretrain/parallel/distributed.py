@@ -37,10 +37,11 @@ def environment_from_launcher() -> None:
         if os.environ["WORLD_SIZE"] != "1":
             raise RuntimeError("MASTER_PORT is not set: start multi-process runs with python -m pretrain.launch, "
                                "torchrun, or an sbatch script from slurm/")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     import socket
 
     with socket.socket() as s:

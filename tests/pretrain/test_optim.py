@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pretrain.optim import SkipNonFiniteAdamW
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pretrain.parallel.distributed import free_port
 
 
 def _rank(rank: int, port: int, out: str) -> None:
@@ -35,7 +29,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_all_ranks_skip_when_any_rank_has_a_non_finite_gradient(tmp_path):
-    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     for rank in (0, 1):
         (skipped_1, after_1), (skipped_2, after_2) = torch.load(tmp_path / f"rank{rank}.pt")
         assert skipped_1 and torch.equal(after_1, torch.ones(4))  # untouched, although rank 0's gradient was fine

@@ -7,7 +7,6 @@ PipelineModule / PipelineEngine, and its data-parallel gradient averaging.
 
 from __future__ import annotations
 
-import socket
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,13 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from pretrain.parallel.distributed import free_port
 from tests.pretrain.fidelity_worker import Scenario, run_rank
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assemble(results: list[dict], key: str) -> dict[str, torch.Tensor]:
