@@ -11,6 +11,8 @@ is never loaded and is removed at the next start.
 On load, every file the manifest lists must exist with its recorded size, and
 the model shape must match the config; otherwise the error names the file or the
 mismatch. A run never silently starts fresh over a checkpoint it cannot read.
+A checkpoint saved on another layout is loaded through its universal form
+(pretrain/parallel/reshard.py).
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ class CheckpointManager:
 
     # ---- save ----------------------------------------------------------------------
 
-    def save(self, engine, step: int, manifest: dict) -> Path:
+    def save(self, engine, step: int, manifest: dict, client_state: dict) -> Path:
         tag, partial_tag = tag_for(step), TMP_PREFIX + tag_for(step)
         partial = self.directory / partial_tag
-        engine.save_checkpoint(str(self.directory), tag=partial_tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(str(self.directory), tag=partial_tag, save_latest=False,
+                               client_state={**client_state, "step": step, "iteration": step})
         torch.save(torch.get_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         dist.barrier()  # every rank's shards are on disk
         final = self.directory / tag
@@ -122,12 +125,16 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {directory} holds a different model; (checkpoint, config): {differences}")
         return manifest
 
-    def load(self, engine, tag: str) -> None:
+    def load(self, engine, tag: str, universal: Path | None = None) -> None:
+        """Load `tag` as saved, or from its universal form (pretrain/parallel/reshard.py) on another layout."""
         directory = self.directory / tag
-        load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag, load_optimizer_states=True,
+        where = (universal.parent, universal.name) if universal else (self.directory, tag)
+        load_path, _ = engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}")
+        # Random state belongs to a rank of the saved layout; on another layout there is no
+        # matching rank (it only matters for dropout, which pretraining leaves at 0).
         rng = directory / f"rng_rank{self.rank:05d}.pt"
-        if rng.is_file():
+        if rng.is_file() and universal is None:
             torch.set_rng_state(torch.load(rng))

@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from pretrain.parallel.distributed import (
 )
 from pretrain.parallel.engine import deepspeed_config, evaluate_loss, initialize_engine, train_step
 from pretrain.parallel.layout import ParallelLayout
+from pretrain.parallel.reshard import checkpoint_client_state, convert_to_universal, universal_dir
 from pretrain.schedule import lr_multiplier
 
 log = logging.getLogger("pretrain")
@@ -49,6 +51,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 MODEL_SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+
+
+@dataclass
+class ResumePoint:
+    tag: str
+    manifest: dict
+    reshard: bool
+    """Saved with another layout (TP, PP, DP or ZeRO stage): load it through the universal form."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,15 +98,17 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             log.info("%s; model %.1fM parameters", self.layout.describe(), parameter_count(self.model_config) / 1e6)
         topology = initialize_model_parallel(self.layout)
-        self.engine = self._build_engine(topology)
+        self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
+                                             config.checkpoint.keep_last, config.checkpoint.keep_every)
+        self.resume_point = self._find_resume_point()
+        self.engine = self._build_engine(topology, load_universal=self.resume_point is not None
+                                         and self.resume_point.reshard)
         from megatron.core import parallel_state
 
         self.data_rank = parallel_state.get_data_parallel_rank()
         self.blend = resolve_blend(config.data.prefixes, self.tokenizer)  # for checkpoint manifests
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.run_dir,
                                                           self.layout.data_parallel_size)
-        self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
-                                             config.checkpoint.keep_last, config.checkpoint.keep_every)
         self.resume()
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
                                      enabled=self.rank == 0)
@@ -107,7 +119,7 @@ class Trainer:
         log.warning("received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
         self.stop_requested = True
 
-    def _build_engine(self, topology):
+    def _build_engine(self, topology, load_universal: bool = False):
         config, layout = self.config, self.layout
         model = build_model(self.model_config, layout, topology, model_parallel_config(layout), config.train.seed,
                             config.model.partition_method)
@@ -115,7 +127,9 @@ class Trainer:
         self.optimizer = SkipNonFiniteAdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                             betas=tuple(config.optim.betas), eps=config.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, config))
-        ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, config.deepspeed)
+        extra = {**config.deepspeed, "checkpoint": {**config.deepspeed.get("checkpoint", {}),
+                                                    "load_universal": load_universal}}
+        ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, extra)
         return initialize_engine(model, layout, topology, self.optimizer, ds_config, lr_scheduler=schedule)
 
     # ---- checkpoints ----------------------------------------------------------------
@@ -124,9 +138,7 @@ class Trainer:
         paths, weights = self.blend
         layout = self.layout
         return {
-            "layout": {"tensor_parallel_size": layout.tensor_parallel_size,
-                       "pipeline_parallel_size": layout.pipeline_parallel_size,
-                       "data_parallel_size": layout.data_parallel_size, "zero_stage": layout.zero_stage},
+            "layout": self.layout_record(),
             "consumed_samples": self.step * layout.global_batch_size,
             "config_sha256": config_hash(self.config.to_dict()),
             "model": self.model_shape(),
@@ -135,28 +147,70 @@ class Trainer:
             "precision": self.config.train.precision,
         }
 
+    def layout_record(self) -> dict:
+        layout = self.layout
+        return {"tensor_parallel_size": layout.tensor_parallel_size,
+                "pipeline_parallel_size": layout.pipeline_parallel_size,
+                "data_parallel_size": layout.data_parallel_size, "zero_stage": layout.zero_stage}
+
     def model_shape(self) -> dict:
         return {key: getattr(self.model_config, key) for key in MODEL_SHAPE_KEYS}
 
     def save(self) -> None:
-        self.checkpoints.save(self.engine, self.step, self.manifest())
+        self.checkpoints.save(self.engine, self.step, self.manifest(), checkpoint_client_state(self.model_config))
 
-    def resume(self) -> None:
-        """Continue from `latest` in the checkpoint directory, if there is one."""
+    def _find_resume_point(self) -> ResumePoint | None:
+        """The checkpoint to continue from (`latest`), checked, and whether it must be resharded."""
         self.checkpoints.clean_partial_saves()
         tag = self.checkpoints.latest()
         if tag is None:
-            return
+            return None
         manifest = self.checkpoints.verify(tag, self.model_shape())
-        saved, ours = manifest["layout"], self.manifest()["layout"]
-        if saved != ours:
-            raise CheckpointError(f"checkpoint {tag} was written with layout {saved}, this run is {ours}; "
-                                  "resuming on another layout is not supported yet: use the original layout")
-        self.checkpoints.load(self.engine, tag)
-        self.step = manifest["step"]
+        saved_batch, batch = manifest["data"]["global_batch_size"], self.layout.global_batch_size
+        if saved_batch != batch:
+            raise CheckpointError(
+                f"checkpoint {tag} was trained with parallel.global_batch_size={saved_batch}, this run has {batch}; "
+                f"the data order is counted in global batches, so keep parallel.global_batch_size={saved_batch}")
+        saved_zero, zero = manifest["layout"]["zero_stage"], self.layout.zero_stage
+        if (saved_zero == 3) != (zero == 3):
+            raise CheckpointError(
+                f"checkpoint {tag} was trained with parallel.zero_stage={saved_zero}, this run has {zero}; DeepSpeed "
+                "cannot convert optimizer state between ZeRO-3 and ZeRO-1/2, so keep ZeRO-3 on both sides or on "
+                "neither (TP, PP, DP, and ZeRO-1 <-> 2 may change freely)")
+        return ResumePoint(tag, manifest, reshard=manifest["layout"] != self.layout_record())
+
+    def resume(self) -> None:
+        """Continue from the resume point, resharding it first if the layout changed."""
+        point = self.resume_point
+        if point is None:
+            return
+        universal = None
+        if point.reshard:
+            log.info("checkpoint %s has layout %s, this run %s: resharding", point.tag, point.manifest["layout"],
+                     self.layout_record())
+            universal = self._convert_on_rank_zero(self.checkpoints.directory / point.tag)
+        self.checkpoints.load(self.engine, point.tag, universal)
+        self.step = point.manifest["step"]
         if self.rank == 0:
             self._forget_metrics_after(self.step)
-            log.info("resumed from %s at step %d (%d samples consumed)", tag, self.step, manifest["consumed_samples"])
+            log.info("resumed from %s at step %d (%d samples consumed)", point.tag, self.step,
+                     point.manifest["consumed_samples"])
+
+    def _convert_on_rank_zero(self, checkpoint: Path) -> Path:
+        """Rank 0 converts; every rank learns whether it worked, so all stop together if not."""
+        error = None
+        if self.rank == 0:
+            try:
+                convert_to_universal(checkpoint)
+            except CheckpointError as failure:
+                error = failure
+        failed = torch.tensor([0.0 if error is None else 1.0], device=collective_device())
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise CheckpointError(f"rank 0 could not convert {checkpoint} for the new layout; its error says why")
+        return universal_dir(checkpoint)
 
     def _forget_metrics_after(self, step: int) -> None:
         """Drop metrics.jsonl lines past the checkpoint: those steps are trained again."""

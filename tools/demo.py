@@ -6,7 +6,9 @@
 3. a tiny GPT-2 trained on 8 local processes, TP=2 x PP=2 x DP=2 under ZeRO-1 (gloo);
 4. interrupted with SIGTERM midway (it saves a sharded checkpoint and exits), then the same
    command again, which resumes from that checkpoint;
-5. the loss curve, and the TensorBoard command.
+5. the last steps on half the processes (TP=1 x PP=2 x DP=2), as after a requeue onto a smaller
+   allocation: the checkpoint is resharded on load and the curve goes on;
+6. the loss curve, and the TensorBoard command.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("DEMO_OUT") or REPO / "demo_out")
 TRAIN_STEPS = 30
 INTERRUPT_AFTER = 12  # steps
+RESHARD_AT = 20  # the last steps run on another layout
 
 
 def write_corpus() -> list[Path]:
@@ -77,9 +80,9 @@ def train(prefix: Path) -> int:
     run_dir = OUT / "run"
     command = [sys.executable, "-m", "pretrain.launch", "--nproc", "8", "--config", str(REPO / "configs" / "gpt2-tiny.yaml"),
                "--set", f"data.prefixes=[{prefix}]", f"run.dir={run_dir}", "parallel.tensor_parallel_size=2",
-               "parallel.pipeline_parallel_size=2", "parallel.zero_stage=1", f"train.max_steps={TRAIN_STEPS}",
+               "parallel.pipeline_parallel_size=2", "parallel.zero_stage=1", f"train.max_steps={RESHARD_AT}",
                "eval.interval=10"]
-    print(f"\ntraining gpt2-tiny for {TRAIN_STEPS} steps on 8 processes (TP=2 x PP=2 x DP=2, ZeRO-1, gloo):")
+    print(f"\ntraining gpt2-tiny to step {RESHARD_AT} on 8 processes (TP=2 x PP=2 x DP=2, ZeRO-1, gloo):")
     print("  " + " ".join(command[1:]))
     # The demo runs on CPU even where a GPU is present: NCCL cannot put 8 ranks on one GPU.
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
@@ -88,15 +91,24 @@ def train(prefix: Path) -> int:
     print(f"\n--- sending SIGTERM after step {INTERRUPT_AFTER}, as a Slurm preemption would ---\n", flush=True)
     first.send_signal(signal.SIGTERM)
     if first.wait() != 0:
-        print(f"the interrupted run failed with exit code {first.returncode}", file=sys.stderr)
-        return first.returncode
+        return failed("the interrupted run", first.returncode)
     print("\n--- the same command again: it resumes from the sharded checkpoint ---\n", flush=True)
     code = subprocess.run(command, cwd=REPO, env=env).returncode
     if code != 0:
-        print(f"the resumed run failed with exit code {code}", file=sys.stderr)
-        return code
+        return failed("the resumed run", code)
+    smaller = [*command[:4], "4", *command[5:], "parallel.tensor_parallel_size=1", f"train.max_steps={TRAIN_STEPS}"]
+    print(f"\n--- steps {RESHARD_AT + 1}-{TRAIN_STEPS} on 4 processes (TP=1 x PP=2 x DP=2): "
+          "the checkpoint is resharded on load ---\n  " + " ".join(smaller[1:]) + "\n", flush=True)
+    code = subprocess.run(smaller, cwd=REPO, env=env).returncode
+    if code != 0:
+        return failed("the run on the new layout", code)
     show_loss_curve(run_dir)
     return 0
+
+
+def failed(what: str, code: int) -> int:
+    print(f"{what} failed with exit code {code}", file=sys.stderr)
+    return code
 
 
 def wait_for_steps(metrics: Path, steps: int, process: subprocess.Popen) -> None:

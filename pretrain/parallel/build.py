@@ -51,8 +51,29 @@ def build_pipeline(config: GPTConfig, topology, parallel, seed: int, partition_m
 def build_model(config: GPTConfig, layout: ParallelLayout, topology, parallel, seed: int,
                 partition_method: str = "parameters") -> nn.Module:
     if layout.pipeline_parallel_size == 1:
-        return GPT2(config, parallel, seed)
-    return build_pipeline(config, topology, parallel, seed, partition_method)
+        model = GPT2(config, parallel, seed)
+    else:
+        model = build_pipeline(config, topology, parallel, seed, partition_method)
+    return without_empty_extra_state(model)
+
+
+_EXTRA_STATE = "._extra_state"
+
+
+def without_empty_extra_state(model: nn.Module) -> nn.Module:
+    """Leave megatron-core's empty `_extra_state` entries out of the model's state dict.
+
+    Its linear layers reserve that slot for Transformer Engine and fill it with
+    None; DeepSpeed's universal-checkpoint converter takes every entry for a
+    tensor and fails on them. They carry nothing; on load megatron-core puts them
+    back itself.
+    """
+    def drop(_module, state_dict, _prefix, _metadata):
+        for key in [k for k, v in state_dict.items() if k.endswith(_EXTRA_STATE) and v is None]:
+            del state_dict[key]
+
+    model.register_state_dict_post_hook(drop)
+    return model
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int) -> int:

@@ -88,17 +88,35 @@ def test_retention_keeps_the_last_k_and_every_mth(straight):
     assert any(name.endswith("optim_states.pt") for name in manifest["files"])
 
 
+def kill_mid_save(process: subprocess.Popen, checkpoints: Path) -> Path:
+    """SIGKILL the run the moment a save after step 2 is under way; returns the unfinished directory."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        partial = [p for p in checkpoints.glob(".tmp-step_*") if int(p.name.split("_")[1]) > 2]
+        if partial:
+            process.kill()
+            process.wait()
+            return partial[0]
+        time.sleep(0.0005)
+    raise AssertionError(f"no save after step 2 was seen in {checkpoints}; run exit code {process.poll()}")
+
+
 @pytest.mark.slow
-def test_an_unfinished_save_is_never_resumed_from(finished_copy, shards):  # noqa: F811
-    checkpoints = finished_copy / "checkpoints"
-    partial = checkpoints / ".tmp-step_0000008"
-    shutil.copytree(checkpoints / "step_0000006", partial)  # as a kill mid-save would leave it
-    (partial / "manifest.json").unlink()
-    result = train(finished_copy, shards, "train.max_steps=8", "checkpoint.interval=100")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from step_0000006 at step 6" in result.stderr
-    assert not partial.exists()
-    assert (checkpoints / "latest").read_text().strip() == "step_0000008"
+def test_a_kill_mid_save_leaves_the_previous_checkpoint_and_the_rerun_continues_exactly(tmp_path, shards, straight):  # noqa: F811
+    checkpoints = tmp_path / "checkpoints"
+    partial = kill_mid_save(start(tmp_path, shards, "checkpoint.interval=1"), checkpoints)
+    assert partial.exists(), "the kill should land while the save is still under way"
+    assert not (partial / "manifest.json").exists()
+    previous = (checkpoints / "latest").read_text().strip()
+    assert int(previous.split("_")[1]) == int(partial.name.split("_")[1]) - 1
+    assert (checkpoints / previous / "manifest.json").is_file()
+
+    resumed = train(tmp_path, shards, f"train.max_steps={STEPS}", "checkpoint.interval=100")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "an unfinished save" in resumed.stderr and not partial.exists()
+    assert f"resumed from {previous}" in resumed.stderr
+    assert [row["step"] for row in metrics(tmp_path)] == list(range(1, STEPS + 1))
+    assert losses(tmp_path) == losses(straight)  # exactly: same layout, fp32
 
 
 @pytest.mark.parametrize("damage,message", [

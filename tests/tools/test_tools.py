@@ -37,7 +37,7 @@ def test_train_tokenizer_refuses_missing_input(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_tokenizes_trains_on_8_processes_is_interrupted_and_resumes(tmp_path):
+def test_demo_tokenizes_trains_on_8_processes_is_interrupted_resumes_and_reshards(tmp_path):
     result = run_tool("demo.py", env=dict(os.environ, DEMO_OUT=str(tmp_path)))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "tokens" / "demo.json").read_text())
@@ -50,5 +50,6 @@ def test_demo_tokenizes_trains_on_8_processes_is_interrupted_and_resumes(tmp_pat
     assert len(losses) == 30 and losses[-1] < losses[0] - 1.0
     assert "TP=2 PP=2 DP=2 ZeRO-1" in result.stderr
     assert "resumed from step_" in result.stderr  # interrupted with SIGTERM, then resumed
+    assert "TP=1 PP=2 DP=2 ZeRO-1" in result.stderr and "resumed from step_0000020 at step 20" in result.stderr
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, 31))
     assert f"tensorboard --logdir {tmp_path / 'run'}" in result.stdout

@@ -1,0 +1,128 @@
+"""Resume on another layout: 2x2x2 -> 1x1x2 -> 1x2x2 (TP x PP x DP) continues the uninterrupted curve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import tag_for
+from tests.pretrain.test_trainer import metrics, shards, train  # noqa: F401 (shards: a fixture)
+
+GLOBAL_BATCH = 8  # configs/gpt2-tiny.yaml
+
+
+def layout(tp: int, pp: int, dp: int) -> dict:
+    return {"nproc": tp * pp * dp,
+            "settings": [f"parallel.tensor_parallel_size={tp}", f"parallel.pipeline_parallel_size={pp}"]}
+
+
+def run_on(run_dir: Path, shards: str, tp: int, pp: int, dp: int, *settings: str):  # noqa: F811
+    chosen = layout(tp, pp, dp)
+    return train(run_dir, shards, *chosen["settings"], *settings, nproc=chosen["nproc"], timeout=900)
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in metrics(run_dir) if "loss" in row}
+
+
+def assert_same_curve(ours: dict, reference: dict, steps, label: str) -> None:
+    """fp32 and bf16 alike: within 1e-4 relative of the uninterrupted run at every resumed step."""
+    worst = max(abs(ours[step] - reference[step]) / abs(reference[step]) for step in steps)
+    print(f"\n{label}: largest relative loss difference over steps {list(steps)}: {worst:.1e}")
+    for step in steps:
+        assert ours[step] == pytest.approx(reference[step], rel=1e-4), f"{label}, step {step}"
+
+
+def manifest(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / tag_for(step) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, shards):  # noqa: F811
+    """7 uninterrupted steps on TP=2 PP=2 DP=2 (8 processes), a checkpoint at step 3."""
+    run_dir = tmp_path_factory.mktemp("straight_2x2x2")
+    result = run_on(run_dir, shards, 2, 2, 2, "train.max_steps=7", "checkpoint.interval=3", "checkpoint.keep_last=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def rewound(straight: Path, destination: Path, step: int) -> Path:
+    """The straight run as if it had stopped at `step`: later checkpoints gone, metrics still listing them."""
+    shutil.copytree(straight, destination)
+    for checkpoint in (destination / "checkpoints").glob("step_*"):
+        if checkpoint.name != tag_for(step):
+            shutil.rmtree(checkpoint)
+    (destination / "checkpoints" / "latest").write_text(tag_for(step) + "\n")
+    return destination
+
+
+@pytest.mark.slow
+def test_resume_on_new_layouts_continues_the_same_curve_and_data(straight, shards, tmp_path):  # noqa: F811
+    run_dir = rewound(straight, tmp_path / "run", 3)
+
+    first = run_on(run_dir, shards, 1, 1, 2, "train.max_steps=5", "checkpoint.interval=100")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "resharding" in first.stderr and "resumed from step_0000003 at step 3" in first.stderr
+    assert (run_dir / "checkpoints" / tag_for(3) / "universal" / "zero").is_dir()
+    second = run_on(run_dir, shards, 1, 2, 2, "train.max_steps=7", "checkpoint.interval=100")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step_0000005 at step 5" in second.stderr
+
+    rows = [row for row in metrics(run_dir) if "loss" in row]
+    # Every step once, and the samples consumed continue from the checkpoint: nothing repeated or skipped.
+    assert [row["step"] for row in rows] == list(range(1, 8))
+    assert [row["consumed_samples"] for row in rows] == [GLOBAL_BATCH * step for step in range(1, 8)]
+    assert_same_curve(losses_by_step(run_dir), losses_by_step(straight), range(4, 8), "2x2x2 -> 1x1x2 -> 1x2x2")
+    assert manifest(run_dir, 5)["layout"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+                                              "data_parallel_size": 2, "zero_stage": 1}
+    assert manifest(run_dir, 7)["layout"]["pipeline_parallel_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source,target,settings", [
+    ((2, 2, 1), (1, 1, 2), ["train.precision=bf16"]),    # bf16: DeepSpeed's BF16_Optimizer -> ZeRO-1
+    ((1, 1, 2), (1, 1, 1), ["parallel.zero_stage=3"]),   # ZeRO-3 partitions over 2 ranks -> 1
+], ids=["bf16-2x2x1-to-1x1x2", "zero3-dp2-to-dp1"])
+def test_resume_on_another_layout_in_bf16_and_under_zero3(tmp_path, shards, source, target, settings):  # noqa: F811
+    straight_run = tmp_path / "straight"
+    result = run_on(straight_run, shards, *source, "train.max_steps=4", "checkpoint.interval=2", *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = rewound(straight_run, tmp_path / "run", 2)
+    resumed = run_on(run_dir, shards, *target, "train.max_steps=4", *settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resharding" in resumed.stderr
+    assert_same_curve(losses_by_step(run_dir), losses_by_step(straight_run), range(3, 5),
+                      f"{settings[0]}: {'x'.join(map(str, source))} -> {'x'.join(map(str, target))}")
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["parallel.global_batch_size=16"], "keep parallel.global_batch_size=8"),
+    (["parallel.zero_stage=3"], "cannot convert optimizer state between ZeRO-3 and ZeRO-1/2"),
+], ids=["global-batch", "zero-3"])
+def test_a_resume_that_cannot_continue_the_run_is_refused_naming_the_setting(straight, shards, tmp_path,  # noqa: F811
+                                                                            settings, message):
+    run_dir = rewound(straight, tmp_path / "run", 3)
+    result = run_on(run_dir, shards, 1, 1, 1, "train.max_steps=5", *settings)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_the_tensor_parallel_split_given_to_deepspeed_matches_megatron_core(single_process_group):
+    """Each parameter's merge rule for the universal checkpoint agrees with how megatron-core splits it."""
+    from pretrain.model.gpt2 import GPT2, GPTConfig
+    from pretrain.parallel.distributed import model_parallel_config
+    from pretrain.parallel.reshard import tensor_parallel_split
+
+    model = GPT2(GPTConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=1000, padded_vocab_size=1024),
+                 model_parallel_config(single_process_group))
+    for name, parameter in model.named_parameters():
+        if not getattr(parameter, "tensor_model_parallel", False):
+            expected = "replicated"
+        elif name.endswith("word.weight"):
+            expected = "vocabulary"
+        else:
+            expected = {0: "columns", 1: "rows"}[parameter.partition_dim]
+        assert tensor_parallel_split(name) == expected, name
