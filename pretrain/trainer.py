@@ -141,6 +141,7 @@ class Trainer:
             "layout": self.layout_record(),
             "consumed_samples": self.step * layout.global_batch_size,
             "config_sha256": config_hash(self.config.to_dict()),
+            "config": self.config.to_dict(),  # the resolved config, as RUN_DIR/config.yaml has it
             "model": self.model_shape(),
             "data": {"shards": paths, "weights": weights, "tokenizer_sha256": self.tokenizer.identity()["sha256"],
                      "seed": self.config.train.seed, "global_batch_size": layout.global_batch_size},

@@ -85,6 +85,7 @@ def test_retention_keeps_the_last_k_and_every_mth(straight):
     assert manifest["layout"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
                                   "zero_stage": 1}
     assert manifest["data"]["tokenizer_sha256"] and len(manifest["config_sha256"]) == 64
+    assert manifest["config"]["train"]["max_steps"] == STEPS and manifest["config"]["checkpoint"]["interval"] == 2
     assert any(name.endswith("optim_states.pt") for name in manifest["files"])
 
 
