@@ -1,0 +1,216 @@
+"""Exact and fuzzy deduplication: MinHash signatures, LSH buckets, union-find clusters.
+
+Every kept document gets a 64-bit key, `input file index << 32 | record number`,
+so "the earliest document" is simply the smallest key, whatever the number of
+workers or ranks. Per document we keep:
+  - an exact key: 128 bits of xxh3 over the normalized text;
+  - a MinHash signature: `bands x rows` 32-bit minima over its word n-grams
+    (FineWeb: 5-grams, 14 bands x 8 rows = 112 hashes).
+Buckets are (band, 64-bit hash of that band's rows); documents sharing a bucket
+are candidate duplicates. Bucket records are routed to partitions by hash and
+each partition is sorted on its own, so memory holds one partition at a time
+(the executor spills them to disk, or exchanges them between MPI ranks by the
+same partition rule). Candidate pairs are verified against the full signatures
+(estimated Jaccard >= `verify_threshold`), which removes LSH's false positives
+below the threshold, then joined into clusters by union-find; each cluster keeps
+its smallest key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+MERSENNE_61 = np.uint64((1 << 61) - 1)
+MAX_32 = np.uint64((1 << 32) - 1)
+EXACT_BAND = 0xFFFF  # the band number under which exact-text keys are bucketed
+BUCKET_DTYPE = np.dtype([("band", "<u2"), ("hash", "<u8"), ("doc", "<i8")])
+_NON_WORD = re.compile(r"[\W_]+")
+_SHINGLE_BLOCK = 2048  # shingles hashed at a time: bounds memory for very long documents
+
+
+@dataclass(frozen=True)
+class MinHashSettings:
+    ngram: int = 5
+    bands: int = 14
+    rows: int = 8
+    seed: int = 1
+    verify_threshold: float = 0.7
+    """Candidates must agree on this share of signature slots (an estimate of their Jaccard
+    similarity); 0 keeps every LSH candidate, as FineWeb does."""
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
+
+
+def document_key(file_index: int, record: int) -> int:
+    return (file_index << 32) | record
+
+
+def key_parts(key: int) -> tuple[int, int]:
+    return key >> 32, key & 0xFFFFFFFF
+
+
+def words(text: str) -> list[str]:
+    """Lowercased words without punctuation: the units shingles are made of."""
+    return _NON_WORD.sub(" ", text.lower()).split()
+
+
+def shingle_hashes(text: str, ngram: int) -> np.ndarray:
+    """32-bit hashes of the distinct word n-grams (a shorter text is one shingle)."""
+    tokens = words(text)
+    if len(tokens) <= ngram:
+        grams = {" ".join(tokens)}
+    else:
+        grams = {" ".join(tokens[i:i + ngram]) for i in range(len(tokens) - ngram + 1)}
+    return np.fromiter((xxhash.xxh32_intdigest(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
+
+
+def exact_key(text: str) -> tuple[int, int]:
+    digest = xxhash.xxh3_128_intdigest(text.encode())
+    return digest >> 64, digest & 0xFFFFFFFFFFFFFFFF
+
+
+class MinHasher:
+    """`num_perm` hash functions (a x + b) mod (2^61 - 1), truncated to 32 bits, minimized over shingles."""
+
+    def __init__(self, settings: MinHashSettings):
+        self.settings = settings
+        rng = np.random.default_rng(settings.seed)
+        self.a = rng.integers(1, int(MERSENNE_61), size=settings.num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, int(MERSENNE_61), size=settings.num_perm, dtype=np.uint64)
+
+    def signature(self, text: str) -> np.ndarray:
+        hashes = shingle_hashes(text, self.settings.ngram)
+        signature = np.full(self.settings.num_perm, MAX_32, dtype=np.uint64)
+        for start in range(0, len(hashes), _SHINGLE_BLOCK):
+            block = hashes[start:start + _SHINGLE_BLOCK, None]  # (S, 1)
+            permuted = ((block * self.a + self.b) % MERSENNE_61) & MAX_32  # (S, num_perm); the product wraps mod 2^64
+            np.minimum(signature, permuted.min(axis=0), out=signature)
+        return signature.astype(np.uint32)
+
+    def band_hashes(self, signature: np.ndarray) -> np.ndarray:
+        rows = self.settings.rows
+        return np.array([xxhash.xxh3_64_intdigest(signature[b * rows:(b + 1) * rows].tobytes())
+                         for b in range(self.settings.bands)], dtype=np.uint64)
+
+
+def bucket_records(keys: np.ndarray, band_hashes: np.ndarray, exact_high: np.ndarray | None) -> np.ndarray:
+    """Bucket records for documents `keys` (n,), their band hashes (n, bands) and exact keys' high halves (n,)."""
+    n, bands = band_hashes.shape
+    records = np.empty(n * bands + (n if exact_high is not None else 0), dtype=BUCKET_DTYPE)
+    records["band"][:n * bands] = np.tile(np.arange(bands, dtype=np.uint16), n)
+    records["hash"][:n * bands] = band_hashes.reshape(-1)
+    records["doc"][:n * bands] = np.repeat(keys, bands)
+    if exact_high is not None:
+        records["band"][n * bands:] = EXACT_BAND
+        records["hash"][n * bands:] = exact_high
+        records["doc"][n * bands:] = keys
+    return records
+
+
+def partition_of(records: np.ndarray, partitions: int) -> np.ndarray:
+    return (records["hash"] % np.uint64(partitions)).astype(np.int64)
+
+
+def candidate_pairs(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of documents sharing a bucket, as (exact pairs, fuzzy pairs), each (m, 2): (earlier, later).
+
+    Within a bucket every document is paired with the bucket's earliest one; the
+    union-find joins the rest, so a bucket of k documents gives k - 1 pairs, not k^2.
+    """
+    ordered = records[np.lexsort((records["doc"], records["hash"], records["band"]))]
+    same_bucket = np.zeros(len(ordered), dtype=bool)
+    same_bucket[1:] = (ordered["band"][1:] == ordered["band"][:-1]) & (ordered["hash"][1:] == ordered["hash"][:-1])
+    positions = np.arange(len(ordered))
+    first_of_bucket = np.maximum.accumulate(np.where(same_bucket, 0, positions))
+    pairs = np.stack([ordered["doc"][first_of_bucket[same_bucket]], ordered["doc"][same_bucket]], axis=1)
+    exact = ordered["band"][same_bucket] == EXACT_BAND
+    fuzzy = np.unique(pairs[~exact], axis=0) if (~exact).any() else np.empty((0, 2), dtype=np.int64)
+    return pairs[exact], fuzzy
+
+
+class DisjointSet:
+    """Union-find over document keys; each set's root is its smallest key (the document kept)."""
+
+    def __init__(self):
+        self.parent: dict[int, int] = {}
+
+    def find(self, key: int) -> int:
+        root = key
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while key != root:  # path compression
+            self.parent[key], key = root, self.parent.get(key, key)
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        root_a, root_b = self.find(a), self.find(b)
+        if root_a != root_b:
+            low, high = min(root_a, root_b), max(root_a, root_b)
+            self.parent[high] = low
+
+    def members(self):
+        """(document, the document it duplicates) for every non-root document."""
+        for key in list(self.parent):
+            root = self.find(key)
+            if root != key:
+                yield key, root
+
+
+def estimated_jaccard(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Share of equal signature slots, row by row: an unbiased estimate of the shingle sets' Jaccard similarity."""
+    return (first == second).mean(axis=-1)
+
+
+def resolve_duplicates(partitions, signatures_of, exact_low_of, settings: MinHashSettings) -> dict[int, tuple[int, str]]:
+    """{removed document: (the document it duplicates, "exact" | "minhash")} over all bucket partitions.
+
+    `partitions` yields bucket-record arrays, each holding every record of its
+    hashes; `signatures_of(keys)` and `exact_low_of(keys)` look documents up.
+    Exact duplicates (all 128 bits equal) are resolved first; fuzzy candidates
+    are then verified and clustered among the documents that remain.
+    """
+    exact_sets, fuzzy_candidates = DisjointSet(), []
+    for records in partitions:
+        exact, fuzzy = candidate_pairs(records)
+        if len(exact):
+            exact = exact[exact_low_of(exact[:, 0]) == exact_low_of(exact[:, 1])]  # the high halves matched already
+        for earlier, later in exact.tolist():
+            exact_sets.union(earlier, later)
+        fuzzy_candidates.append(fuzzy)
+    removed = {doc: (kept, "exact") for doc, kept in exact_sets.members()}
+    fuzzy = np.concatenate(fuzzy_candidates) if fuzzy_candidates else np.empty((0, 2), dtype=np.int64)
+    if len(fuzzy) and removed:
+        gone = np.fromiter(removed, dtype=np.int64, count=len(removed))
+        fuzzy = fuzzy[~(np.isin(fuzzy[:, 0], gone) | np.isin(fuzzy[:, 1], gone))]
+    if len(fuzzy) and settings.verify_threshold > 0:
+        similarity = estimated_jaccard(signatures_of(fuzzy[:, 0]), signatures_of(fuzzy[:, 1]))
+        fuzzy = fuzzy[similarity >= settings.verify_threshold]
+    fuzzy_sets = DisjointSet()
+    for earlier, later in fuzzy.tolist():
+        fuzzy_sets.union(earlier, later)
+    removed.update({doc: (kept, "minhash") for doc, kept in fuzzy_sets.members()})
+    return removed
+
+
+def deduplicate_in_memory(keys: np.ndarray, texts: list[str], settings: MinHashSettings,
+                          partitions: int = 4) -> dict[int, tuple[int, str]]:
+    """The whole dedup for documents that fit in memory (tests, small corpora); the executor spills instead."""
+    hasher = MinHasher(settings)
+    signatures = np.stack([hasher.signature(t) for t in texts]) if texts else np.empty((0, settings.num_perm), np.uint32)
+    bands = np.stack([hasher.band_hashes(s) for s in signatures]) if texts else np.empty((0, settings.bands), np.uint64)
+    exact = np.array([exact_key(t) for t in texts], dtype=np.uint64).reshape(-1, 2)
+    row_of = {int(k): i for i, k in enumerate(keys)}
+
+    def rows(lookup: np.ndarray):
+        return np.fromiter((row_of[int(k)] for k in lookup), dtype=np.int64, count=len(lookup))
+
+    records = bucket_records(np.asarray(keys, dtype=np.int64), bands, exact[:, 0])
+    owner = partition_of(records, partitions)
+    return resolve_duplicates((records[owner == p] for p in range(partitions)),
+                              lambda k: signatures[rows(k)], lambda k: exact[rows(k), 1], settings)
