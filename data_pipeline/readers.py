@@ -135,12 +135,17 @@ def iter_chunks(
     text_key: str,
     start_record: int = 0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    whole_records: bool = False,
 ) -> Iterator[Chunk]:
-    """Chunks of one input, starting at record `start_record` (for resuming)."""
+    """Chunks of one input, starting at record `start_record` (for resuming).
+
+    Columnar inputs give the text column's values, or with `whole_records` each
+    row as a dict of every column (kind "records"); jsonl always gives raw lines.
+    """
     if is_datasets_dir(Path(path)):
-        yield from _datasets_chunks(path, file_index, text_key, start_record, chunk_bytes)
+        yield from _datasets_chunks(path, file_index, text_key, start_record, chunk_bytes, whole_records)
     elif path.endswith(PARQUET_SUFFIXES):
-        yield from _parquet_chunks(path, file_index, text_key, start_record, chunk_bytes)
+        yield from _parquet_chunks(path, file_index, text_key, start_record, chunk_bytes, whole_records)
     else:
         yield from _jsonl_chunks(path, file_index, start_record, chunk_bytes)
 
@@ -163,6 +168,12 @@ def check_text(value, text_key: str) -> tuple[str, str] | None:
 
 def parse_json_line(raw: bytes, text_key: str):
     """(text value or MISSING_KEY, None) for a parsable jsonl line, else (None, (reason, detail))."""
+    record, problem = parse_json_record(raw)
+    return (None, problem) if problem else (record.get(text_key, MISSING_KEY), None)
+
+
+def parse_json_record(raw: bytes):
+    """(the record, a dict, None) for a parsable jsonl line, else (None, (reason, detail))."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -173,7 +184,7 @@ def parse_json_line(raw: bytes, text_key: str):
         return None, ("malformed_json", f"{error.msg} at column {error.colno}")
     if not isinstance(record, dict):
         return None, ("not_an_object", f"a JSON {type(record).__name__}, not an object")
-    return record.get(text_key, MISSING_KEY), None
+    return record, None
 
 
 def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], list[Skipped]]:
@@ -189,6 +200,21 @@ def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], 
             texts.append(value)
             records.append(record)
     return texts, records, skipped + chunk.stream_errors
+
+
+def chunk_records(chunk: Chunk, text_key: str) -> tuple[list[dict], list[int], list[Skipped]]:
+    """Like `chunk_documents`, keeping each whole record (every field) rather than its text alone."""
+    records, numbers, skipped = [], [], []
+    for offset, item in enumerate(chunk.items):
+        number = chunk.first_record + offset
+        record, problem = parse_json_record(item) if chunk.kind == "jsonl" else (item, None)
+        problem = problem or check_text(record.get(text_key, MISSING_KEY), text_key)
+        if problem:
+            skipped.append(Skipped(chunk.path, number + 1, *problem))
+        else:
+            records.append(record)
+            numbers.append(number)
+    return records, numbers, skipped + chunk.stream_errors
 
 
 def iter_texts(inputs: list[str], text_key: str = "text", skipped: list[Skipped] | None = None) -> Iterator[str]:
@@ -278,7 +304,7 @@ def _jsonl_chunks(path: str, file_index: int, start_record: int, chunk_bytes: in
 
 
 def _column_chunks(tables: Iterator, path: str, file_index: int, text_key: str, start_record: int,
-                   total_bytes: int, total_rows: int) -> Iterator[Chunk]:
+                   total_bytes: int, total_rows: int, whole_records: bool = False) -> Iterator[Chunk]:
     """Arrow tables or record batches -> value chunks, skipping `start_record` rows.
 
     A file without the text column yields MISSING_KEY for every row, so each row
@@ -290,6 +316,12 @@ def _column_chunks(tables: Iterator, path: str, file_index: int, text_key: str, 
             skip -= table.num_rows
             continue
         table, skip = table.slice(skip), 0
+        if whole_records:
+            values = table.to_pylist()
+            yield Chunk(file_index, path, record, "records", values,
+                        disk_bytes=total_bytes * len(values) // max(total_rows, 1))
+            record += len(values)
+            continue
         if text_key in table.schema.names:
             values = table.column(text_key).to_pylist()
         else:
@@ -304,7 +336,8 @@ def _rows_per_chunk(total_bytes: int, total_rows: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // average_row_bytes)
 
 
-def _parquet_chunks(path: str, file_index: int, text_key: str, start_record: int, chunk_bytes: int) -> Iterator[Chunk]:
+def _parquet_chunks(path: str, file_index: int, text_key: str, start_record: int, chunk_bytes: int,
+                    whole_records: bool = False) -> Iterator[Chunk]:
     import pyarrow.parquet as pq
 
     try:
@@ -312,12 +345,13 @@ def _parquet_chunks(path: str, file_index: int, text_key: str, start_record: int
     except Exception as error:
         raise InputError(f"cannot read parquet file {path}: {error}") from error
     rows, size = parquet.metadata.num_rows, os.path.getsize(path)
-    columns = [text_key] if text_key in parquet.schema_arrow.names else []
+    columns = None if whole_records else [text_key] if text_key in parquet.schema_arrow.names else []
     batches = parquet.iter_batches(batch_size=_rows_per_chunk(size, rows, chunk_bytes), columns=columns)
-    yield from _column_chunks(batches, path, file_index, text_key, start_record, size, rows)
+    yield from _column_chunks(batches, path, file_index, text_key, start_record, size, rows, whole_records)
 
 
-def _datasets_chunks(path: str, file_index: int, text_key: str, start_record: int, chunk_bytes: int) -> Iterator[Chunk]:
+def _datasets_chunks(path: str, file_index: int, text_key: str, start_record: int, chunk_bytes: int,
+                     whole_records: bool = False) -> Iterator[Chunk]:
     import datasets
 
     try:
@@ -328,7 +362,7 @@ def _datasets_chunks(path: str, file_index: int, text_key: str, start_record: in
         raise InputError(f"{path} is a DatasetDict; pass one split's directory, e.g. {path}/train")
     size = sum(os.path.getsize(p) for p in Path(path).glob("*.arrow"))
     rows = len(dataset)
-    if text_key in dataset.column_names:
+    if text_key in dataset.column_names and not whole_records:
         dataset = dataset.select_columns([text_key])
     tables = dataset.with_format("arrow").iter(batch_size=_rows_per_chunk(size, rows, chunk_bytes))
-    yield from _column_chunks(tables, path, file_index, text_key, start_record, size, rows)
+    yield from _column_chunks(tables, path, file_index, text_key, start_record, size, rows, whole_records)

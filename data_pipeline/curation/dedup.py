@@ -173,7 +173,8 @@ def resolve_duplicates(partitions, signatures_of, exact_low_of, settings: MinHas
     `partitions` yields bucket-record arrays, each holding every record of its
     hashes; `signatures_of(keys)` and `exact_low_of(keys)` look documents up.
     Exact duplicates (all 128 bits equal) are resolved first; fuzzy candidates
-    are then verified and clustered among the documents that remain.
+    are then verified and clustered among the documents that remain. Every
+    removed document points at a document that is kept.
     """
     exact_sets, fuzzy_candidates = DisjointSet(), []
     for records in partitions:
@@ -195,6 +196,11 @@ def resolve_duplicates(partitions, signatures_of, exact_low_of, settings: MinHas
     for earlier, later in fuzzy.tolist():
         fuzzy_sets.union(earlier, later)
     removed.update({doc: (kept, "minhash") for doc, kept in fuzzy_sets.members()})
+    # An exact copy of a document that a near duplicate then removed points at what was kept;
+    # to that document it is a near duplicate, not an exact one.
+    for doc, (kept, reason) in removed.items():
+        if reason == "exact" and kept in removed:
+            removed[doc] = (fuzzy_sets.find(kept), "minhash")
     return removed
 
 

@@ -271,13 +271,16 @@ class C4Filter(Stage):
     name = "c4"
     POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
-    def __init__(self, min_words_per_line: int = 5, min_sentences: int = 3, remove_citations: bool = True):
+    def __init__(self, min_words_per_line: int = 5, min_sentences: int = 3, remove_citations: bool = True,
+                 require_terminal_punctuation: bool = True):
         super().__init__()
         self.min_words_per_line, self.min_sentences, self.remove_citations = min_words_per_line, min_sentences, remove_citations
+        self.require_terminal_punctuation = require_terminal_punctuation  # FineWeb turns this rule off
 
     def _keep_line(self, line: str) -> bool:
         lowered = line.lower()
-        return (line.endswith(TERMINAL_PUNCTUATION) and len(line.split()) >= self.min_words_per_line
+        punctuated = line.endswith(TERMINAL_PUNCTUATION) or not self.require_terminal_punctuation
+        return (punctuated and len(line.split()) >= self.min_words_per_line
                 and "javascript" not in lowered and not any(p in lowered for p in self.POLICY))
 
     def apply(self, doc: Document) -> Document | str:

@@ -1,0 +1,559 @@
+"""The curation executor: stages over input shards in worker processes, then a global dedup.
+
+Three phases, each resumable:
+  1. filter   one task per input file: read -> stages (normalize, filters) -> survivors
+              to `work/filtered/NNNNN.jsonl.zst` with their dedup keys and MinHash
+              signatures appended to `work/keys/NNNNN.*.bin`; every dropped or unreadable
+              record to `removed/NNNNN.jsonl.zst` with its reason.
+  2. dedup    bucket records of every survivor, spilled into partitions by hash so memory
+              holds one partition at a time -> verified pairs -> union-find ->
+              `work/duplicates.npy` (removed key, kept key, reason).
+  3. write    one task per input file: survivors that are not duplicates to
+              `documents/NNNNN.jsonl.zst`; duplicates to `removed/dedup-NNNNN.jsonl.zst`
+              with the id of the document they duplicate.
+A task writes under temporary names and leaves a `.done` marker last, so a re-run
+skips finished work and produces the same bytes as an uninterrupted run. Stages
+never know about workers or files; this module owns those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from data_pipeline.atomic import write_text_atomically
+from data_pipeline.curation.dedup import (
+    BUCKET_DTYPE,
+    MinHasher,
+    MinHashSettings,
+    bucket_records,
+    document_key,
+    exact_key,
+    key_parts,
+    partition_of,
+    resolve_duplicates,
+)
+from data_pipeline.curation.document import Document, Stage, StageStats
+from data_pipeline.curation.filters import (
+    C4Filter,
+    FineWebFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    LanguageFilter,
+    LengthFilter,
+    MetadataFilter,
+    Normalize,
+    UrlFilter,
+)
+from data_pipeline.readers import chunk_records, iter_chunks
+
+log = logging.getLogger("curate")
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (
+    Normalize, MetadataFilter, UrlFilter, LengthFilter, GopherQualityFilter, GopherRepetitionFilter, C4Filter,
+    FineWebFilter, LanguageFilter)}
+DEDUP_STAGES = ("exact_dedup", "minhash_dedup")
+SIGNATURE_FLUSH = 4096  # documents buffered before their keys are appended to disk
+
+
+class CurationConfigError(ValueError):
+    """A curation config that cannot run; the message names the entry."""
+
+
+@dataclass
+class CurationConfig:
+    stages: list[tuple[str, dict]]
+    """Per-document stages, in order: (name, settings)."""
+    exact_dedup: bool = False
+    minhash: MinHashSettings | None = None
+    text_key: str = "text"
+    id_key: str = "id"
+    memory_mb: float = 1024
+    """Memory for one dedup partition of bucket records; more partitions spill to disk if needed."""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CurationConfig:
+        unknown = set(data) - {"stages", "text_key", "id_key", "memory_mb"}
+        if unknown:
+            raise CurationConfigError(f"unknown top-level keys {sorted(unknown)}; expected stages, text_key, "
+                                      "id_key, memory_mb")
+        stages, exact, minhash = [], False, None
+        for position, entry in enumerate(data.get("stages") or []):
+            name, settings = _stage_entry(entry, position)
+            if name == "exact_dedup":
+                exact = True
+            elif name == "minhash_dedup":
+                try:
+                    minhash = MinHashSettings(**settings)
+                except TypeError as error:
+                    raise CurationConfigError(f"stages[{position}] minhash_dedup: {error}") from error
+            elif exact or minhash:
+                raise CurationConfigError(f"stages[{position}] {name} comes after a dedup stage; dedup is global "
+                                          "and runs last, so list exact_dedup and minhash_dedup at the end")
+            else:
+                stages.append((name, settings))
+        memory_mb = data.get("memory_mb", 1024)
+        if not isinstance(memory_mb, (int, float)) or memory_mb <= 0:
+            raise CurationConfigError(f"memory_mb={memory_mb!r} must be a positive number of megabytes")
+        config = cls(stages, exact, minhash, data.get("text_key", "text"), data.get("id_key", "id"), memory_mb)
+        config.build_stages()  # refuse bad settings now, not in a worker
+        return config
+
+    def build_stages(self) -> list[Stage]:
+        built = []
+        for position, (name, settings) in enumerate(self.stages):
+            try:
+                built.append(STAGES[name](**settings))
+            except (TypeError, ValueError) as error:
+                raise CurationConfigError(f"stages[{position}] {name}: {error}") from error
+        return built
+
+
+def _stage_entry(entry, position: int) -> tuple[str, dict]:
+    if isinstance(entry, str):
+        entry = {entry: {}}
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise CurationConfigError(f"stages[{position}] must be a stage name or {{name: {{settings}}}}, got {entry!r}")
+    (name, settings), = entry.items()
+    if name not in STAGES and name not in DEDUP_STAGES:
+        raise CurationConfigError(f"stages[{position}]: unknown stage {name!r}; known: "
+                                  f"{', '.join([*STAGES, *DEDUP_STAGES])}")
+    if settings is not None and not isinstance(settings, dict):
+        raise CurationConfigError(f"stages[{position}] {name}: settings must be a mapping, got {settings!r}")
+    return name, dict(settings or {})
+
+
+def load_curation_config(path: str | Path) -> CurationConfig:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return CurationConfig.from_dict(yaml.safe_load(f) or {})
+
+
+# ---- files ------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Where everything goes under the output directory."""
+
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.work, self.documents, self.removed = self.root / "work", self.root / "documents", self.root / "removed"
+
+    def filtered(self, index: int) -> Path:
+        return self.work / "filtered" / f"{index:05d}.jsonl.zst"
+
+    def keys(self, index: int, kind: str) -> Path:
+        return self.work / "keys" / f"{index:05d}.{kind}.bin"
+
+    def marker(self, phase: str, index: int) -> Path:
+        return self.work / "done" / f"{phase}-{index:05d}.json"
+
+    def make(self) -> None:
+        for directory in (self.work / "filtered", self.work / "keys", self.work / "done", self.documents, self.removed):
+            directory.mkdir(parents=True, exist_ok=True)
+
+
+class JsonlZstWriter:
+    """jsonl.zst written under a temporary name; `commit` renames it into place."""
+
+    def __init__(self, path: Path):
+        self.path, self.partial = path, path.with_name(path.name + ".partial")
+        self.file = open(self.partial, "wb")
+        self.stream = zstandard.ZstdCompressor(level=3).stream_writer(self.file)
+        self.count = 0
+        self.bytes = 0
+
+    def write(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        self.stream.write(line)
+        self.count += 1
+        self.bytes += len(line)
+
+    def commit(self) -> None:
+        self.stream.close()  # also closes the file
+        os.replace(self.partial, self.path)
+
+
+def read_jsonl_zst(path: Path):
+    with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+        buffered = b""
+        while chunk := reader.read(1 << 20):
+            buffered += chunk
+            *lines, buffered = buffered.split(b"\n")
+            for line in lines:
+                yield json.loads(line)
+
+
+# ---- phase 1: filter, one task per input file ---------------------------------------
+
+
+@dataclass
+class ShardTask:
+    index: int
+    path: str
+    config: CurationConfig
+    layout: Layout
+
+
+@dataclass
+class ShardResult:
+    index: int
+    read: int = 0
+    unreadable: int = 0
+    kept: int = 0
+    removed: int = 0
+    bytes_in: int = 0
+    seconds: float = 0.0
+    stages: dict = field(default_factory=dict)
+
+
+def make_document(record: dict, number: int, path: str, config: CurationConfig) -> Document:
+    metadata = {k: v for k, v in record.items() if k != config.text_key}
+    identifier = metadata.get(config.id_key)
+    source = f"{path}:{number + 1}"
+    return Document(record[config.text_key], str(identifier) if identifier is not None else source, source, metadata)
+
+
+def document_record(doc: Document, config: CurationConfig, **extra) -> dict:
+    return {config.id_key: doc.id, config.text_key: doc.text, **{k: v for k, v in doc.metadata.items()
+                                                                 if k != config.id_key}, **extra}
+
+
+class KeyFiles:
+    """Per-document dedup keys, appended to raw files in batches so memory stays flat."""
+
+    KINDS = {"doc": np.int64, "exact": np.uint64, "bands": np.uint64, "signature": np.uint32}
+
+    def __init__(self, layout: Layout, index: int, hasher: MinHasher | None):
+        self.hasher, self.buffer = hasher, {kind: [] for kind in self.KINDS}
+        self.files = {kind: open(layout.keys(index, kind), "wb") for kind in self.KINDS}
+        self.ids = open(layout.keys(index, "ids"), "w", encoding="utf-8")  # one JSON string per line
+
+    def add(self, key: int, text: str, identifier: str) -> None:
+        self.ids.write(json.dumps(identifier) + "\n")
+        self.buffer["doc"].append(key)
+        self.buffer["exact"].append(exact_key(text))
+        if self.hasher is not None:
+            signature = self.hasher.signature(text)
+            self.buffer["signature"].append(signature)
+            self.buffer["bands"].append(self.hasher.band_hashes(signature))
+        if len(self.buffer["doc"]) >= SIGNATURE_FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        for kind, values in self.buffer.items():
+            if values:
+                self.files[kind].write(np.asarray(values, dtype=self.KINDS[kind]).tobytes())
+            values.clear()
+
+    def close(self) -> None:
+        self.flush()
+        for f in self.files.values():
+            f.close()
+        self.ids.close()
+
+
+def filter_shard(task: ShardTask) -> dict:
+    """Phase 1 for one input file (in a worker process)."""
+    began, config, layout = time.perf_counter(), task.config, task.layout
+    stages = config.build_stages()
+    hasher = MinHasher(config.minhash) if config.minhash else None
+    result = ShardResult(task.index, bytes_in=input_size(task.path))
+    kept_out = JsonlZstWriter(layout.filtered(task.index))
+    removed_out = JsonlZstWriter(layout.removed / f"{task.index:05d}.jsonl.zst")
+    keys = KeyFiles(layout, task.index, hasher)
+    for chunk in iter_chunks(task.path, task.index, config.text_key, whole_records=True):
+        records, numbers, skipped = chunk_records(chunk, config.text_key)
+        result.read += len(records) + len(skipped)
+        result.unreadable += len(skipped)
+        for bad in skipped:  # unreadable records are removed with their reason, never lost
+            removed_out.write({"source": f"{bad.file}:{bad.line}", "reason": f"input:{bad.reason}",
+                               "detail": bad.detail})
+        for record, number in zip(records, numbers):
+            doc = make_document(record, number, task.path, config)
+            for stage in stages:
+                outcome = stage(doc)
+                if isinstance(outcome, str):
+                    removed_out.write(document_record(doc, config, source=doc.source, reason=outcome))
+                    break
+                doc = outcome
+            else:
+                kept_out.write(document_record(doc, config, source=doc.source))
+                keys.add(document_key(task.index, number), doc.text, doc.id)
+    keys.close()
+    kept_out.commit()
+    removed_out.commit()
+    result.kept, result.removed = kept_out.count, removed_out.count
+    result.stages = {stage.name: stage.stats.to_dict() for stage in stages}
+    result.seconds = time.perf_counter() - began
+    summary = {**result.__dict__, "documents": result.read, "bytes": result.bytes_in}
+    write_text_atomically(layout.marker("filter", task.index), json.dumps(summary))
+    return summary
+
+
+def input_size(path: str) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+# ---- phase 2: global dedup ------------------------------------------------------------
+
+
+class KeyStore:
+    """Memory-mapped dedup keys of every input file, looked up by document key."""
+
+    def __init__(self, layout: Layout, indices: list[int], num_perm: int):
+        self.num_perm = num_perm
+        self.docs = {i: np.fromfile(layout.keys(i, "doc"), dtype=np.int64) for i in indices}
+        self.exact = {i: np.memmap(layout.keys(i, "exact"), dtype=np.uint64, mode="r").reshape(-1, 2)
+                      if self.docs[i].size else np.empty((0, 2), np.uint64) for i in indices}
+        self.signatures = {i: np.memmap(layout.keys(i, "signature"), dtype=np.uint32, mode="r").reshape(-1, num_perm)
+                           if self.docs[i].size and num_perm else None for i in indices}
+        self.layout = layout
+
+    def _lookup(self, table: dict, keys: np.ndarray) -> np.ndarray:
+        rows = []
+        for key in keys.tolist():
+            index = key_parts(key)[0]
+            rows.append(table[index][np.searchsorted(self.docs[index], key)])
+        return np.stack(rows)
+
+    def signatures_of(self, keys: np.ndarray) -> np.ndarray:
+        return self._lookup(self.signatures, keys)
+
+    def exact_low_of(self, keys: np.ndarray) -> np.ndarray:
+        return self._lookup(self.exact, keys)[:, 1]
+
+    def bucket_records(self, index: int, config: CurationConfig) -> np.ndarray:
+        keys = self.docs[index]
+        bands = (np.fromfile(self.layout.keys(index, "bands"), dtype=np.uint64).reshape(len(keys), -1)
+                 if config.minhash else np.empty((len(keys), 0), np.uint64))
+        return bucket_records(keys, bands, self.exact[index][:, 0] if config.exact_dedup else None)
+
+
+def spill_partitions(store: KeyStore, indices: list[int], config: CurationConfig, directory: Path) -> list[Path]:
+    """Bucket records of every document, routed by hash into partitions small enough for `memory_mb`."""
+    bands = config.minhash.bands if config.minhash else 0
+    total = sum(len(store.docs[i]) for i in indices) * (bands + config.exact_dedup)
+    count = max(1, math.ceil(total * BUCKET_DTYPE.itemsize / (config.memory_mb * 2**20)))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"partition-{p:05d}.bin" for p in range(count)]
+    files = [open(p, "wb") for p in paths]
+    for index in indices:
+        records = store.bucket_records(index, config)
+        owner = partition_of(records, count)
+        for p, f in enumerate(files):
+            f.write(records[owner == p].tobytes())
+    for f in files:
+        f.close()
+    return paths
+
+
+REASON_CODES = {"exact": 0, "minhash": 1}
+DUPLICATES_DTYPE = np.dtype([("doc", "<i8"), ("kept", "<i8"), ("reason", "u1")])
+
+
+def deduplicate(layout: Layout, indices: list[int], config: CurationConfig) -> np.ndarray:
+    """Phase 2: every duplicate (removed key, kept key, reason code), sorted by key; cached in work/."""
+    target = layout.work / "duplicates.npy"
+    if target.is_file():
+        return np.load(target)
+    began = time.perf_counter()
+    num_perm = config.minhash.num_perm if config.minhash else 0
+    store = KeyStore(layout, indices, num_perm)
+    partitions = spill_partitions(store, indices, config, layout.work / "buckets")
+    removed = resolve_duplicates((np.fromfile(p, dtype=BUCKET_DTYPE) for p in partitions), store.signatures_of,
+                                 store.exact_low_of, config.minhash or MinHashSettings(verify_threshold=0))
+    duplicates = np.array(sorted((doc, kept, REASON_CODES[reason]) for doc, (kept, reason) in removed.items()),
+                          dtype=DUPLICATES_DTYPE)
+    partial = target.with_name("duplicates.partial.npy")
+    np.save(partial, duplicates)
+    os.replace(partial, target)
+    shutil.rmtree(layout.work / "buckets", ignore_errors=True)
+    log.info("dedup: %d duplicates among %d documents in %d partition(s), %.1f s", len(duplicates),
+             sum(len(store.docs[i]) for i in indices), len(partitions), time.perf_counter() - began)
+    return duplicates
+
+
+# ---- phase 3: write, one task per input file -------------------------------------------
+
+
+@dataclass
+class WriteTask:
+    index: int
+    layout: Layout
+    config: CurationConfig
+    duplicates: dict[int, tuple[str, str]]
+    """Removed key in this file -> (reason, id of the document it duplicates)."""
+
+
+def write_shard(task: WriteTask) -> dict:
+    """Phase 3 for one input file: the survivors that are not duplicates, and the duplicates with whom they repeat."""
+    layout, began = task.layout, time.perf_counter()
+    keys = np.fromfile(layout.keys(task.index, "doc"), dtype=np.int64)
+    kept = JsonlZstWriter(layout.documents / f"{task.index:05d}.jsonl.zst")
+    removed = JsonlZstWriter(layout.removed / f"dedup-{task.index:05d}.jsonl.zst")
+    for key, record in zip(keys.tolist(), read_jsonl_zst(layout.filtered(task.index)), strict=True):
+        duplicate = task.duplicates.get(key)
+        if duplicate is None:
+            record.pop("source", None)
+            kept.write(record)
+        else:
+            reason, original = duplicate
+            removed.write({**record, "reason": reason, "duplicate_of": original})
+    kept.commit()
+    removed.commit()
+    summary = {"index": task.index, "kept": kept.count, "removed": removed.count, "bytes_out": kept.bytes,
+               "seconds": time.perf_counter() - began, "documents": kept.count + removed.count, "bytes": kept.bytes}
+    write_text_atomically(layout.marker("write", task.index), json.dumps(summary))
+    return summary
+
+
+def ids_of(layout: Layout, keys: set[int]) -> dict[int, str]:
+    """The document ids of `keys`, read from each file's id list."""
+    wanted: dict[int, set[int]] = {}
+    for key in keys:
+        wanted.setdefault(key_parts(key)[0], set()).add(key)
+    found = {}
+    for index, members in wanted.items():
+        doc_keys = np.fromfile(layout.keys(index, "doc"), dtype=np.int64)
+        rows = {int(np.searchsorted(doc_keys, key)): key for key in members}
+        with open(layout.keys(index, "ids"), encoding="utf-8") as f:
+            for row, line in enumerate(f):
+                if row in rows:
+                    found[rows[row]] = json.loads(line)
+    return found
+
+
+# ---- the driver --------------------------------------------------------------------------
+
+
+class OutputMismatchError(ValueError):
+    """The output directory holds a run made from other inputs or another config."""
+
+
+def claim_output(layout: Layout, inputs: list[str], config: CurationConfig) -> None:
+    """Record what this output is made from; a re-run must match it to resume."""
+    identity = json.dumps({"inputs": inputs, "config": config_record(config)}, indent=1, sort_keys=True)
+    path = layout.work / "run.json"
+    if path.is_file() and path.read_text() != identity:
+        raise OutputMismatchError(f"{layout.root} holds a curation run of other inputs or another config "
+                                  f"(see {path}); choose a new --output, or delete it to start over")
+    write_text_atomically(path, identity)
+
+
+def config_record(config: CurationConfig) -> dict:
+    return {"stages": config.stages, "exact_dedup": config.exact_dedup, "text_key": config.text_key,
+            "id_key": config.id_key, "minhash": config.minhash.__dict__ if config.minhash else None}
+
+
+def run_tasks(function, tasks: list, workers: int, label: str, show_progress: bool) -> list:
+    """Tasks in worker processes (spawned: safe beside threads and MPI), in completion order, with a bar."""
+    from tqdm import tqdm
+
+    results = []
+    bar = tqdm(total=len(tasks), unit="file", desc=label, disable=not show_progress or not tasks)
+    documents = size = 0
+    began = time.perf_counter()
+    if workers <= 1:
+        outputs = map(function, tasks)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        outputs = pool.map(function, tasks)
+    try:
+        for result in outputs:
+            results.append(result)
+            documents, size = documents + result["documents"], size + result["bytes"]
+            elapsed = time.perf_counter() - began
+            bar.update(1)
+            bar.set_postfix_str(f"{documents / elapsed:,.0f} docs/s, {size / elapsed / 1e6:,.1f} MB/s")
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return results
+
+
+def curate(inputs: list[str], output: str | Path, config: CurationConfig, workers: int = 1,
+           show_progress: bool = True) -> dict:
+    """Curate `inputs` into `output`; resumes a run left unfinished there. Returns the stats."""
+    layout = Layout(output)
+    layout.make()
+    claim_output(layout, inputs, config)
+    indices = list(range(len(inputs)))
+    began = time.perf_counter()
+    todo = [ShardTask(i, path, config, layout) for i, path in enumerate(inputs)
+            if not layout.marker("filter", i).is_file()]
+    run_tasks(filter_shard, todo, workers, "filter", show_progress)
+    filtered = [json.loads(layout.marker("filter", i).read_text()) for i in indices]
+    dedup_began = time.perf_counter()
+    if config.exact_dedup or config.minhash:
+        duplicates = deduplicate(layout, indices, config)
+    else:
+        duplicates = np.empty(0, dtype=DUPLICATES_DTYPE)
+    dedup_seconds = time.perf_counter() - dedup_began
+    originals = ids_of(layout, set(duplicates["kept"].tolist()))
+    reasons = {code: name for name, code in REASON_CODES.items()}
+    per_file: dict[int, dict] = {i: {} for i in indices}
+    for doc, kept, reason in duplicates.tolist():
+        per_file[key_parts(doc)[0]][doc] = (f"{reasons[reason]}_dedup", originals[kept])
+    todo = [WriteTask(i, layout, config, per_file[i]) for i in indices if not layout.marker("write", i).is_file()]
+    run_tasks(write_shard, todo, workers, "write", show_progress)
+    written = [json.loads(layout.marker("write", i).read_text()) for i in indices]
+    stats = build_stats(inputs, config, filtered, duplicates, written, dedup_seconds, time.perf_counter() - began)
+    write_text_atomically(layout.root / "stats.json", json.dumps(stats, indent=1))
+    return stats
+
+
+def build_stats(inputs: list[str], config: CurationConfig, filtered: list[dict], duplicates: np.ndarray,
+                written: list[dict], dedup_seconds: float, seconds: float) -> dict:
+    """Counts per stage and reason, bytes in and out, time per stage; checks kept + removed = read."""
+    read = sum(f["read"] for f in filtered)
+    unreadable = sum(f["unreadable"] for f in filtered)
+    stages: dict[str, StageStats] = {}
+    for f in filtered:
+        for name, data in f["stages"].items():
+            stages.setdefault(name, StageStats(name)).add(StageStats.from_dict(name, data))
+    rows = {"input": {"seen": read, "kept": read - unreadable, "dropped": {"input:unreadable": unreadable}, "seconds": 0}}
+    rows.update({name: stat.to_dict() for name, stat in stages.items()})
+    survivors = sum(f["kept"] for f in filtered)
+    for code, name in ((0, "exact_dedup"), (1, "minhash_dedup")):
+        if (name == "exact_dedup" and config.exact_dedup) or (name == "minhash_dedup" and config.minhash):
+            dropped = int((duplicates["reason"] == code).sum())
+            rows[name] = {"seen": survivors, "kept": survivors - dropped, "dropped": {name: dropped},
+                          "seconds": round(dedup_seconds, 3)}
+            survivors -= dropped
+    kept = sum(w["kept"] for w in written)
+    removed = sum(f["removed"] for f in filtered) + sum(w["removed"] for w in written)
+    if kept + removed != read:
+        raise RuntimeError(f"curation lost documents: read {read}, kept {kept}, removed {removed}")
+    return {"inputs": len(inputs), "read": read, "kept": kept, "removed": removed,
+            "bytes_in": sum(f["bytes_in"] for f in filtered), "bytes_out": sum(w["bytes_out"] for w in written),
+            "seconds": round(seconds, 3), "stages": rows}
+
+
+def summary_table(stats: dict) -> str:
+    lines = [f"{'stage':<20}{'kept':>12}{'dropped':>12}{'dropped %':>11}{'seconds':>10}"]
+    for name, row in stats["stages"].items():
+        dropped = sum(row["dropped"].values())
+        share = 100 * dropped / row["seen"] if row["seen"] else 0.0
+        lines.append(f"{name:<20}{row['kept']:>12,}{dropped:>12,}{share:>10.1f}%{row['seconds']:>10.1f}")
+    lines.append(f"{'total':<20}{stats['kept']:>12,}{stats['removed']:>12,}"
+                 f"{100 * stats['removed'] / max(stats['read'], 1):>10.1f}%{stats['seconds']:>10.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Curate raw text: normalize, quality-filter, and deduplicate (exact and MinHash), as WebText and FineWeb were built.
+
+    python tools/curate.py --config configs/data/webtext.yaml --input 'raw/*.jsonl.zst' --output curated/ --workers 16
+
+Writes curated/documents/NNNNN.jsonl.zst (one per input file, kept documents in
+input order), curated/removed/ (every dropped document with its reason; a
+duplicate also names the document it duplicates), and curated/stats.json
+(counts per stage and reason, bytes in and out, time per stage), and prints a
+summary table. Re-running the same command after an interruption skips the
+files already done. Exit codes: 0 done, 2 unusable arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline.curation.pipeline import (  # noqa: E402
+    CurationConfigError,
+    OutputMismatchError,
+    curate,
+    load_curation_config,
+    summary_table,
+)
+from data_pipeline.readers import InputError, resolve_inputs  # noqa: E402
+from tools.preprocess_data import default_workers  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="stages and thresholds: configs/data/webtext.yaml, fineweb.yaml")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+                        help="jsonl / jsonl.gz / jsonl.zst / parquet files, globs, or datasets directories")
+    parser.add_argument("--output", required=True, help="the output directory")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="processes (default: CPUs available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("curate").setLevel(logging.INFO)
+    try:
+        config = load_curation_config(args.config)
+        inputs = resolve_inputs(args.input)
+        stats = curate(inputs, args.output, config, args.workers, show_progress=not args.quiet)
+    except (InputError, CurationConfigError, OutputMismatchError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary_table(stats))
+    print(f"{stats['read']:,} read = {stats['kept']:,} kept + {stats['removed']:,} removed; "
+          f"{stats['bytes_in'] / 1e6:,.1f} MB in, {stats['bytes_out'] / 1e6:,.1f} MB out")
+    print(f"documents: {Path(args.output) / 'documents'}   removed: {Path(args.output) / 'removed'}   "
+          f"stats: {Path(args.output) / 'stats.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
