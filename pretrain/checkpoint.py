@@ -132,7 +132,8 @@ class CheckpointManager:
         load_path, _ = engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {directory}")
+            hint = f" (its universal form {universal}; delete that directory to convert again)" if universal else ""
+            raise CheckpointError(f"DeepSpeed could not load {directory}{hint}")
         # Random state belongs to a rank of the saved layout; on another layout there is no
         # matching rank (it only matters for dropout, which pretraining leaves at 0).
         rng = directory / f"rng_rank{self.rank:05d}.pt"

@@ -35,7 +35,13 @@ from pretrain.parallel.distributed import (
 )
 from pretrain.parallel.engine import deepspeed_config, evaluate_loss, initialize_engine, train_step
 from pretrain.parallel.layout import ParallelLayout
-from pretrain.parallel.reshard import checkpoint_client_state, convert_to_universal, universal_dir
+from pretrain.parallel.reshard import (
+    checkpoint_client_state,
+    convert_on_rank_zero,
+    group_settings,
+    reshard_refusal,
+    repair_after_universal_load,
+)
 from pretrain.schedule import lr_multiplier
 
 log = logging.getLogger("pretrain")
@@ -109,11 +115,11 @@ class Trainer:
         self.blend = resolve_blend(config.data.prefixes, self.tokenizer)  # for checkpoint manifests
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.run_dir,
                                                           self.layout.data_parallel_size)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):  # before resuming: a signal mid-conversion waits for it
+            signal.signal(signum, self._request_stop)
         self.resume()
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
                                      enabled=self.rank == 0)
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._request_stop)
 
     def _request_stop(self, signum, _frame) -> None:
         log.warning("received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
@@ -149,10 +155,14 @@ class Trainer:
         }
 
     def layout_record(self) -> dict:
+        """What decides how the model and optimizer state are cut; a change means resharding on resume."""
         layout = self.layout
-        return {"tensor_parallel_size": layout.tensor_parallel_size,
-                "pipeline_parallel_size": layout.pipeline_parallel_size,
-                "data_parallel_size": layout.data_parallel_size, "zero_stage": layout.zero_stage}
+        record = {"tensor_parallel_size": layout.tensor_parallel_size,
+                  "pipeline_parallel_size": layout.pipeline_parallel_size,
+                  "data_parallel_size": layout.data_parallel_size, "zero_stage": layout.zero_stage}
+        if layout.pipeline_parallel_size > 1:  # where the stages are cut
+            record["partition_method"] = self.config.model.partition_method
+        return record
 
     def model_shape(self) -> dict:
         return {key: getattr(self.model_config, key) for key in MODEL_SHAPE_KEYS}
@@ -172,13 +182,12 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {tag} was trained with parallel.global_batch_size={saved_batch}, this run has {batch}; "
                 f"the data order is counted in global batches, so keep parallel.global_batch_size={saved_batch}")
-        saved_zero, zero = manifest["layout"]["zero_stage"], self.layout.zero_stage
-        if (saved_zero == 3) != (zero == 3):
-            raise CheckpointError(
-                f"checkpoint {tag} was trained with parallel.zero_stage={saved_zero}, this run has {zero}; DeepSpeed "
-                "cannot convert optimizer state between ZeRO-3 and ZeRO-1/2, so keep ZeRO-3 on both sides or on "
-                "neither (TP, PP, DP, and ZeRO-1 <-> 2 may change freely)")
-        return ResumePoint(tag, manifest, reshard=manifest["layout"] != self.layout_record())
+        reshard = manifest["layout"] != self.layout_record()
+        refusal = reshard and reshard_refusal(manifest["layout"], self.layout_record())
+        if refusal:
+            raise CheckpointError(f"checkpoint {tag} was saved with layout {manifest['layout']}, this run is "
+                                  f"{self.layout_record()}: {refusal}")
+        return ResumePoint(tag, manifest, reshard)
 
     def resume(self) -> None:
         """Continue from the resume point, resharding it first if the layout changed."""
@@ -189,29 +198,16 @@ class Trainer:
         if point.reshard:
             log.info("checkpoint %s has layout %s, this run %s: resharding", point.tag, point.manifest["layout"],
                      self.layout_record())
-            universal = self._convert_on_rank_zero(self.checkpoints.directory / point.tag)
+            universal = convert_on_rank_zero(self.checkpoints.directory / point.tag, self.rank)
+        settings = group_settings(self.engine.optimizer)
         self.checkpoints.load(self.engine, point.tag, universal)
+        if universal is not None:
+            repair_after_universal_load(self.engine.optimizer, settings)
         self.step = point.manifest["step"]
         if self.rank == 0:
             self._forget_metrics_after(self.step)
             log.info("resumed from %s at step %d (%d samples consumed)", point.tag, self.step,
                      point.manifest["consumed_samples"])
-
-    def _convert_on_rank_zero(self, checkpoint: Path) -> Path:
-        """Rank 0 converts; every rank learns whether it worked, so all stop together if not."""
-        error = None
-        if self.rank == 0:
-            try:
-                convert_to_universal(checkpoint)
-            except CheckpointError as failure:
-                error = failure
-        failed = torch.tensor([0.0 if error is None else 1.0], device=collective_device())
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if error is not None:
-            raise error
-        if failed.item():
-            raise CheckpointError(f"rank 0 could not convert {checkpoint} for the new layout; its error says why")
-        return universal_dir(checkpoint)
 
     def _forget_metrics_after(self, step: int) -> None:
         """Drop metrics.jsonl lines past the checkpoint: those steps are trained again."""

@@ -81,6 +81,7 @@ def train(prefix: Path) -> int:
     command = [sys.executable, "-m", "pretrain.launch", "--nproc", "8", "--config", str(REPO / "configs" / "gpt2-tiny.yaml"),
                "--set", f"data.prefixes=[{prefix}]", f"run.dir={run_dir}", "parallel.tensor_parallel_size=2",
                "parallel.pipeline_parallel_size=2", "parallel.zero_stage=1", f"train.max_steps={RESHARD_AT}",
+               f"schedule.decay_end={TRAIN_STEPS}",  # one learning-rate schedule across the three runs
                "eval.interval=10"]
     print(f"\ntraining gpt2-tiny to step {RESHARD_AT} on 8 processes (TP=2 x PP=2 x DP=2, ZeRO-1, gloo):")
     print("  " + " ".join(command[1:]))

@@ -26,6 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from data_pipeline.atomic import write_text_atomically
 from pretrain.checkpoint import CheckpointError
 from pretrain.model.gpt2 import TIED_EMBEDDING, GPTConfig
 
@@ -78,8 +82,67 @@ def tensor_parallel_split(name: str) -> str:
     return "vocabulary" if re.match(_WORD_EMBEDDING, name) else "columns"
 
 
+def reshard_refusal(saved: dict, ours: dict) -> str | None:
+    """Why a checkpoint saved with layout `saved` cannot be resharded onto `ours`, or None if it can.
+
+    DeepSpeed's universal checkpoint covers ZeRO-1/2 (and its bf16 optimizer) in
+    any TP x PP x DP, and ZeRO-3 across data-parallel sizes. It has no ZeRO-0
+    path, cannot move optimizer state between ZeRO-3 and ZeRO-1/2, and under
+    ZeRO-3 restores megatron-core's tensor-parallel slices unsliced.
+    """
+    stages = (saved["zero_stage"], ours["zero_stage"])
+    keep = (f"resume on the saved layout (parallel.tensor_parallel_size={saved['tensor_parallel_size']} "
+            f"parallel.pipeline_parallel_size={saved['pipeline_parallel_size']} parallel.zero_stage={saved['zero_stage']}"
+            f", {saved['tensor_parallel_size'] * saved['pipeline_parallel_size'] * saved['data_parallel_size']} "
+            "processes)")
+    if 0 in stages:
+        return f"ZeRO-0 checkpoints cannot be resharded: {keep}, or use parallel.zero_stage=1 from the start"
+    if (stages[0] == 3) != (stages[1] == 3):
+        return (f"DeepSpeed cannot convert optimizer state between ZeRO-3 and ZeRO-1/2 "
+                f"(parallel.zero_stage {stages[0]} -> {stages[1]}): {keep}")
+    if 3 in stages and (saved["tensor_parallel_size"] > 1 or ours["tensor_parallel_size"] > 1):
+        return ("under ZeRO-3 only the data-parallel size may change (DeepSpeed does not re-slice megatron-core's "
+                f"tensor-parallel weights); keep parallel.tensor_parallel_size={saved['tensor_parallel_size']}, "
+                f"or {keep}")
+    return None
+
+
+def repair_after_universal_load(optimizer, expected: list[dict]) -> None:
+    """Undo two things DeepSpeed's ZeRO-3 universal loader gets wrong (ZeRO-1/2 need neither).
+
+    It copies the first saved group's settings into every group, which would put
+    weight decay on biases and LayerNorms: the settings come from this run's
+    config, so they are re-applied by index. And it gives every group the same
+    Adam step tensor, which torch's AdamW increments in place, once per group:
+    the second group's bias correction would then run ahead. Each state gets its
+    own copy.
+    """
+    for group, settings in zip(optimizer.param_groups, expected, strict=True):
+        group.update(settings)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def group_settings(optimizer) -> list[dict]:
+    """Each group's settings except the learning rate (the schedule's, restored with its state)."""
+    return [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+            for group in optimizer.param_groups]
+
+
 def universal_dir(checkpoint: Path) -> Path:
     return Path(checkpoint) / UNIVERSAL
+
+
+def _partial_dir(checkpoint: Path) -> Path:
+    # A sibling `.tmp-` directory: never inside the checkpoint the converter reads, and
+    # removed with other unfinished saves at the next start.
+    return checkpoint.parent / f".tmp-universal-{checkpoint.name}"
+
+
+def _failure_marker(checkpoint: Path) -> Path:
+    return checkpoint.parent / f".tmp-universal-failed-{checkpoint.name}"
 
 
 def convert_to_universal(checkpoint: Path, workers: int | None = None) -> Path:
@@ -92,7 +155,7 @@ def convert_to_universal(checkpoint: Path, workers: int | None = None) -> Path:
     target = universal_dir(checkpoint)
     if (target / "zero" / "optimizer_state.pt").is_file():
         return target
-    partial = checkpoint / _PARTIAL
+    partial = _partial_dir(checkpoint)
     shutil.rmtree(partial, ignore_errors=True)
     workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
@@ -102,10 +165,43 @@ def convert_to_universal(checkpoint: Path, workers: int | None = None) -> Path:
     began = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if result.returncode != 0:
-        raise CheckpointError(f"converting {checkpoint} for a new layout failed (DeepSpeed's ds_to_universal, "
-                              f"exit {result.returncode}):\n{result.stderr[-3000:]}")
+        hint = ""
+        if "universal_checkpoint_info" in result.stderr:
+            hint = ("it was saved before checkpoints carried resharding information; resume it once on its own "
+                    "layout, let it save, then change the layout. ")
+        raise CheckpointError(f"converting {checkpoint} for a new layout failed: {hint}DeepSpeed's ds_to_universal "
+                              f"exited {result.returncode}:\n{result.stderr[-3000:]}")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial / UNIVERSAL, target)  # complete, so never half-read by a later resume
     shutil.rmtree(partial, ignore_errors=True)
     log.info("converted in %.1f s: %s", time.monotonic() - began, target)
     return target
+
+
+def convert_on_rank_zero(checkpoint: Path, rank: int, poll_seconds: float = 1.0) -> Path:
+    """Rank 0 converts while the others wait on the file system, not in a collective.
+
+    A 1.5B checkpoint can take longer to convert than a collective's timeout, so the
+    other ranks poll for the result (the universal directory, or rank 0's failure
+    marker) and meet rank 0 in a barrier only once it is there. Any failure on rank
+    0 is written down first, so every rank stops with the same error.
+    """
+    checkpoint = Path(checkpoint)
+    marker, done = _failure_marker(checkpoint), universal_dir(checkpoint) / "zero" / "optimizer_state.pt"
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    dist.barrier()  # no rank reads a stale failure marker
+    if rank == 0:
+        try:
+            convert_to_universal(checkpoint)
+        except BaseException as error:
+            write_text_atomically(marker, str(error))
+            dist.barrier()
+            raise
+    else:
+        while not done.is_file() and not marker.is_file():
+            time.sleep(poll_seconds)
+    dist.barrier()
+    if marker.is_file():
+        raise CheckpointError(f"rank 0 could not convert {checkpoint} for the new layout: {marker.read_text()}")
+    return universal_dir(checkpoint)

@@ -19,21 +19,30 @@ def layout(tp: int, pp: int, dp: int) -> dict:
             "settings": [f"parallel.tensor_parallel_size={tp}", f"parallel.pipeline_parallel_size={pp}"]}
 
 
+# A short warm-up and a decay end that every run shares: the learning rate differs from step to step,
+# and a resumed run must continue the same schedule.
+SCHEDULE = ("schedule.warmup=2", "schedule.decay_end=8")
+
+
 def run_on(run_dir: Path, shards: str, tp: int, pp: int, dp: int, *settings: str):  # noqa: F811
     chosen = layout(tp, pp, dp)
-    return train(run_dir, shards, *chosen["settings"], *settings, nproc=chosen["nproc"], timeout=900)
+    return train(run_dir, shards, *chosen["settings"], *SCHEDULE, *settings, nproc=chosen["nproc"], timeout=900)
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metrics(run_dir) if "loss" in row}
 
 
-def assert_same_curve(ours: dict, reference: dict, steps, label: str) -> None:
-    """fp32 and bf16 alike: within 1e-4 relative of the uninterrupted run at every resumed step."""
+def assert_same_curve(ours: dict, reference: dict, steps, label: str, tolerance: float = 1e-6) -> None:
+    """Within `tolerance` relative of the uninterrupted run at every resumed step.
+
+    The issue asks for 1e-4 in fp32; fp32 resharding measures about 1e-7, so 1e-6 is
+    used there, tight enough to catch an optimizer setting lost on the way.
+    """
     worst = max(abs(ours[step] - reference[step]) / abs(reference[step]) for step in steps)
     print(f"\n{label}: largest relative loss difference over steps {list(steps)}: {worst:.1e}")
     for step in steps:
-        assert ours[step] == pytest.approx(reference[step], rel=1e-4), f"{label}, step {step}"
+        assert ours[step] == pytest.approx(reference[step], rel=tolerance), f"{label}, step {step}"
 
 
 def manifest(run_dir: Path, step: int) -> dict:
@@ -82,26 +91,32 @@ def test_resume_on_new_layouts_continues_the_same_curve_and_data(straight, shard
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,target,settings", [
-    ((2, 2, 1), (1, 1, 2), ["train.precision=bf16"]),    # bf16: DeepSpeed's BF16_Optimizer -> ZeRO-1
-    ((1, 1, 2), (1, 1, 1), ["parallel.zero_stage=3"]),   # ZeRO-3 partitions over 2 ranks -> 1
+@pytest.mark.parametrize("source,target,settings,tolerance", [
+    ((2, 2, 1), (1, 1, 2), ["train.precision=bf16"], 1e-4),   # bf16: DeepSpeed's BF16_Optimizer -> ZeRO-1
+    ((1, 1, 2), (1, 1, 1), ["parallel.zero_stage=3"], 1e-6),  # ZeRO-3 partitions over 2 ranks -> 1
 ], ids=["bf16-2x2x1-to-1x1x2", "zero3-dp2-to-dp1"])
-def test_resume_on_another_layout_in_bf16_and_under_zero3(tmp_path, shards, source, target, settings):  # noqa: F811
+def test_resume_on_another_layout_in_bf16_and_under_zero3(tmp_path, shards, source, target, settings,  # noqa: F811
+                                                          tolerance):
     straight_run = tmp_path / "straight"
-    result = run_on(straight_run, shards, *source, "train.max_steps=4", "checkpoint.interval=2", *settings)
+    result = run_on(straight_run, shards, *source, "train.max_steps=5", "checkpoint.interval=2",
+                    "checkpoint.keep_last=5", *settings)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = rewound(straight_run, tmp_path / "run", 2)
-    resumed = run_on(run_dir, shards, *target, "train.max_steps=4", *settings)
+    if "parallel.zero_stage=3" in settings:  # ZeRO-3 may change DP, not TP (DeepSpeed would not re-slice)
+        refused = run_on(rewound(straight_run, tmp_path / "tp", 2), shards, 2, 1, 1, "train.max_steps=5", *settings)
+        assert refused.returncode == 2 and "under ZeRO-3 only the data-parallel size may change" in refused.stderr
+    resumed = run_on(run_dir, shards, *target, "train.max_steps=5", *settings)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resharding" in resumed.stderr
-    assert_same_curve(losses_by_step(run_dir), losses_by_step(straight_run), range(3, 5),
-                      f"{settings[0]}: {'x'.join(map(str, source))} -> {'x'.join(map(str, target))}")
+    assert_same_curve(losses_by_step(run_dir), losses_by_step(straight_run), range(3, 6),
+                      f"{settings[0]}: {'x'.join(map(str, source))} -> {'x'.join(map(str, target))}", tolerance)
 
 
 @pytest.mark.parametrize("settings,message", [
     (["parallel.global_batch_size=16"], "keep parallel.global_batch_size=8"),
     (["parallel.zero_stage=3"], "cannot convert optimizer state between ZeRO-3 and ZeRO-1/2"),
-], ids=["global-batch", "zero-3"])
+    (["parallel.zero_stage=0"], "ZeRO-0 checkpoints cannot be resharded"),
+], ids=["global-batch", "zero-3", "zero-0"])
 def test_a_resume_that_cannot_continue_the_run_is_refused_naming_the_setting(straight, shards, tmp_path,  # noqa: F811
                                                                             settings, message):
     run_dir = rewound(straight, tmp_path / "run", 3)
