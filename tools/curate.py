@@ -2,6 +2,7 @@
 """Curate raw text: normalize, quality-filter, and deduplicate (exact and MinHash), as WebText and FineWeb were built.
 
     python tools/curate.py --config configs/data/webtext.yaml --input 'raw/*.jsonl.zst' --output curated/ --workers 16
+    mpiexec -n 4 python tools/curate.py ... --workers 4      # or srun: ranks split the files, dedup is global
 
 Writes curated/documents/NNNNN.jsonl.zst (one per input file, kept documents in
 input order), curated/removed/ (every dropped document with its reason; a
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.curation.distributed import PeerFailure, world_communicator  # noqa: E402
 from data_pipeline.curation.pipeline import (  # noqa: E402
     CurationConfigError,
     OutputMismatchError,
@@ -46,13 +48,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("curate").setLevel(logging.INFO)
+    comm = world_communicator()  # several ranks under mpiexec / srun, else None
+    rank = comm.Get_rank() if comm is not None else 0
     try:
         config = load_curation_config(args.config)
         inputs = resolve_inputs(args.input)
-        stats = curate(inputs, args.output, config, args.workers, show_progress=not args.quiet)
+        stats = curate(inputs, args.output, config, args.workers, show_progress=not args.quiet, comm=comm)
     except (InputError, CurationConfigError, OutputMismatchError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except PeerFailure as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if rank != 0:
+        return 0
     print(summary_table(stats))
     print(f"{stats['read']:,} read = {stats['kept']:,} kept + {stats['removed']:,} removed; "
           f"{stats['bytes_in'] / 1e6:,.1f} MB in, {stats['bytes_out'] / 1e6:,.1f} MB out")

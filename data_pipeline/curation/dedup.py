@@ -167,31 +167,40 @@ def estimated_jaccard(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return (first == second).mean(axis=-1)
 
 
-def resolve_duplicates(partitions, signatures_of, exact_low_of, settings: MinHashSettings) -> dict[int, tuple[int, str]]:
-    """{removed document: (the document it duplicates, "exact" | "minhash")} over all bucket partitions.
+def verified_pairs(partitions, signatures_of, exact_low_of, settings: MinHashSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(exact pairs, fuzzy pairs) found in some bucket partitions, each checked.
 
     `partitions` yields bucket-record arrays, each holding every record of its
     hashes; `signatures_of(keys)` and `exact_low_of(keys)` look documents up.
-    Exact duplicates (all 128 bits equal) are resolved first; fuzzy candidates
-    are then verified and clustered among the documents that remain. Every
-    removed document points at a document that is kept.
+    Exact pairs must agree on all 128 bits; fuzzy pairs on `verify_threshold` of
+    their signature slots. Partitions are independent, so this runs on whichever
+    process owns them.
     """
-    exact_sets, fuzzy_candidates = DisjointSet(), []
+    exact_found, fuzzy_found = [np.empty((0, 2), np.int64)], [np.empty((0, 2), np.int64)]
     for records in partitions:
         exact, fuzzy = candidate_pairs(records)
         if len(exact):
-            exact = exact[exact_low_of(exact[:, 0]) == exact_low_of(exact[:, 1])]  # the high halves matched already
-        for earlier, later in exact.tolist():
-            exact_sets.union(earlier, later)
-        fuzzy_candidates.append(fuzzy)
+            exact_found.append(exact[exact_low_of(exact[:, 0]) == exact_low_of(exact[:, 1])])
+        if len(fuzzy) and settings.verify_threshold > 0:
+            fuzzy = fuzzy[estimated_jaccard(signatures_of(fuzzy[:, 0]), signatures_of(fuzzy[:, 1]))
+                          >= settings.verify_threshold]
+        fuzzy_found.append(fuzzy)
+    return np.concatenate(exact_found), np.concatenate(fuzzy_found)
+
+
+def cluster(exact: np.ndarray, fuzzy: np.ndarray) -> dict[int, tuple[int, str]]:
+    """{removed document: (the kept document it duplicates, "exact" | "minhash")}.
+
+    Exact duplicates are resolved first; fuzzy pairs then join the documents that
+    remain. Every removed document points at a document that is kept.
+    """
+    exact_sets = DisjointSet()
+    for earlier, later in exact.tolist():
+        exact_sets.union(earlier, later)
     removed = {doc: (kept, "exact") for doc, kept in exact_sets.members()}
-    fuzzy = np.concatenate(fuzzy_candidates) if fuzzy_candidates else np.empty((0, 2), dtype=np.int64)
     if len(fuzzy) and removed:
         gone = np.fromiter(removed, dtype=np.int64, count=len(removed))
         fuzzy = fuzzy[~(np.isin(fuzzy[:, 0], gone) | np.isin(fuzzy[:, 1], gone))]
-    if len(fuzzy) and settings.verify_threshold > 0:
-        similarity = estimated_jaccard(signatures_of(fuzzy[:, 0]), signatures_of(fuzzy[:, 1]))
-        fuzzy = fuzzy[similarity >= settings.verify_threshold]
     fuzzy_sets = DisjointSet()
     for earlier, later in fuzzy.tolist():
         fuzzy_sets.union(earlier, later)
@@ -218,5 +227,6 @@ def deduplicate_in_memory(keys: np.ndarray, texts: list[str], settings: MinHashS
 
     records = bucket_records(np.asarray(keys, dtype=np.int64), bands, exact[:, 0])
     owner = partition_of(records, partitions)
-    return resolve_duplicates((records[owner == p] for p in range(partitions)),
-                              lambda k: signatures[rows(k)], lambda k: exact[rows(k), 1], settings)
+    pairs = verified_pairs((records[owner == p] for p in range(partitions)), lambda k: signatures[rows(k)],
+                           lambda k: exact[rows(k), 1], settings)
+    return cluster(*pairs)

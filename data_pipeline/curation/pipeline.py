@@ -41,9 +41,11 @@ from data_pipeline.curation.dedup import (
     document_key,
     exact_key,
     key_parts,
+    cluster,
     partition_of,
-    resolve_duplicates,
+    verified_pairs,
 )
+from data_pipeline.curation.distributed import Coordinator
 from data_pipeline.curation.document import Document, Stage, StageStats
 from data_pipeline.curation.filters import (
     C4Filter,
@@ -346,48 +348,65 @@ class KeyStore:
         return bucket_records(keys, bands, self.exact[index][:, 0] if config.exact_dedup else None)
 
 
-def spill_partitions(store: KeyStore, indices: list[int], config: CurationConfig, directory: Path) -> list[Path]:
-    """Bucket records of every document, routed by hash into partitions small enough for `memory_mb`."""
+def spill_partitions(store: KeyStore, indices: list[int], config: CurationConfig, directory: Path,
+                     co: Coordinator) -> list[Path]:
+    """Bucket records of every document, routed by hash into partitions small enough for `memory_mb`.
+
+    Partition p belongs to rank p % world: each rank sends the records of its own
+    input files, one file per round, to the ranks owning their partitions (an
+    all-to-all by bucket hash), and writes what it receives to its partition files.
+    Returns this rank's partitions.
+    """
     bands = config.minhash.bands if config.minhash else 0
     total = sum(len(store.docs[i]) for i in indices) * (bands + config.exact_dedup)
-    count = max(1, math.ceil(total * BUCKET_DTYPE.itemsize / (config.memory_mb * 2**20)))
+    count = max(co.world, math.ceil(total * BUCKET_DTYPE.itemsize / (config.memory_mb * 2**20)))
     directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"partition-{p:05d}.bin" for p in range(count)]
-    files = [open(p, "wb") for p in paths]
-    for index in indices:
-        records = store.bucket_records(index, config)
+    files = {p: open(directory / f"partition-{p:05d}.bin", "wb") for p in range(co.rank, count, co.world)}
+    mine = [i for i in indices if co.owns(i)]
+    for round_ in range(co.all_max(len(mine))):
+        records = store.bucket_records(mine[round_], config) if round_ < len(mine) else np.empty(0, BUCKET_DTYPE)
         owner = partition_of(records, count)
-        for p, f in enumerate(files):
-            f.write(records[owner == p].tobytes())
-    for f in files:
+        for received in co.all_to_all([records[owner % co.world == rank] for rank in range(co.world)]):
+            partition = partition_of(received, count)
+            for p, f in files.items():
+                f.write(received[partition == p].tobytes())
+    for f in files.values():
         f.close()
-    return paths
+    return [Path(f.name) for f in files.values()]
 
 
 REASON_CODES = {"exact": 0, "minhash": 1}
 DUPLICATES_DTYPE = np.dtype([("doc", "<i8"), ("kept", "<i8"), ("reason", "u1")])
 
 
-def deduplicate(layout: Layout, indices: list[int], config: CurationConfig) -> np.ndarray:
-    """Phase 2: every duplicate (removed key, kept key, reason code), sorted by key; cached in work/."""
+def deduplicate(layout: Layout, indices: list[int], config: CurationConfig, co: Coordinator) -> np.ndarray:
+    """Phase 2: every duplicate (removed key, kept key, reason code), sorted by key; cached in work/.
+
+    Each rank verifies the candidate pairs of its own partitions; rank 0 joins
+    them into clusters (pairs are few next to documents) and writes the result.
+    """
     target = layout.work / "duplicates.npy"
     if target.is_file():
         return np.load(target)
     began = time.perf_counter()
-    num_perm = config.minhash.num_perm if config.minhash else 0
-    store = KeyStore(layout, indices, num_perm)
-    partitions = spill_partitions(store, indices, config, layout.work / "buckets")
-    removed = resolve_duplicates((np.fromfile(p, dtype=BUCKET_DTYPE) for p in partitions), store.signatures_of,
-                                 store.exact_low_of, config.minhash or MinHashSettings(verify_threshold=0))
-    duplicates = np.array(sorted((doc, kept, REASON_CODES[reason]) for doc, (kept, reason) in removed.items()),
-                          dtype=DUPLICATES_DTYPE)
-    partial = target.with_name("duplicates.partial.npy")
-    np.save(partial, duplicates)
-    os.replace(partial, target)
-    shutil.rmtree(layout.work / "buckets", ignore_errors=True)
-    log.info("dedup: %d duplicates among %d documents in %d partition(s), %.1f s", len(duplicates),
-             sum(len(store.docs[i]) for i in indices), len(partitions), time.perf_counter() - began)
-    return duplicates
+    store = KeyStore(layout, indices, config.minhash.num_perm if config.minhash else 0)
+    partitions = spill_partitions(store, indices, config, layout.work / "buckets", co)
+    pairs = verified_pairs((np.fromfile(p, dtype=BUCKET_DTYPE) for p in partitions), store.signatures_of,
+                           store.exact_low_of, config.minhash or MinHashSettings(verify_threshold=0))
+    gathered = co.gather(pairs)
+    if co.rank == 0:
+        removed = cluster(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
+        duplicates = np.array(sorted((doc, kept, REASON_CODES[reason]) for doc, (kept, reason) in removed.items()),
+                              dtype=DUPLICATES_DTYPE)
+        partial = target.with_name("duplicates.partial.npy")
+        np.save(partial, duplicates)
+        os.replace(partial, target)
+        shutil.rmtree(layout.work / "buckets", ignore_errors=True)
+        log.info("dedup: %d duplicates among %d documents in %d partition(s) on %d rank(s), %.1f s",
+                 len(duplicates), sum(len(store.docs[i]) for i in indices), len(partitions) * co.world, co.world,
+                 time.perf_counter() - began)
+    co.barrier()
+    return np.load(target)
 
 
 # ---- phase 3: write, one task per input file -------------------------------------------
@@ -491,34 +510,58 @@ def run_tasks(function, tasks: list, workers: int, label: str, show_progress: bo
 
 
 def curate(inputs: list[str], output: str | Path, config: CurationConfig, workers: int = 1,
-           show_progress: bool = True) -> dict:
-    """Curate `inputs` into `output`; resumes a run left unfinished there. Returns the stats."""
-    layout = Layout(output)
-    layout.make()
-    claim_output(layout, inputs, config)
+           show_progress: bool = True, comm=None) -> dict:
+    """Curate `inputs` into `output`; resumes a run left unfinished there. Returns the stats.
+
+    With an MPI communicator, ranks take input files round-robin and the dedup is
+    global across all of them; every rank returns the same stats.
+    """
+    co, layout, began = Coordinator(comm), Layout(output), time.perf_counter()
     indices = list(range(len(inputs)))
-    began = time.perf_counter()
-    todo = [ShardTask(i, path, config, layout) for i, path in enumerate(inputs)
-            if not layout.marker("filter", i).is_file()]
-    run_tasks(filter_shard, todo, workers, "filter", show_progress)
-    filtered = [json.loads(layout.marker("filter", i).read_text()) for i in indices]
+    mine = [i for i in indices if co.owns(i)]
+    label = f"rank {co.rank} " if co.world > 1 else ""
+
+    def phase(work):
+        """Run `work` on every rank; if any rank fails, all stop."""
+        error, result = None, None
+        try:
+            result = work()
+        except BaseException as failure:  # noqa: BLE001 - re-raised below, on every rank
+            error = failure
+        co.agree(error)
+        return result
+
+    phase(lambda: (layout.make(), claim_output(layout, inputs, config)) if co.rank == 0 else None)
+    phase(lambda: run_tasks(filter_shard, [ShardTask(i, inputs[i], config, layout) for i in mine
+                                           if not layout.marker("filter", i).is_file()],
+                            workers, label + "filter", show_progress))
     dedup_began = time.perf_counter()
     if config.exact_dedup or config.minhash:
-        duplicates = deduplicate(layout, indices, config)
+        duplicates = phase(lambda: deduplicate(layout, indices, config, co))
     else:
         duplicates = np.empty(0, dtype=DUPLICATES_DTYPE)
     dedup_seconds = time.perf_counter() - dedup_began
-    originals = ids_of(layout, set(duplicates["kept"].tolist()))
+    phase(lambda: run_tasks(write_shard, write_tasks(layout, config, duplicates, mine), workers, label + "write",
+                            show_progress))
+    stats = None
+    if co.rank == 0:
+        filtered = [json.loads(layout.marker("filter", i).read_text()) for i in indices]
+        written = [json.loads(layout.marker("write", i).read_text()) for i in indices]
+        stats = build_stats(inputs, config, filtered, duplicates, written, dedup_seconds, time.perf_counter() - began)
+        write_text_atomically(layout.root / "stats.json", json.dumps(stats, indent=1))
+    return co.broadcast(stats)
+
+
+def write_tasks(layout: Layout, config: CurationConfig, duplicates: np.ndarray, mine: list[int]) -> list[WriteTask]:
+    """Phase 3 tasks for this rank's unfinished files, each with its duplicates and whom they duplicate."""
+    todo = [i for i in mine if not layout.marker("write", i).is_file()]
+    in_todo = np.isin(duplicates["doc"] >> 32, todo)
+    originals = ids_of(layout, set(duplicates["kept"][in_todo].tolist()))
     reasons = {code: name for name, code in REASON_CODES.items()}
-    per_file: dict[int, dict] = {i: {} for i in indices}
-    for doc, kept, reason in duplicates.tolist():
+    per_file: dict[int, dict] = {i: {} for i in todo}
+    for doc, kept, reason in duplicates[in_todo].tolist():
         per_file[key_parts(doc)[0]][doc] = (f"{reasons[reason]}_dedup", originals[kept])
-    todo = [WriteTask(i, layout, config, per_file[i]) for i in indices if not layout.marker("write", i).is_file()]
-    run_tasks(write_shard, todo, workers, "write", show_progress)
-    written = [json.loads(layout.marker("write", i).read_text()) for i in indices]
-    stats = build_stats(inputs, config, filtered, duplicates, written, dedup_seconds, time.perf_counter() - began)
-    write_text_atomically(layout.root / "stats.json", json.dumps(stats, indent=1))
-    return stats
+    return [WriteTask(i, layout, config, per_file[i]) for i in todo]
 
 
 def build_stats(inputs: list[str], config: CurationConfig, filtered: list[dict], duplicates: np.ndarray,

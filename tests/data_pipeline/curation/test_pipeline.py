@@ -146,3 +146,21 @@ def test_the_tool_prints_the_summary_and_refuses_unusable_arguments(corpus, tmp_
     other = run_tool("curate.py", "--config", str(REPO / "configs" / "data" / "webtext.yaml"), "--input",
                      *map(str, corpus), "--output", str(tmp_path / "out"))
     assert other.returncode == 2 and "another config" in other.stderr
+
+
+@pytest.mark.slow
+def test_four_mpi_ranks_give_the_same_output_as_one_process(curated, corpus, tmp_path):
+    """mpiexec -n 4: ranks split the files (one rank gets none), exchange buckets by hash, dedup globally."""
+    output, stats = curated
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(CONFIG))
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    result = subprocess.run([str(mpiexec), "-n", "4", sys.executable, str(REPO / "tools" / "curate.py"), "--config",
+                             str(config), "--input", *map(str, corpus), "--output", str(tmp_path / "out"),
+                             "--workers", "1", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 4 rank(s)" in result.stderr
+    assert output_bytes(tmp_path / "out") == output_bytes(output)
+    mpi_stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert {k: mpi_stats[k] for k in ("read", "kept", "removed")} == {k: stats[k] for k in ("read", "kept", "removed")}
+    assert result.stdout.count(" read = ") == 1  # the summary comes from rank 0 alone

@@ -1,0 +1,76 @@
+"""The few collective operations curation needs, for one process or many MPI ranks.
+
+`mpiexec -n R python tools/curate.py ...` (or `srun`) gives R ranks: they split
+the input files, exchange dedup bucket records by hash, and meet in barriers
+between phases. Alone, the same code runs with `Coordinator(None)`, for which
+every collective is trivial. The output directory must be on a file system all
+ranks see (as for any Slurm job's output).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed; its own error is printed by that rank."""
+
+
+class Coordinator:
+    def __init__(self, comm=None):
+        self.comm = comm
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.world = comm.Get_size() if comm is not None else 1
+
+    def barrier(self) -> None:
+        if self.comm is not None:
+            self.comm.Barrier()
+
+    def all_to_all(self, outgoing: list) -> list:
+        """outgoing[d] goes to rank d; returns what every rank sent to this one, by sender."""
+        return self.comm.alltoall(outgoing) if self.comm is not None else outgoing
+
+    def gather(self, value) -> list | None:
+        """Every rank's value on rank 0 (None elsewhere)."""
+        return self.comm.gather(value, root=0) if self.comm is not None else [value]
+
+    def broadcast(self, value):
+        return self.comm.bcast(value, root=0) if self.comm is not None else value
+
+    def all_max(self, value: int) -> int:
+        from_all = self.comm.allgather(value) if self.comm is not None else [value]
+        return max(from_all)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank failed, so none waits forever in the next collective."""
+        if self.comm is None:
+            if error is not None:
+                raise error
+            return
+        failures = self.comm.allgather(None if error is None else f"rank {self.rank}: {error}")
+        if error is not None:
+            raise error
+        failed = [f for f in failures if f]
+        if failed:
+            raise PeerFailure("another rank failed: " + "; ".join(failed))
+
+    def owns(self, index: int) -> bool:
+        """Input files are dealt to ranks round-robin."""
+        return index % self.world == self.rank
+
+
+def launched_with_mpi() -> bool:
+    """Whether this process was started by mpiexec / srun as one of several ranks."""
+    for variable in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE"):
+        if int(os.environ.get(variable, "1") or 1) > 1:
+            return True
+    return False
+
+
+def world_communicator():
+    """MPI.COMM_WORLD when launched as several ranks, else None (no MPI initialization at all)."""
+    if not launched_with_mpi():
+        return None
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
