@@ -202,19 +202,27 @@ def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], 
     return texts, records, skipped + chunk.stream_errors
 
 
-def chunk_records(chunk: Chunk, text_key: str) -> tuple[list[dict], list[int], list[Skipped]]:
-    """Like `chunk_documents`, keeping each whole record (every field) rather than its text alone."""
+def chunk_records(chunk: Chunk, text_key: str) -> tuple[list[dict], list[int], list[tuple[Skipped, str | None]]]:
+    """Like `chunk_documents`, keeping each whole record (every field) rather than its text alone.
+
+    Each skipped record comes with its raw content (a jsonl line decoded with
+    backslash escapes for invalid bytes, or a row as JSON), so it can be kept.
+    """
     records, numbers, skipped = [], [], []
     for offset, item in enumerate(chunk.items):
         number = chunk.first_record + offset
         record, problem = parse_json_record(item) if chunk.kind == "jsonl" else (item, None)
         problem = problem or check_text(record.get(text_key, MISSING_KEY), text_key)
         if problem:
-            skipped.append(Skipped(chunk.path, number + 1, *problem))
+            if isinstance(item, bytes):
+                raw = item.decode("utf-8", errors="backslashreplace").removesuffix("\n")
+            else:
+                raw = json.dumps(item, default=str)
+            skipped.append((Skipped(chunk.path, number + 1, *problem), raw))
         else:
             records.append(record)
             numbers.append(number)
-    return records, numbers, skipped + chunk.stream_errors
+    return records, numbers, skipped + [(error, None) for error in chunk.stream_errors]
 
 
 def iter_texts(inputs: list[str], text_key: str = "text", skipped: list[Skipped] | None = None) -> Iterator[str]:

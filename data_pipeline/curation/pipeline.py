@@ -283,9 +283,9 @@ def filter_shard(task: ShardTask) -> dict:
         records, numbers, skipped = chunk_records(chunk, config.text_key)
         result.read += len(records) + len(skipped)
         result.unreadable += len(skipped)
-        for bad in skipped:  # unreadable records are removed with their reason, never lost
+        for bad, raw in skipped:  # unreadable records are removed with their reason and content, never lost
             removed_out.write({"source": f"{bad.file}:{bad.line}", "reason": f"input:{bad.reason}",
-                               "detail": bad.detail})
+                               "detail": bad.detail, "raw": raw})
         for record, number in zip(records, numbers):
             doc = make_document(record, number, task.path, config)
             for stage in stages:

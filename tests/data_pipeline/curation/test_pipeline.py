@@ -71,8 +71,9 @@ def test_every_document_is_kept_or_removed_with_a_reason(curated, corpus):
     kept, removed = records(output / "documents", "*.jsonl.zst"), records(output / "removed", "*.jsonl.zst")
     assert stats["read"] == lines == len(kept) + len(removed) == stats["kept"] + stats["removed"]
     assert all(r["reason"] for r in removed)
-    broken = {r["reason"]: r["source"] for r in removed if r["reason"].startswith("input:")}
-    assert broken == {"input:malformed_json": f"{corpus[0]}:4", "input:not_an_object": f"{corpus[1]}:6"}
+    broken = {r["reason"]: (r["source"], r["raw"]) for r in removed if r["reason"].startswith("input:")}
+    assert broken == {"input:malformed_json": (f"{corpus[0]}:4", '{"id": "broken", "text": '),
+                      "input:not_an_object": (f"{corpus[1]}:6", "[1, 2]")}
     assert not any("wikipedia.org" in r["url"] for r in kept)
     assert stats["stages"]["url"]["dropped"]["url:wikipedia"] > 10
     assert json.loads((output / "stats.json").read_text()) == stats
