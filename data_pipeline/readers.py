@@ -280,6 +280,16 @@ def _open_lines(path: str, raw: BinaryIO):
     return raw, "plain"
 
 
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """The records of a jsonl, jsonl.gz or jsonl.zst file we wrote ourselves (nothing to skip)."""
+    with open(path, "rb") as raw:
+        lines, _ = _open_lines(str(path), raw)
+        for line in lines:
+            yield json.loads(line)
+        if getattr(lines, "truncated", False):
+            raise InputError(f"{path} ends in the middle of a zstd frame: truncated")
+
+
 def _jsonl_chunks(path: str, file_index: int, start_record: int, chunk_bytes: int) -> Iterator[Chunk]:
     with open(path, "rb") as raw:
         lines, stream = _open_lines(path, raw)
@@ -326,16 +336,12 @@ def _column_chunks(tables: Iterator, path: str, file_index: int, text_key: str, 
         table, skip = table.slice(skip), 0
         if whole_records:
             values = table.to_pylist()
-            yield Chunk(file_index, path, record, "records", values,
-                        disk_bytes=total_bytes * len(values) // max(total_rows, 1))
-            record += len(values)
-            continue
-        if text_key in table.schema.names:
+        elif text_key in table.schema.names:
             values = table.column(text_key).to_pylist()
         else:
             values = [MISSING_KEY] * table.num_rows
         disk = total_bytes * len(values) // max(total_rows, 1)
-        yield Chunk(file_index, path, record, "values", values, disk_bytes=disk)
+        yield Chunk(file_index, path, record, "records" if whole_records else "values", values, disk_bytes=disk)
         record += len(values)
 
 

@@ -111,14 +111,18 @@ def check_splits_have_documents(paths: list[str], split: str, sizes: list[int]) 
                 )
 
 
-def build_datasets(config: Config, tokenizer: Tokenizer, run_dir: Path, data_parallel_size: int):
-    """(train, valid) blended GPT datasets sized for the whole run; valid is None without evaluation."""
+def build_datasets(config: Config, tokenizer: Tokenizer, blend: tuple[list[str], list[float]], run_dir: Path,
+                   data_parallel_size: int):
+    """(train, valid) blended GPT datasets sized for the whole run; valid is None without evaluation.
+
+    `blend` is `resolve_blend(config.data.prefixes, tokenizer)`, which the trainer also records in checkpoints.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    paths, weights = resolve_blend(config.data.prefixes, tokenizer)
+    paths, weights = blend
     global_batch = config.parallel.global_batch_size
     # Every evaluation uses the same first `eval.iterations` global batches of the
     # validation split, so validation losses along a run compare like with like.

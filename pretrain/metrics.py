@@ -51,7 +51,7 @@ class MetricsWriter:
         step = metrics["step"]
         if self._board is not None:
             for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                if key != "step" and isinstance(value, (int, float)):
                     self._board.add_scalar(f"train/{key}" if not key.startswith("valid_") else f"valid/{key[6:]}",
                                            value, step)
         if step % self.console_interval == 0 or "valid_loss" in metrics:

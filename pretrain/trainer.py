@@ -112,8 +112,8 @@ class Trainer:
         from megatron.core import parallel_state
 
         self.data_rank = parallel_state.get_data_parallel_rank()
-        self.blend = resolve_blend(config.data.prefixes, self.tokenizer)  # for checkpoint manifests
-        self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.run_dir,
+        self.blend = resolve_blend(config.data.prefixes, self.tokenizer)  # the datasets' and the manifests'
+        self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.blend, self.run_dir,
                                                           self.layout.data_parallel_size)
         for signum in (signal.SIGTERM, signal.SIGUSR1):  # before resuming: a signal mid-conversion waits for it
             signal.signal(signum, self._request_stop)
@@ -142,12 +142,12 @@ class Trainer:
 
     def manifest(self) -> dict:
         paths, weights = self.blend
-        layout = self.layout
+        layout, config = self.layout, self.config.to_dict()
         return {
             "layout": self.layout_record(),
             "consumed_samples": self.step * layout.global_batch_size,
-            "config_sha256": config_hash(self.config.to_dict()),
-            "config": self.config.to_dict(),  # the resolved config, as RUN_DIR/config.yaml has it
+            "config_sha256": config_hash(config),
+            "config": config,  # the resolved config, as RUN_DIR/config.yaml has it
             "model": self.model_shape(),
             "data": {"shards": paths, "weights": weights, "tokenizer_sha256": self.tokenizer.identity()["sha256"],
                      "seed": self.config.train.seed, "global_batch_size": layout.global_batch_size},

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.curation.pipeline import CurationConfig, curate, read_jsonl_zst  # noqa: E402
+from data_pipeline.curation.pipeline import CurationConfig, curate  # noqa: E402
+from data_pipeline.readers import read_jsonl  # noqa: E402
 from data_pipeline.sample_text import real_documents  # noqa: E402
 
 OUR_CONFIG = {"stages": [
@@ -118,15 +119,8 @@ def run_datatrove(inputs: list[Path], work: Path, workers: int) -> tuple[float, 
     for stage in stages:
         stage.run()
     seconds = time.perf_counter() - began
-    kept = sum(1 for path in (work / "output").glob("*.jsonl.gz") for _ in _gzip_lines(path))
+    kept = sum(1 for path in (work / "output").glob("*.jsonl.gz") for _ in read_jsonl(path))
     return seconds, kept
-
-
-def _gzip_lines(path: Path):
-    import gzip
-
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        yield from f
 
 
 def main(argv=None) -> int:
@@ -149,7 +143,7 @@ def main(argv=None) -> int:
         for name, seconds, kept in (("ours", ours_seconds, ours_kept), ("datatrove", theirs_seconds, theirs_kept)):
             print(f"{name:<12}{seconds:>10.1f}{args.documents / seconds / args.workers:>16,.0f}{kept:>10,}")
         print(f"ours / datatrove, per worker: {theirs_seconds / ours_seconds:.2f}x")
-        assert sum(1 for p in (root / "ours" / "documents").glob("*.jsonl.zst") for _ in read_jsonl_zst(p)) == ours_kept
+        assert sum(1 for p in (root / "ours" / "documents").glob("*.jsonl.zst") for _ in read_jsonl(p)) == ours_kept
     finally:
         if args.keep:
             print(f"kept {root}")

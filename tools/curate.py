@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("curate").setLevel(logging.INFO)
-    comm = world_communicator()  # several ranks under mpiexec / srun, else None
-    rank = comm.Get_rank() if comm is not None else 0
+    comm = None
     try:
+        comm = world_communicator()  # several ranks under mpiexec / srun, else None
         config = load_curation_config(args.config)
         inputs = resolve_inputs(args.input)
         stats = curate(inputs, args.output, config, args.workers, show_progress=not args.quiet, comm=comm)
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     except PeerFailure as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if rank != 0:
+    if comm is not None and comm.Get_rank() != 0:
         return 0
     print(summary_table(stats))
     print(f"{stats['read']:,} read = {stats['kept']:,} kept + {stats['removed']:,} removed; "

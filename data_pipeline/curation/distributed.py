@@ -13,7 +13,8 @@ import os
 
 
 class PeerFailure(RuntimeError):
-    """Another rank failed; its own error is printed by that rank."""
+    """The ranks cannot work together: another rank failed (it prints its own error), or the
+    launcher started several tasks that MPI does not see as one world."""
 
 
 class Coordinator:
@@ -59,18 +60,24 @@ class Coordinator:
         return index % self.world == self.rank
 
 
-def launched_with_mpi() -> bool:
-    """Whether this process was started by mpiexec / srun as one of several ranks."""
-    for variable in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE"):
-        if int(os.environ.get(variable, "1") or 1) > 1:
-            return True
-    return False
+# Set by the launchers to the number of processes started together: mpiexec (MPICH, Open MPI, PMIx)
+# and srun (SLURM_STEP_NUM_TASKS, which is 1 in a batch script itself).
+_TASK_COUNT_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
 def world_communicator():
-    """MPI.COMM_WORLD when launched as several ranks, else None (no MPI initialization at all)."""
-    if not launched_with_mpi():
+    """MPI.COMM_WORLD when launched as several tasks, else None (no MPI initialization at all).
+
+    Under srun without an MPI plugin every task would see a world of one and all of
+    them would curate every file into the same output; that is refused.
+    """
+    tasks = max(int(os.environ.get(variable) or 1) for variable in _TASK_COUNT_VARIABLES)
+    if tasks <= 1:
         return None
     from mpi4py import MPI
 
-    return MPI.COMM_WORLD
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != tasks:
+        raise PeerFailure(f"started as one of {tasks} tasks, but MPI sees a world of {comm.Get_size()}: "
+                          "under srun pass --mpi=pmi2 (or pmix), or launch with mpiexec")
+    return comm

@@ -58,7 +58,7 @@ from data_pipeline.curation.filters import (
     Normalize,
     UrlFilter,
 )
-from data_pipeline.readers import chunk_records, iter_chunks
+from data_pipeline.readers import chunk_records, iter_chunks, read_jsonl
 
 log = logging.getLogger("curate")
 
@@ -111,6 +111,15 @@ class CurationConfig:
         config = cls(stages, exact, minhash, data.get("text_key", "text"), data.get("id_key", "id"), memory_mb)
         config.build_stages()  # refuse bad settings now, not in a worker
         return config
+
+    def stage_labels(self) -> list[str]:
+        """Each stage's name in stats, numbered from the second use on (metadata, metadata#2, ...)."""
+        seen: dict[str, int] = {}
+        labels = []
+        for name, _ in self.stages:
+            seen[name] = seen.get(name, 0) + 1
+            labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+        return labels
 
     def build_stages(self) -> list[Stage]:
         built = []
@@ -189,16 +198,6 @@ class JsonlZstWriter:
     def commit(self) -> None:
         self.stream.close()  # also closes the file
         os.replace(self.partial, self.path)
-
-
-def read_jsonl_zst(path: Path):
-    with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
-        buffered = b""
-        while chunk := reader.read(1 << 20):
-            buffered += chunk
-            *lines, buffered = buffered.split(b"\n")
-            for line in lines:
-                yield json.loads(line)
 
 
 # ---- phase 1: filter, one task per input file ---------------------------------------
@@ -301,7 +300,7 @@ def filter_shard(task: ShardTask) -> dict:
     kept_out.commit()
     removed_out.commit()
     result.kept, result.removed = kept_out.count, removed_out.count
-    result.stages = {stage.name: stage.stats.to_dict() for stage in stages}
+    result.stages = {label: stage.stats.to_dict() for label, stage in zip(config.stage_labels(), stages)}
     result.seconds = time.perf_counter() - began
     summary = {**result.__dict__, "documents": result.read, "bytes": result.bytes_in}
     write_text_atomically(layout.marker("filter", task.index), json.dumps(summary))
@@ -427,7 +426,7 @@ def write_shard(task: WriteTask) -> dict:
     keys = np.fromfile(layout.keys(task.index, "doc"), dtype=np.int64)
     kept = JsonlZstWriter(layout.documents / f"{task.index:05d}.jsonl.zst")
     removed = JsonlZstWriter(layout.removed / f"dedup-{task.index:05d}.jsonl.zst")
-    for key, record in zip(keys.tolist(), read_jsonl_zst(layout.filtered(task.index)), strict=True):
+    for key, record in zip(keys.tolist(), read_jsonl(layout.filtered(task.index)), strict=True):
         duplicate = task.duplicates.get(key)
         if duplicate is None:
             record.pop("source", None)
@@ -531,7 +530,12 @@ def curate(inputs: list[str], output: str | Path, config: CurationConfig, worker
         co.agree(error)
         return result
 
-    phase(lambda: (layout.make(), claim_output(layout, inputs, config)) if co.rank == 0 else None)
+    def prepare_output():
+        if co.rank == 0:
+            layout.make()
+            claim_output(layout, inputs, config)
+
+    phase(prepare_output)
     phase(lambda: run_tasks(filter_shard, [ShardTask(i, inputs[i], config, layout) for i in mine
                                            if not layout.marker("filter", i).is_file()],
                             workers, label + "filter", show_progress))
@@ -576,9 +580,9 @@ def build_stats(inputs: list[str], config: CurationConfig, filtered: list[dict],
     rows = {"input": {"seen": read, "kept": read - unreadable, "dropped": {"input:unreadable": unreadable}, "seconds": 0}}
     rows.update({name: stat.to_dict() for name, stat in stages.items()})
     survivors = sum(f["kept"] for f in filtered)
-    for code, name in ((0, "exact_dedup"), (1, "minhash_dedup")):
-        if (name == "exact_dedup" and config.exact_dedup) or (name == "minhash_dedup" and config.minhash):
-            dropped = int((duplicates["reason"] == code).sum())
+    for reason, enabled in (("exact", config.exact_dedup), ("minhash", config.minhash is not None)):
+        if enabled:
+            name, dropped = f"{reason}_dedup", int((duplicates["reason"] == REASON_CODES[reason]).sum())
             rows[name] = {"seen": survivors, "kept": survivors - dropped, "dropped": {name: dropped},
                           "seconds": round(dedup_seconds, 3)}
             survivors -= dropped

@@ -10,16 +10,15 @@ and every rank of the new layout then loads its own slices from there
 
 The converter merges tensor-parallel slices by parameter name, so it must be told
 how each of our parameters is split; `universal_checkpoint_info` says so, and is
-saved with every checkpoint. The conversion is written under a temporary name
-and renamed when complete, inside the checkpoint's own directory, so it is
-reused by later resumes and removed with the checkpoint.
+saved with every checkpoint. The conversion is written to a sibling `.tmp-`
+directory and renamed into the checkpoint's own directory when complete, so it
+is reused by later resumes and removed with the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,6 @@ from pretrain.model.gpt2 import TIED_EMBEDDING, GPTConfig
 log = logging.getLogger("pretrain")
 
 UNIVERSAL = "universal"
-_PARTIAL = ".universal-partial"
 
 _WORD_EMBEDDING = rf"tied_modules\.{TIED_EMBEDDING}\.word\.weight$"
 # How megatron-core splits each parameter over tensor-parallel ranks (pretrain/model/gpt2.py):
@@ -71,15 +69,6 @@ def checkpoint_client_state(config: GPTConfig) -> dict:
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     return {UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(config)}
-
-
-def tensor_parallel_split(name: str) -> str:
-    """How the converter will treat `name`: "replicated", "rows" (dim 1), "vocabulary" or "columns" (dim 0)."""
-    if any(re.match(pattern, name) for pattern in _REPLICATED):
-        return "replicated"
-    if any(re.match(pattern, name) for pattern in _ROW_PARALLEL):
-        return "rows"
-    return "vocabulary" if re.match(_WORD_EMBEDDING, name) else "columns"
 
 
 def reshard_refusal(saved: dict, ours: dict) -> str | None:
@@ -135,6 +124,11 @@ def universal_dir(checkpoint: Path) -> Path:
     return Path(checkpoint) / UNIVERSAL
 
 
+def _converted(checkpoint: Path) -> bool:
+    # The converter writes the optimizer's common state last.
+    return (universal_dir(checkpoint) / "zero" / "optimizer_state.pt").is_file()
+
+
 def _partial_dir(checkpoint: Path) -> Path:
     # A sibling `.tmp-` directory: never inside the checkpoint the converter reads, and
     # removed with other unfinished saves at the next start.
@@ -153,7 +147,7 @@ def convert_to_universal(checkpoint: Path, workers: int | None = None) -> Path:
     """
     checkpoint = Path(checkpoint)
     target = universal_dir(checkpoint)
-    if (target / "zero" / "optimizer_state.pt").is_file():
+    if _converted(checkpoint):
         return target
     partial = _partial_dir(checkpoint)
     shutil.rmtree(partial, ignore_errors=True)
@@ -187,7 +181,7 @@ def convert_on_rank_zero(checkpoint: Path, rank: int, poll_seconds: float = 1.0)
     0 is written down first, so every rank stops with the same error.
     """
     checkpoint = Path(checkpoint)
-    marker, done = _failure_marker(checkpoint), universal_dir(checkpoint) / "zero" / "optimizer_state.pt"
+    marker = _failure_marker(checkpoint)
     if rank == 0:
         marker.unlink(missing_ok=True)
     dist.barrier()  # no rank reads a stale failure marker
@@ -199,7 +193,7 @@ def convert_on_rank_zero(checkpoint: Path, rank: int, poll_seconds: float = 1.0)
             dist.barrier()
             raise
     else:
-        while not done.is_file() and not marker.is_file():
+        while not _converted(checkpoint) and not marker.is_file():
             time.sleep(poll_seconds)
     dist.barrier()
     if marker.is_file():

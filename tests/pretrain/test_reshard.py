@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -125,14 +126,30 @@ def test_a_resume_that_cannot_continue_the_run_is_refused_naming_the_setting(str
     assert message in result.stderr
 
 
+def tensor_parallel_split(info: dict, name: str) -> str:
+    """How DeepSpeed's converter treats `name` under the saved patterns (its order: averaged, then
+    row-parallel; a vocabulary tensor is concatenated by rows like the default, then unpadded)."""
+    from deepspeed.checkpoint import constants as c
+
+    def matches(key):
+        return any(re.match(pattern, name) for pattern in info.get(key, []))
+
+    if matches(c.PARAMETER_TO_AVERAGE_PATTERNS):
+        return "replicated"
+    if matches(c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS):
+        return "rows"
+    return "vocabulary" if matches(c.VOCABULARY_PARAMETER_PATTERNS) else "columns"
+
+
 def test_the_tensor_parallel_split_given_to_deepspeed_matches_megatron_core(single_process_group):
     """Each parameter's merge rule for the universal checkpoint agrees with how megatron-core splits it."""
     from pretrain.model.gpt2 import GPT2, GPTConfig
     from pretrain.parallel.distributed import model_parallel_config
-    from pretrain.parallel.reshard import tensor_parallel_split
+    from pretrain.parallel.reshard import universal_checkpoint_info
 
-    model = GPT2(GPTConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=1000, padded_vocab_size=1024),
-                 model_parallel_config(single_process_group))
+    config = GPTConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=1000, padded_vocab_size=1024)
+    model = GPT2(config, model_parallel_config(single_process_group))
+    info = universal_checkpoint_info(config)
     for name, parameter in model.named_parameters():
         if not getattr(parameter, "tensor_model_parallel", False):
             expected = "replicated"
@@ -140,4 +157,4 @@ def test_the_tensor_parallel_split_given_to_deepspeed_matches_megatron_core(sing
             expected = "vocabulary"
         else:
             expected = {0: "columns", 1: "rows"}[parameter.partition_dim]
-        assert tensor_parallel_split(name) == expected, name
+        assert tensor_parallel_split(info, name) == expected, name

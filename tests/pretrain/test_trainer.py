@@ -128,11 +128,13 @@ def test_global_batch_is_the_same_for_every_data_parallel_size(single_process_gr
     import torch
 
     from data_pipeline.tokenizers import load_tokenizer
-    from pretrain.data import build_datasets, micro_batches
+    from pretrain.data import build_datasets, micro_batches, resolve_blend
     from pretrain.parallel.layout import ParallelLayout
 
     config = load_config(TINY, [f"data.prefixes=[{shards}]", "train.max_steps=6", "eval.interval=0"])
-    train_data, _ = build_datasets(config, load_tokenizer("gpt2"), tmp_path, data_parallel_size=1)
+    tokenizer = load_tokenizer("gpt2")
+    blend = resolve_blend(config.data.prefixes, tokenizer)
+    train_data, _ = build_datasets(config, tokenizer, blend, tmp_path, data_parallel_size=1)
 
     def global_batch(step: int, dp: int, micro: int) -> torch.Tensor:
         layout = ParallelLayout(world_size=dp, micro_batch_size=micro, global_batch_size=8)

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.curation.dedup import (
+    MAX_32,
+    MERSENNE_61,
     DisjointSet,
     MinHasher,
     MinHashSettings,
@@ -15,6 +17,7 @@ from data_pipeline.curation.dedup import (
     bucket_records,
     deduplicate_in_memory,
     document_key,
+    shingle_hashes,
     words,
 )
 
@@ -121,9 +124,11 @@ def test_a_bucket_of_k_documents_gives_k_minus_1_pairs_to_its_earliest():
     assert fuzzy.tolist() == [[10, 20], [10, 30], [10, 40]]
 
 
-def test_signatures_do_not_depend_on_shingle_order_or_length_blocks():
+def test_signatures_hashed_in_blocks_equal_the_minimum_over_all_shingles_at_once():
     hasher = MinHasher(SETTINGS)
     long_text = " ".join(f"w{i}" for i in range(10_000))  # more shingles than one hashing block
-    assert np.array_equal(hasher.signature(long_text), hasher.signature(long_text))
+    hashes = shingle_hashes(long_text, SETTINGS.ngram)[:, None]
+    direct = (((hashes * hasher.a + hasher.b) % MERSENNE_61) & MAX_32).min(axis=0).astype(np.uint32)
+    assert len(hashes) > 2048 and np.array_equal(hasher.signature(long_text), direct)
     assert hasher.signature("a b c d e f").shape == (112,)
     assert np.array_equal(MinHasher(SETTINGS).signature(long_text), hasher.signature(long_text))  # seeded

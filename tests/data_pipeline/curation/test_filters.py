@@ -42,7 +42,7 @@ def reasons(stage, texts: list[str]) -> list:
     return out
 
 
-def test_real_news_and_wikipedia_mostly_pass_the_quality_filters(real_documents):
+def test_real_news_articles_mostly_pass_the_quality_filters(real_documents):
     """Edited prose is what these rules were designed to keep: nearly all of it passes."""
     news = [d["text"] for d in real_documents if d["source"] == "abc-news"][:200]
     for stage in (GopherQualityFilter(min_words=20), GopherRepetitionFilter(), FineWebFilter()):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_pipeline.curation.pipeline import CurationConfig, CurationConfigError, curate, read_jsonl_zst
+from data_pipeline.curation.pipeline import CurationConfig, CurationConfigError, curate
+from data_pipeline.readers import read_jsonl
 from tests.conftest import REPO, run_tool
 
 CONFIG = {
@@ -49,7 +50,7 @@ def corpus(tmp_path_factory, real_documents) -> list[Path]:
 
 
 def records(directory: Path, pattern: str) -> list[dict]:
-    return [r for path in sorted(directory.glob(pattern)) for r in read_jsonl_zst(path)]
+    return [r for path in sorted(directory.glob(pattern)) for r in read_jsonl(path)]
 
 
 def output_bytes(output: Path) -> dict[str, bytes]:
