@@ -1,5 +1,6 @@
-"""Streaming readers for corpus files: jsonl (plain, .gz, .zst), parquet, and
-Hugging Face `datasets` directories written by `save_to_disk`.
+"""Streaming readers for corpus files: jsonl (plain, .gz, .zst), parquet,
+Hugging Face `datasets` directories written by `save_to_disk`, and WARC/WET web
+archives (see data_pipeline/warc.py).
 
 A reader never parses JSON: it cuts a file into `Chunk`s of raw records so that
 parsing, validation and tokenization run in worker processes, and the reading
@@ -25,13 +26,15 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
+from data_pipeline.warc import WARC_SUFFIXES, raw_of, warc_items, warc_record
+
 # A parquet / datasets row without the text column. Ellipsis survives pickling
 # as the same singleton, so workers can test `value is MISSING_KEY`.
 MISSING_KEY = Ellipsis
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".zst")
 PARQUET_SUFFIXES = (".parquet",)
-SUPPORTED = JSONL_SUFFIXES + PARQUET_SUFFIXES
+SUPPORTED = JSONL_SUFFIXES + PARQUET_SUFFIXES + WARC_SUFFIXES
 
 # Records handed to a worker at a time. About 1 MB keeps inter-process overhead
 # well under 1% of tokenization time while bounding memory per chunk in flight.
@@ -52,7 +55,7 @@ class Skipped:
     """
 
     file: str
-    line: int  # 1-based line (jsonl) or row number (parquet, datasets)
+    line: int  # 1-based line (jsonl), row number (parquet, datasets) or document record (warc)
     reason: str
     detail: str = ""
 
@@ -65,8 +68,9 @@ class Skipped:
 class Chunk:
     """Consecutive records of one file, not yet parsed.
 
-    `items` holds raw lines (bytes, kind "jsonl") or column values (kind
-    "values": a str, None, or MISSING_KEY). `stream_errors` are problems found
+    `items` holds raw lines (bytes, kind "jsonl"), column values (kind
+    "values": a str, None, or MISSING_KEY), whole rows (kind "records") or web
+    archive records (kind "warc": WarcItem, whose text is extracted on parsing). `stream_errors` are problems found
     by the reader itself after the last item (a truncated stream).
     """
 
@@ -146,6 +150,8 @@ def iter_chunks(
         yield from _datasets_chunks(path, file_index, text_key, start_record, chunk_bytes, whole_records)
     elif path.endswith(PARQUET_SUFFIXES):
         yield from _parquet_chunks(path, file_index, text_key, start_record, chunk_bytes, whole_records)
+    elif path.endswith(WARC_SUFFIXES):
+        yield from _warc_chunks(path, file_index, start_record, chunk_bytes)
     else:
         yield from _jsonl_chunks(path, file_index, start_record, chunk_bytes)
 
@@ -187,12 +193,29 @@ def parse_json_record(raw: bytes):
     return record, None
 
 
+def parse_item(item, kind: str, text_key: str):
+    """(the record as a dict, None) or (None, (reason, detail)) for one chunk item of any kind."""
+    if kind == "jsonl":
+        return parse_json_record(item)
+    if kind == "warc":
+        return warc_record(item, text_key)
+    if kind == "values":
+        return {text_key: item}, None
+    return item, None
+
+
 def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], list[Skipped]]:
     """Split a chunk into usable texts with their record numbers, and skipped records."""
     texts, records, skipped = [], [], []
     for offset, item in enumerate(chunk.items):
         record = chunk.first_record + offset
-        value, problem = parse_json_line(item, text_key) if chunk.kind == "jsonl" else (item, None)
+        if chunk.kind == "jsonl":
+            value, problem = parse_json_line(item, text_key)
+        elif chunk.kind == "values":
+            value, problem = item, None
+        else:
+            parsed, problem = parse_item(item, chunk.kind, text_key)
+            value = None if problem else parsed.get(text_key, MISSING_KEY)
         problem = problem or check_text(value, text_key)
         if problem:
             skipped.append(Skipped(chunk.path, record + 1, *problem))
@@ -211,11 +234,13 @@ def chunk_records(chunk: Chunk, text_key: str) -> tuple[list[dict], list[int], l
     records, numbers, skipped = [], [], []
     for offset, item in enumerate(chunk.items):
         number = chunk.first_record + offset
-        record, problem = parse_json_record(item) if chunk.kind == "jsonl" else (item, None)
+        record, problem = parse_item(item, chunk.kind, text_key)
         problem = problem or check_text(record.get(text_key, MISSING_KEY), text_key)
         if problem:
             if isinstance(item, bytes):
                 raw = item.decode("utf-8", errors="backslashreplace").removesuffix("\n")
+            elif chunk.kind == "warc":
+                raw = raw_of(item)
             else:
                 raw = json.dumps(item, default=str)
             skipped.append((Skipped(chunk.path, number + 1, *problem), raw))
@@ -316,6 +341,20 @@ def _jsonl_chunks(path: str, file_index: int, start_record: int, chunk_bytes: in
             )
         chunk.disk_bytes = os.path.getsize(path) - disk_seen
         yield chunk
+
+
+def _warc_chunks(path: str, file_index: int, start_record: int, chunk_bytes: int) -> Iterator[Chunk]:
+    """Document records of a WARC/WET file, about `chunk_bytes` of payload per chunk."""
+    chunk, size, disk_seen = Chunk(file_index, path, start_record, "warc"), 0, 0
+    for item, position in warc_items(path, start_record):
+        chunk.items.append(item)
+        size += len(item.payload)
+        if size >= chunk_bytes:
+            chunk.disk_bytes, disk_seen = position - disk_seen, position
+            yield chunk
+            chunk, size = Chunk(file_index, path, chunk.first_record + len(chunk.items), "warc"), 0
+    chunk.disk_bytes = os.path.getsize(path) - disk_seen
+    yield chunk
 
 
 # ---- columnar inputs: parquet and datasets directories --------------------------

@@ -54,3 +54,54 @@ def write_jsonl(path: str | Path, documents: list[dict]) -> Path:
         for document in documents:
             f.write(json.dumps(document, ensure_ascii=False) + "\n")
     return path
+
+
+def html_page(document: dict) -> str:
+    """A document as a news site would serve it: its text in <article> paragraphs among
+    navigation, related links and a footer, which extraction must leave out."""
+    import re
+    from html import escape
+
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", document["text"].replace("\n", " ")) if s.strip()]
+    paragraphs = [" ".join(sentences[i:i + 3]) for i in range(0, len(sentences), 3)]
+    title = escape(document.get("title") or sentences[0][:60])
+    body = "\n".join(f"<p>{escape(p)}</p>" for p in paragraphs)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title} | Example News</title></head>
+<body>
+<header><nav><ul><li><a href="/">Home</a></li><li><a href="/world">World</a></li>
+<li><a href="/sport">Sport</a></li><li><a href="/subscribe">Subscribe now</a></li></ul></nav></header>
+<main><article><h1>{title}</h1>
+{body}
+</article></main>
+<aside><h2>Related stories</h2><ul><li><a href="/a">Markets close higher</a></li>
+<li><a href="/b">Weather warning issued</a></li></ul></aside>
+<footer><p>Copyright Example News Network. All rights reserved.</p><a href="/privacy">Privacy policy</a></footer>
+</body></html>
+"""
+
+
+def write_web_archive(path: str | Path, pages: list[tuple[str, str, bytes]], wet: bool = False) -> Path:
+    """A gzipped WARC of HTTP responses (url, content type, body), as a crawler writes it, or
+    with `wet` a WET file of conversion records (the body is the page's text)."""
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=str(path).endswith(".gz"))
+        writer.write_record(writer.create_warcinfo_record(path.name, {"software": "gpt2-slurm sample_text"}))
+        for url, content_type, body in pages:
+            if wet:
+                record = writer.create_warc_record(url, "conversion", payload=BytesIO(body),
+                                                   warc_content_type="text/plain")
+            else:
+                http = StatusAndHeaders("200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1")
+                writer.write_record(writer.create_warc_record(url, "request", payload=BytesIO(b"GET / HTTP/1.1\r\n\r\n"),
+                                                              warc_content_type="application/http; msgtype=request"))
+                record = writer.create_warc_record(url, "response", payload=BytesIO(body), http_headers=http)
+            writer.write_record(record)
+    return path

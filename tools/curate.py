@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="stages and thresholds: configs/data/webtext.yaml, fineweb.yaml")
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                        help="jsonl / jsonl.gz / jsonl.zst / parquet files, globs, or datasets directories")
+                        help="jsonl / jsonl.gz / jsonl.zst / parquet / WARC / WET files, globs, or datasets directories")
     parser.add_argument("--output", required=True, help="the output directory")
     parser.add_argument("--workers", type=int, default=default_workers(), help="processes (default: CPUs available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

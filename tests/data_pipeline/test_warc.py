@@ -1,0 +1,106 @@
+"""WARC and WET inputs: real news articles served as web pages, extracted back to their text,
+with every record that yields no text reported by file and record number."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.curation.pipeline import CurationConfig, curate
+from data_pipeline.readers import chunk_documents, chunk_records, iter_chunks, read_jsonl, resolve_inputs
+from data_pipeline.sample_text import html_page, news_articles, write_web_archive
+
+BOILERPLATE = ("Subscribe now", "Related stories", "All rights reserved", "Privacy policy", "Example News")
+EMPTY_PAGE = b"<html><head><script>var x = 1;</script></head><body></body></html>"
+
+
+def page(document: dict) -> tuple[str, str, bytes]:
+    return f"https://news.example.com/{document['id']}", "text/html; charset=utf-8", html_page(document).encode()
+
+
+@pytest.fixture(scope="module")
+def articles() -> list[dict]:
+    return list(news_articles())[:60]
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory, articles) -> Path:
+    """60 article pages, with an image at document record 11 and a page without text at record 31."""
+    pages = [page(d) for d in articles]
+    pages.insert(10, ("https://news.example.com/logo.png", "image/png", b"\x89PNG\r\n\x1a\n" + bytes(64)))
+    pages.insert(30, ("https://news.example.com/blank", "text/html", EMPTY_PAGE))
+    return write_web_archive(tmp_path_factory.mktemp("warc") / "crawl.warc.gz", pages)
+
+
+def all_records(path: Path, start_record: int = 0):
+    records, numbers, skipped = [], [], []
+    for chunk in iter_chunks(str(path), 0, "text", start_record=start_record, chunk_bytes=20_000, whole_records=True):
+        r, n, s = chunk_records(chunk, "text")
+        records, numbers, skipped = records + r, numbers + n, skipped + s
+    return records, numbers, skipped
+
+
+def test_pages_in_a_warc_become_their_article_text_without_the_site_around_it(crawl, articles):
+    records, numbers, _ = all_records(crawl)
+    assert len(records) == len(articles)
+    for record, article in zip(records, articles):
+        title, *body = record["text"].split("\n")
+        assert " ".join(body).split() == article["text"].split()  # every word of the article, in order
+        assert not any(junk in record["text"] for junk in BOILERPLATE)
+        assert record["url"] == f"https://news.example.com/{article['id']}"
+        assert record["id"].startswith("<urn:uuid:") and record["date"]
+    assert len({r["id"] for r in records}) == len(records)
+    # request and warcinfo records are not documents: numbering counts responses only
+    assert numbers == [n for n in range(len(articles) + 2) if n not in (10, 30)]
+
+
+def test_records_without_text_are_reported_by_file_and_record_with_what_they_held(crawl):
+    _, _, skipped = all_records(crawl)
+    assert [(s.file, s.line, s.reason) for s, _ in skipped] == [
+        (str(crawl), 11, "not_html"), (str(crawl), 31, "no_extractable_text")]
+    (image, image_raw), (blank, blank_raw) = skipped
+    assert "image/png" in image.detail and image_raw is None  # a binary payload is not kept as text
+    assert "https://news.example.com/blank" in blank.detail and blank_raw == EMPTY_PAGE.decode()
+
+
+def test_reading_resumes_at_a_record_number(crawl):
+    records, numbers, _ = all_records(crawl)
+    later, later_numbers, skipped = all_records(crawl, start_record=20)
+    assert later_numbers == [n for n in numbers if n >= 20]
+    assert [r["text"] for r in later] == [r["text"] for r, n in zip(records, numbers) if n >= 20]
+    assert [s.line for s, _ in skipped] == [31]
+
+
+def test_wet_conversion_records_are_taken_as_they_are(tmp_path, articles):
+    wet = write_web_archive(tmp_path / "crawl.warc.wet.gz",
+                            [(u, "text/plain", d["text"].encode()) for d, (u, _, _) in zip(articles, map(page, articles))],
+                            wet=True)
+    assert resolve_inputs([str(tmp_path)]) == [str(wet)]
+    texts, numbers, skipped = [], [], []
+    for chunk in iter_chunks(str(wet), 0, "text"):
+        t, n, s = chunk_documents(chunk, "text")
+        texts, numbers, skipped = texts + t, numbers + n, skipped + s
+    assert texts == [d["text"] for d in articles] and numbers == list(range(len(articles))) and not skipped
+
+
+def test_curating_a_crawl_keeps_or_removes_every_document_record(tmp_path, crawl, articles):
+    """The crawl, a WET holding the text of 5 of its pages again, and a Wikipedia page: the WET copies
+    are exact duplicates of the extracted pages, and every document record is kept or removed."""
+    extracted, _, _ = all_records(crawl)
+    wet = write_web_archive(tmp_path / "copies.warc.wet.gz",
+                            [(r["url"], "text/plain", r["text"].encode()) for r in extracted[:5]], wet=True)
+    wiki = {"id": "wiki", "title": "Hill Top", "text": articles[0]["text"]}
+    warc = write_web_archive(tmp_path / "wiki.warc", [("https://en.wikipedia.org/wiki/Hill_Top", "text/html",
+                                                        html_page(wiki).encode())])
+    config = CurationConfig.from_dict({"stages": ["normalize", {"url": {"remove_wikipedia": True}}, "exact_dedup"]})
+    stats = curate([str(crawl), str(wet), str(warc)], tmp_path / "out", config, show_progress=False)
+    assert stats["read"] == len(articles) + 2 + 5 + 1 == stats["kept"] + stats["removed"]
+    kept = [r for p in sorted((tmp_path / "out" / "documents").glob("*.jsonl.zst")) for r in read_jsonl(p)]
+    removed = [r for p in sorted((tmp_path / "out" / "removed").glob("*.jsonl.zst")) for r in read_jsonl(p)]
+    assert [r["url"] for r in kept] == [page(d)[0] for d in articles]
+    assert sorted(r["reason"] for r in removed) == sorted(
+        ["input:not_html", "input:no_extractable_text", "url:wikipedia"] + ["exact_dedup"] * 5)
+    copies = [r for r in removed if r["reason"] == "exact_dedup"]
+    assert [c["duplicate_of"] for c in copies] == [r["id"] for r in extracted[:5]]
+    assert [r["source"] for r in removed if r["reason"].startswith("input:")] == [f"{crawl}:11", f"{crawl}:31"]
