@@ -24,9 +24,7 @@ import math
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +56,7 @@ from data_pipeline.curation.filters import (
     Normalize,
     UrlFilter,
 )
+from data_pipeline.curation.tasks import report, run_tasks
 from data_pipeline.readers import chunk_records, iter_chunks, read_jsonl
 
 log = logging.getLogger("curate")
@@ -67,6 +66,7 @@ STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (
     FineWebFilter, LanguageFilter)}
 DEDUP_STAGES = ("exact_dedup", "minhash_dedup")
 SIGNATURE_FLUSH = 4096  # documents buffered before their keys are appended to disk
+PROGRESS_EVERY = 4096  # documents written between two progress reports
 
 
 class CurationConfigError(ValueError):
@@ -280,6 +280,7 @@ def filter_shard(task: ShardTask) -> dict:
     keys = KeyFiles(layout, task.index, hasher)
     for chunk in iter_chunks(task.path, task.index, config.text_key, whole_records=True):
         records, numbers, skipped = chunk_records(chunk, config.text_key)
+        report(len(records) + len(skipped), chunk.disk_bytes)
         result.read += len(records) + len(skipped)
         result.unreadable += len(skipped)
         for bad, raw in skipped:  # unreadable records are removed with their reason and content, never lost
@@ -426,7 +427,9 @@ def write_shard(task: WriteTask) -> dict:
     keys = np.fromfile(layout.keys(task.index, "doc"), dtype=np.int64)
     kept = JsonlZstWriter(layout.documents / f"{task.index:05d}.jsonl.zst")
     removed = JsonlZstWriter(layout.removed / f"dedup-{task.index:05d}.jsonl.zst")
-    for key, record in zip(keys.tolist(), read_jsonl(layout.filtered(task.index)), strict=True):
+    for number, (key, record) in enumerate(zip(keys.tolist(), read_jsonl(layout.filtered(task.index)), strict=True)):
+        if number % PROGRESS_EVERY == PROGRESS_EVERY - 1:
+            report(PROGRESS_EVERY, 0)
         duplicate = task.duplicates.get(key)
         if duplicate is None:
             record.pop("source", None)
@@ -480,34 +483,6 @@ def config_record(config: CurationConfig) -> dict:
             "id_key": config.id_key, "minhash": config.minhash.__dict__ if config.minhash else None}
 
 
-def run_tasks(function, tasks: list, workers: int, label: str, show_progress: bool) -> list:
-    """Tasks in worker processes (spawned: safe beside threads and MPI), in completion order, with a bar."""
-    from tqdm import tqdm
-
-    results = []
-    bar = tqdm(total=len(tasks), unit="file", desc=label, disable=not show_progress or not tasks)
-    documents = size = 0
-    began = time.perf_counter()
-    if workers <= 1:
-        outputs = map(function, tasks)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
-        outputs = pool.map(function, tasks)
-    try:
-        for result in outputs:
-            results.append(result)
-            documents, size = documents + result["documents"], size + result["bytes"]
-            elapsed = time.perf_counter() - began
-            bar.update(1)
-            bar.set_postfix_str(f"{documents / elapsed:,.0f} docs/s, {size / elapsed / 1e6:,.1f} MB/s")
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return results
-
-
 def curate(inputs: list[str], output: str | Path, config: CurationConfig, workers: int = 1,
            show_progress: bool = True, comm=None) -> dict:
     """Curate `inputs` into `output`; resumes a run left unfinished there. Returns the stats.
@@ -536,17 +511,18 @@ def curate(inputs: list[str], output: str | Path, config: CurationConfig, worker
             claim_output(layout, inputs, config)
 
     phase(prepare_output)
-    phase(lambda: run_tasks(filter_shard, [ShardTask(i, inputs[i], config, layout) for i in mine
-                                           if not layout.marker("filter", i).is_file()],
-                            workers, label + "filter", show_progress))
+    todo = [i for i in mine if not layout.marker("filter", i).is_file()]
+    phase(lambda: run_tasks(filter_shard, [ShardTask(i, inputs[i], config, layout) for i in todo], workers,
+                            label + "filter", show_progress, total=sum(input_size(inputs[i]) for i in todo)))
     dedup_began = time.perf_counter()
     if config.exact_dedup or config.minhash:
         duplicates = phase(lambda: deduplicate(layout, indices, config, co))
     else:
         duplicates = np.empty(0, dtype=DUPLICATES_DTYPE)
     dedup_seconds = time.perf_counter() - dedup_began
-    phase(lambda: run_tasks(write_shard, write_tasks(layout, config, duplicates, mine), workers, label + "write",
-                            show_progress))
+    writes = phase(lambda: write_tasks(layout, config, duplicates, mine))
+    phase(lambda: run_tasks(write_shard, writes, workers, label + "write", show_progress, unit="doc",
+                            total=sum(json.loads(layout.marker("filter", t.index).read_text())["kept"] for t in writes)))
     stats = None
     if co.rank == 0:
         filtered = [json.loads(layout.marker("filter", i).read_text()) for i in indices]
