@@ -29,6 +29,7 @@ from data_pipeline.curation.pipeline import (  # noqa: E402
     load_curation_config,
     summary_table,
 )
+from data_pipeline.curation.writers import SchemaConflict  # noqa: E402
 from data_pipeline.readers import InputError, resolve_inputs  # noqa: E402
 from tools.preprocess_data import default_workers  # noqa: E402
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         config = load_curation_config(args.config)
         inputs = resolve_inputs(args.input)
         stats = curate(inputs, args.output, config, args.workers, show_progress=not args.quiet, comm=comm)
-    except (InputError, CurationConfigError, OutputMismatchError, OSError) as error:
+    except (InputError, CurationConfigError, OutputMismatchError, SchemaConflict, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except PeerFailure as error:

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zstandard
-
 from data_pipeline.atomic import write_text_atomically
 from data_pipeline.curation.dedup import (
     BUCKET_DTYPE,
@@ -57,6 +55,7 @@ from data_pipeline.curation.filters import (
     UrlFilter,
 )
 from data_pipeline.curation.tasks import report, run_tasks
+from data_pipeline.curation.writers import OUTPUT_FORMATS, JsonlZstWriter, document_writer
 from data_pipeline.readers import chunk_records, iter_chunks, read_jsonl
 
 log = logging.getLogger("curate")
@@ -83,13 +82,15 @@ class CurationConfig:
     id_key: str = "id"
     memory_mb: float = 1024
     """Memory for one dedup partition of bucket records; more partitions spill to disk if needed."""
+    output_format: str = "jsonl.zst"
+    """Of the kept documents: jsonl.zst or parquet (removed/ is always jsonl.zst: its records vary in shape)."""
 
     @classmethod
     def from_dict(cls, data: dict) -> CurationConfig:
-        unknown = set(data) - {"stages", "text_key", "id_key", "memory_mb"}
+        unknown = set(data) - {"stages", "text_key", "id_key", "memory_mb", "output_format"}
         if unknown:
             raise CurationConfigError(f"unknown top-level keys {sorted(unknown)}; expected stages, text_key, "
-                                      "id_key, memory_mb")
+                                      "id_key, memory_mb, output_format")
         stages, exact, minhash = [], False, None
         for position, entry in enumerate(data.get("stages") or []):
             name, settings = _stage_entry(entry, position)
@@ -108,7 +109,11 @@ class CurationConfig:
         memory_mb = data.get("memory_mb", 1024)
         if not isinstance(memory_mb, (int, float)) or memory_mb <= 0:
             raise CurationConfigError(f"memory_mb={memory_mb!r} must be a positive number of megabytes")
-        config = cls(stages, exact, minhash, data.get("text_key", "text"), data.get("id_key", "id"), memory_mb)
+        output_format = data.get("output_format", "jsonl.zst")
+        if output_format not in OUTPUT_FORMATS:
+            raise CurationConfigError(f"output_format={output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+        config = cls(stages, exact, minhash, data.get("text_key", "text"), data.get("id_key", "id"), memory_mb,
+                     output_format)
         config.build_stages()  # refuse bad settings now, not in a worker
         return config
 
@@ -177,27 +182,6 @@ class Layout:
     def make(self) -> None:
         for directory in (self.work / "filtered", self.work / "keys", self.work / "done", self.documents, self.removed):
             directory.mkdir(parents=True, exist_ok=True)
-
-
-class JsonlZstWriter:
-    """jsonl.zst written under a temporary name; `commit` renames it into place."""
-
-    def __init__(self, path: Path):
-        self.path, self.partial = path, path.with_name(path.name + ".partial")
-        self.file = open(self.partial, "wb")
-        self.stream = zstandard.ZstdCompressor(level=3).stream_writer(self.file)
-        self.count = 0
-        self.bytes = 0
-
-    def write(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        self.stream.write(line)
-        self.count += 1
-        self.bytes += len(line)
-
-    def commit(self) -> None:
-        self.stream.close()  # also closes the file
-        os.replace(self.partial, self.path)
 
 
 # ---- phase 1: filter, one task per input file ---------------------------------------
@@ -423,16 +407,15 @@ class WriteTask:
 
 def write_shard(task: WriteTask) -> dict:
     """Phase 3 for one input file: the survivors that are not duplicates, and the duplicates with whom they repeat."""
-    layout, began = task.layout, time.perf_counter()
-    keys = np.fromfile(layout.keys(task.index, "doc"), dtype=np.int64)
-    kept = JsonlZstWriter(layout.documents / f"{task.index:05d}.jsonl.zst")
+    layout, config, began = task.layout, task.config, time.perf_counter()
+    kept_records = (record for duplicate, record in survivors(task) if duplicate is None)
+    kept = document_writer(layout.documents, task.index, config.output_format, config.text_key, config.id_key,
+                           kept_records if config.output_format == "parquet" else None)
     removed = JsonlZstWriter(layout.removed / f"dedup-{task.index:05d}.jsonl.zst")
-    for number, (key, record) in enumerate(zip(keys.tolist(), read_jsonl(layout.filtered(task.index)), strict=True)):
+    for number, (duplicate, record) in enumerate(survivors(task)):
         if number % PROGRESS_EVERY == PROGRESS_EVERY - 1:
             report(PROGRESS_EVERY, 0)
-        duplicate = task.duplicates.get(key)
         if duplicate is None:
-            record.pop("source", None)
             kept.write(record)
         else:
             reason, original = duplicate
@@ -443,6 +426,16 @@ def write_shard(task: WriteTask) -> dict:
                "seconds": time.perf_counter() - began, "documents": kept.count + removed.count, "bytes": kept.bytes}
     write_text_atomically(layout.marker("write", task.index), json.dumps(summary))
     return summary
+
+
+def survivors(task: WriteTask):
+    """(None, record) for each filtered document that is kept, ((reason, original id), record) for a duplicate."""
+    keys = np.fromfile(task.layout.keys(task.index, "doc"), dtype=np.int64)
+    for key, record in zip(keys.tolist(), read_jsonl(task.layout.filtered(task.index)), strict=True):
+        duplicate = task.duplicates.get(key)
+        if duplicate is None:
+            record.pop("source", None)
+        yield duplicate, record
 
 
 def ids_of(layout: Layout, keys: set[int]) -> dict[int, str]:
@@ -480,7 +473,8 @@ def claim_output(layout: Layout, inputs: list[str], config: CurationConfig) -> N
 
 def config_record(config: CurationConfig) -> dict:
     return {"stages": config.stages, "exact_dedup": config.exact_dedup, "text_key": config.text_key,
-            "id_key": config.id_key, "minhash": config.minhash.__dict__ if config.minhash else None}
+            "id_key": config.id_key, "minhash": config.minhash.__dict__ if config.minhash else None,
+            "output_format": config.output_format}
 
 
 def curate(inputs: list[str], output: str | Path, config: CurationConfig, workers: int = 1,

@@ -166,3 +166,18 @@ def test_four_mpi_ranks_give_the_same_output_as_one_process(curated, corpus, tmp
     mpi_stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert {k: mpi_stats[k] for k in ("read", "kept", "removed")} == {k: stats[k] for k in ("read", "kept", "removed")}
     assert result.stdout.count(" read = ") == 1  # the summary comes from rank 0 alone
+
+
+def test_parquet_output_holds_the_same_documents_as_jsonl(curated, corpus, tmp_path):
+    import pyarrow.parquet as pq
+
+    output, stats = curated
+    config = CurationConfig.from_dict({**CONFIG, "output_format": "parquet"})
+    assert curate([str(p) for p in corpus], tmp_path, config, workers=1, show_progress=False)["kept"] == stats["kept"]
+    shards = sorted((tmp_path / "documents").glob("*.parquet"))
+    assert [p.stem for p in shards] == [p.name.removesuffix(".jsonl.zst")
+                                        for p in sorted((output / "documents").glob("*.jsonl.zst"))]
+    rows = [row for p in shards for row in pq.read_table(p).to_pylist()]
+    assert rows == records(output / "documents", "*.jsonl.zst")
+    assert pq.read_schema(shards[0]).names[:2] == ["id", "text"]
+    assert records(tmp_path / "removed", "*.jsonl.zst") == records(output / "removed", "*.jsonl.zst")
