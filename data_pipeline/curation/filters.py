@@ -265,17 +265,20 @@ class C4Filter(Stage):
     Lines kept: ending in terminal punctuation, at least `min_words_per_line` words,
     no "javascript", no cookie or policy boilerplate; Wikipedia citation markers are
     removed. Pages dropped: "lorem ipsum", a curly bracket (code), fewer than
-    `min_sentences` sentences left.
+    `min_sentences` sentences left, and with `bad_words_file` (one word or phrase
+    per line, as C4 used the LDNOOBW list) any page holding one of them as a whole
+    word, in any case.
     """
 
     name = "c4"
     POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
     def __init__(self, min_words_per_line: int = 5, min_sentences: int = 3, remove_citations: bool = True,
-                 require_terminal_punctuation: bool = True):
+                 require_terminal_punctuation: bool = True, bad_words_file: str | None = None):
         super().__init__()
         self.min_words_per_line, self.min_sentences, self.remove_citations = min_words_per_line, min_sentences, remove_citations
         self.require_terminal_punctuation = require_terminal_punctuation  # FineWeb turns this rule off
+        self.bad_words = bad_words_pattern(bad_words_file) if bad_words_file else None
 
     def _keep_line(self, line: str) -> bool:
         lowered = line.lower()
@@ -289,6 +292,8 @@ class C4Filter(Stage):
             return "c4:lorem_ipsum"
         if "{" in doc.text:
             return "c4:curly_bracket"
+        if self.bad_words is not None and self.bad_words.search(lowered):
+            return "c4:bad_words"
         text = _CITATION.sub("", doc.text) if self.remove_citations else doc.text
         kept = [line for line in (line.strip() for line in text.split("\n")) if self._keep_line(line)]
         if not kept:
@@ -298,6 +303,19 @@ class C4Filter(Stage):
             return "c4:too_few_sentences"
         doc.text = text
         return doc
+
+
+def bad_words_pattern(path: str) -> re.Pattern:
+    """A whole-word, lower-case pattern for the words and phrases in `path` (blank lines and # comments skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = {line.strip().lower() for line in f if line.strip() and not line.lstrip().startswith("#")}
+    except OSError as error:
+        raise ValueError(f"bad_words_file: cannot read {path} ({error.strerror})") from error
+    if not words:
+        raise ValueError(f"bad_words_file: {path} lists no words")
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
 
 
 class FineWebFilter(Filter):

@@ -146,6 +146,18 @@ def test_c4_removes_lines_and_drops_pages():
     assert stage.stats.seen == 4 and stage.stats.kept == 0 and sum(stage.stats.dropped.values()) == 4
 
 
+def test_c4_bad_words_drop_pages_holding_a_listed_word_or_phrase_as_whole_words(tmp_path):
+    words = tmp_path / "bad_words.txt"
+    words.write_text("# a stand-in list\nlevee\n\nFire Service\n")
+    stage = C4Filter(bad_words_file=str(words))
+    assert stage(doc(PROSE)) == "c4:bad_words"  # "levee", and "fire service" in another case
+    assert stage(doc(PROSE.replace("levee", "dam"))) == "c4:bad_words"
+    clean = PROSE.replace("levee", "levees").replace("fire service", "firefighters")
+    assert isinstance(stage(doc(clean)), Document)  # a longer word holding a listed one is not that word
+    with pytest.raises(ValueError, match="cannot read"):
+        C4Filter(bad_words_file=str(tmp_path / "absent.txt"))
+
+
 @pytest.mark.parametrize("text,reason", [
     ("\n".join(f"Item number {i} in the list of things" for i in range(20)), "fineweb:line_punct_ratio"),
     ("\n".join(["Contents.", "Intro.", "Part one.", "Part two.", PROSE]), "fineweb:short_line_ratio"),
