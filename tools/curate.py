@@ -4,7 +4,9 @@
     python tools/curate.py --config configs/data/webtext.yaml --input 'raw/*.jsonl.zst' --output curated/ --workers 16
     mpiexec -n 4 python tools/curate.py ... --workers 4      # or srun: ranks split the files, dedup is global
 
-Writes curated/documents/NNNNN.jsonl.zst (one per input file, kept documents in
+Reads jsonl (.gz, .zst), parquet, datasets directories, and WARC/WET archives
+(HTML pages become their main text). Writes curated/documents/NNNNN.jsonl.zst
+(or .parquet with `output_format: parquet`; one per input file, kept documents in
 input order), curated/removed/ (every dropped document with its reason; a
 duplicate also names the document it duplicates), and curated/stats.json
 (counts per stage and reason, bytes in and out, time per stage), and prints a

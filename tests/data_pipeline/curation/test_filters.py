@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pytest
 
 from data_pipeline.curation.document import Document
@@ -15,8 +18,8 @@ from data_pipeline.curation.filters import (
     MetadataFilter,
     Normalize,
     UrlFilter,
-    duplicated_ngram_chars,
-    top_ngram_chars,
+    WordNgrams,
+    count_tokens_with_letters,
 )
 
 # A clean paragraph of ordinary English prose: 5 sentences, 100+ words, no repetition.
@@ -119,10 +122,54 @@ def test_gopher_repetition_rules(text, reason):
 
 def test_gopher_repetition_keeps_prose_and_counts_ngram_characters_once():
     assert GopherRepetitionFilter()(doc(PROSE)).text == PROSE
-    words = "a b c a b c".split()
-    assert top_ngram_chars(words, 2) == 4  # ("a", "b") twice, 2 characters each time
-    assert duplicated_ngram_chars(words, 3) == 6  # both copies of "a b c"; every word covered once
-    assert duplicated_ngram_chars("a b c d".split(), 2) == 0
+    ngrams = WordNgrams("a b c a b c".split())
+    assert ngrams.top_chars(2) == 4  # ("a", "b") twice, 2 characters each time
+    assert ngrams.duplicated_chars(3) == 6  # both copies of "a b c"; every word covered once
+    assert WordNgrams("a b c d".split()).duplicated_chars(2) == 0
+    assert WordNgrams(["a"]).top_chars(2) == WordNgrams([]).duplicated_chars(5) == 0
+
+
+def test_tokens_with_letters_are_counted_as_str_isalpha_would(real_documents):
+    texts = [d["text"] for d in real_documents[::10]]
+    texts += ["½ ⅻ Ⅻ ² 42 4th _ __x ... é ß 中文 ٣ ١٢ a_1 \u3000z\u00a0 – — ¿", "x\u2028y\u0085z 3\u200bq"]
+    for text in texts:
+        tokens = text.split()
+        assert count_tokens_with_letters(tokens) == sum(any(c.isalpha() for c in t) for t in tokens), text[:60]
+
+
+def tuple_top_ngram_chars(words: list[str], n: int) -> int:
+    """The rule written plainly with tuples: the reference the numpy version must equal."""
+    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    if not counts:
+        return 0
+    ngram, count = counts.most_common(1)[0]  # among ties, the first seen
+    return sum(map(len, ngram)) * count if count > 1 else 0
+
+
+def tuple_duplicated_ngram_chars(words: list[str], n: int) -> int:
+    first_seen: dict[tuple, int] = {}
+    covered = [False] * len(words)
+    for i in range(len(words) - n + 1):
+        first = first_seen.setdefault(tuple(words[i:i + n]), i)
+        if first != i:
+            covered[first:first + n] = covered[i:i + n] = [True] * n
+    return sum(len(w) for w, c in zip(words, covered) if c)
+
+
+def test_ngram_counts_equal_the_plain_tuple_rules_on_real_text(real_documents):
+    rng = random.Random(0)
+    texts = [d["text"] for d in real_documents[::4]]
+    texts += [t + " " + t[: len(t) // 3] for t in texts[:20]]  # repeated passages, so duplicates exist
+    texts += [" ".join(rng.choice("ab") for _ in range(300)), "x y " * 50]  # ties and heavy overlap
+    repeats = 0
+    for text in texts:
+        words = text.split()
+        ngrams = WordNgrams(words)
+        for n in range(2, 11):
+            assert ngrams.top_chars(n) == tuple_top_ngram_chars(words, n), (text[:60], n)
+            assert ngrams.duplicated_chars(n) == tuple_duplicated_ngram_chars(words, n), (text[:60], n)
+            repeats += tuple_duplicated_ngram_chars(words, n) > 0
+    assert repeats > 100
 
 
 def test_c4_removes_lines_and_drops_pages():
