@@ -305,11 +305,11 @@ class KeyStore:
 
     def __init__(self, layout: Layout, indices: list[int], num_perm: int):
         self.num_perm = num_perm
-        self.docs = {i: np.fromfile(layout.keys(i, "doc"), dtype=np.int64) for i in indices}
-        self.exact = {i: np.memmap(layout.keys(i, "exact"), dtype=np.uint64, mode="r").reshape(-1, 2)
-                      if self.docs[i].size else np.empty((0, 2), np.uint64) for i in indices}
-        self.signatures = {i: np.memmap(layout.keys(i, "signature"), dtype=np.uint32, mode="r").reshape(-1, num_perm)
-                           if self.docs[i].size and num_perm else None for i in indices}
+        # memory-mapped, not read: every rank looks up keys of every file, and the OS keeps only what is touched
+        self.docs = {i: mapped(layout.keys(i, "doc"), np.int64) for i in indices}
+        self.exact = {i: mapped(layout.keys(i, "exact"), np.uint64).reshape(-1, 2) for i in indices}
+        self.signatures = {i: mapped(layout.keys(i, "signature"), np.uint32).reshape(-1, num_perm) if num_perm else None
+                           for i in indices}
         self.layout = layout
 
     def _lookup(self, table: dict, keys: np.ndarray) -> np.ndarray:
@@ -330,6 +330,11 @@ class KeyStore:
         bands = (np.fromfile(self.layout.keys(index, "bands"), dtype=np.uint64).reshape(len(keys), -1)
                  if config.minhash else np.empty((len(keys), 0), np.uint64))
         return bucket_records(keys, bands, self.exact[index][:, 0] if config.exact_dedup else None)
+
+
+def mapped(path: Path, dtype) -> np.ndarray:
+    """A read-only memory map of a raw array file (numpy cannot map an empty file)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype)
 
 
 def spill_partitions(store: KeyStore, indices: list[int], config: CurationConfig, directory: Path,
@@ -371,7 +376,7 @@ def deduplicate(layout: Layout, indices: list[int], config: CurationConfig, co: 
     """
     target = layout.work / "duplicates.npy"
     if target.is_file():
-        return np.load(target)
+        return np.load(target, mmap_mode="r")
     began = time.perf_counter()
     store = KeyStore(layout, indices, config.minhash.num_perm if config.minhash else 0)
     partitions = spill_partitions(store, indices, config, layout.work / "buckets", co)
@@ -390,7 +395,7 @@ def deduplicate(layout: Layout, indices: list[int], config: CurationConfig, co: 
                  len(duplicates), sum(len(store.docs[i]) for i in indices), len(partitions) * co.world, co.world,
                  time.perf_counter() - began)
     co.barrier()
-    return np.load(target)
+    return np.load(target, mmap_mode="r")
 
 
 # ---- phase 3: write, one task per input file -------------------------------------------
