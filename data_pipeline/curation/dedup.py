@@ -1,4 +1,4 @@
-"""Exact and fuzzy deduplication: MinHash signatures, LSH buckets, union-find clusters.
+"""Exact and fuzzy deduplication: MinHash signatures, LSH buckets, clusters of connected pairs.
 
 Every kept document gets a 64-bit key, `input file index << 32 | record number`,
 so "the earliest document" is simply the smallest key, whatever the number of
@@ -12,7 +12,7 @@ each partition is sorted on its own, so memory holds one partition at a time
 (the executor spills them to disk, or exchanges them between MPI ranks by the
 same partition rule). Candidate pairs are verified against the full signatures
 (estimated Jaccard >= `verify_threshold`), which removes LSH's false positives
-below the threshold, then joined into clusters by union-find; each cluster keeps
+below the threshold, then joined into clusters (connected components); each cluster keeps
 its smallest key.
 """
 
@@ -121,7 +121,7 @@ def candidate_pairs(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of documents sharing a bucket, as (exact pairs, fuzzy pairs), each (m, 2): (earlier, later).
 
     Within a bucket every document is paired with the bucket's earliest one; the
-    union-find joins the rest, so a bucket of k documents gives k - 1 pairs, not k^2.
+    clusters join the rest, so a bucket of k documents gives k - 1 pairs, not k^2.
     """
     ordered = records[np.lexsort((records["doc"], records["hash"], records["band"]))]
     same_bucket = np.zeros(len(ordered), dtype=bool)
@@ -132,34 +132,6 @@ def candidate_pairs(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     exact = ordered["band"][same_bucket] == EXACT_BAND
     fuzzy = np.unique(pairs[~exact], axis=0) if (~exact).any() else np.empty((0, 2), dtype=np.int64)
     return pairs[exact], fuzzy
-
-
-class DisjointSet:
-    """Union-find over document keys; each set's root is its smallest key (the document kept)."""
-
-    def __init__(self):
-        self.parent: dict[int, int] = {}
-
-    def find(self, key: int) -> int:
-        root = key
-        while self.parent.get(root, root) != root:
-            root = self.parent[root]
-        while key != root:  # path compression
-            self.parent[key], key = root, self.parent.get(key, key)
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        root_a, root_b = self.find(a), self.find(b)
-        if root_a != root_b:
-            low, high = min(root_a, root_b), max(root_a, root_b)
-            self.parent[high] = low
-
-    def members(self):
-        """(document, the document it duplicates) for every non-root document."""
-        for key in list(self.parent):
-            root = self.find(key)
-            if root != key:
-                yield key, root
 
 
 def estimated_jaccard(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -188,29 +160,55 @@ def verified_pairs(partitions, signatures_of, exact_low_of, settings: MinHashSet
     return np.concatenate(exact_found), np.concatenate(fuzzy_found)
 
 
-def cluster(exact: np.ndarray, fuzzy: np.ndarray) -> dict[int, tuple[int, str]]:
-    """{removed document: (the kept document it duplicates, "exact" | "minhash")}.
+REASON_CODES = {"exact": 0, "minhash": 1}
+DUPLICATES_DTYPE = np.dtype([("doc", "<i8"), ("kept", "<i8"), ("reason", "u1")])
+
+
+def components(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(every document in `pairs`, sorted; the smallest document of its connected component).
+
+    The union-find of the clusters, done by scipy's connected components on the
+    pair graph: arrays of 8-byte keys instead of a Python dict entry per document,
+    which is what bounds how many duplicates one process can cluster.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nodes, ends = np.unique(pairs, return_inverse=True)
+    ends = ends.reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(ends), dtype=np.int8), (ends[:, 0], ends[:, 1])), shape=(len(nodes),) * 2)
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1 if len(labels) else 0, len(nodes), dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(len(nodes)))  # nodes are sorted: the first index is the smallest key
+    return nodes, nodes[smallest[labels]]
+
+
+def cluster(exact: np.ndarray, fuzzy: np.ndarray) -> np.ndarray:
+    """Every removed document as (doc, the kept document it duplicates, reason code), sorted by doc.
 
     Exact duplicates are resolved first; fuzzy pairs then join the documents that
-    remain. Every removed document points at a document that is kept.
+    remain. Every removed document points at a document that is kept: the earliest
+    (smallest key) of its cluster.
     """
-    exact_sets = DisjointSet()
-    for earlier, later in exact.tolist():
-        exact_sets.union(earlier, later)
-    removed = {doc: (kept, "exact") for doc, kept in exact_sets.members()}
-    if len(fuzzy) and removed:
-        gone = np.fromiter(removed, dtype=np.int64, count=len(removed))
-        fuzzy = fuzzy[~(np.isin(fuzzy[:, 0], gone) | np.isin(fuzzy[:, 1], gone))]
-    fuzzy_sets = DisjointSet()
-    for earlier, later in fuzzy.tolist():
-        fuzzy_sets.union(earlier, later)
-    removed.update({doc: (kept, "minhash") for doc, kept in fuzzy_sets.members()})
+    exact_nodes, exact_roots = components(exact)
+    exact_removed = exact_nodes != exact_roots
+    gone = exact_nodes[exact_removed]
+    fuzzy = fuzzy[~(np.isin(fuzzy[:, 0], gone) | np.isin(fuzzy[:, 1], gone))]
+    fuzzy_nodes, fuzzy_roots = components(fuzzy)
+    fuzzy_removed = fuzzy_nodes != fuzzy_roots
+    duplicates = np.empty(len(gone) + int(fuzzy_removed.sum()), dtype=DUPLICATES_DTYPE)
+    duplicates["doc"] = np.concatenate([gone, fuzzy_nodes[fuzzy_removed]])
+    duplicates["kept"] = np.concatenate([exact_roots[exact_removed], fuzzy_roots[fuzzy_removed]])
+    duplicates["reason"][:len(gone)], duplicates["reason"][len(gone):] = REASON_CODES["exact"], REASON_CODES["minhash"]
     # An exact copy of a document that a near duplicate then removed points at what was kept;
     # to that document it is a near duplicate, not an exact one.
-    for doc, (kept, reason) in removed.items():
-        if reason == "exact" and kept in removed:
-            removed[doc] = (fuzzy_sets.find(kept), "minhash")
-    return removed
+    at = np.minimum(np.searchsorted(fuzzy_nodes, duplicates["kept"][:len(gone)]), max(len(fuzzy_nodes) - 1, 0))
+    moved = np.zeros(len(gone), dtype=bool)
+    if len(fuzzy_nodes):
+        moved = (fuzzy_nodes[at] == duplicates["kept"][:len(gone)]) & fuzzy_removed[at]
+    duplicates["kept"][:len(gone)][moved] = fuzzy_roots[at[moved]]
+    duplicates["reason"][:len(gone)][moved] = REASON_CODES["minhash"]
+    return np.sort(duplicates, order="doc")
 
 
 def deduplicate_in_memory(keys: np.ndarray, texts: list[str], settings: MinHashSettings,
@@ -229,4 +227,5 @@ def deduplicate_in_memory(keys: np.ndarray, texts: list[str], settings: MinHashS
     owner = partition_of(records, partitions)
     pairs = verified_pairs((records[owner == p] for p in range(partitions)), lambda k: signatures[rows(k)],
                            lambda k: exact[rows(k), 1], settings)
-    return cluster(*pairs)
+    reasons = {code: name for name, code in REASON_CODES.items()}
+    return {doc: (kept, reasons[code]) for doc, kept, code in cluster(*pairs).tolist()}

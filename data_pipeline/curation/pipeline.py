@@ -6,7 +6,7 @@ Three phases, each resumable:
               signatures appended to `work/keys/NNNNN.*.bin`; every dropped or unreadable
               record to `removed/NNNNN.jsonl.zst` with its reason.
   2. dedup    bucket records of every survivor, spilled into partitions by hash so memory
-              holds one partition at a time -> verified pairs -> union-find ->
+              holds one partition at a time -> verified pairs -> clusters ->
               `work/duplicates.npy` (removed key, kept key, reason).
   3. write    one task per input file: survivors that are not duplicates to
               `documents/NNNNN.jsonl.zst`; duplicates to `removed/dedup-NNNNN.jsonl.zst`
@@ -28,9 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from data_pipeline.atomic import write_text_atomically
 from data_pipeline.curation.dedup import (
     BUCKET_DTYPE,
+    DUPLICATES_DTYPE,
+    REASON_CODES,
     MinHasher,
     MinHashSettings,
     bucket_records,
@@ -364,10 +367,6 @@ def spill_partitions(store: KeyStore, indices: list[int], config: CurationConfig
     return [Path(f.name) for f in files.values()]
 
 
-REASON_CODES = {"exact": 0, "minhash": 1}
-DUPLICATES_DTYPE = np.dtype([("doc", "<i8"), ("kept", "<i8"), ("reason", "u1")])
-
-
 def deduplicate(layout: Layout, indices: list[int], config: CurationConfig, co: Coordinator) -> np.ndarray:
     """Phase 2: every duplicate (removed key, kept key, reason code), sorted by key; cached in work/.
 
@@ -384,9 +383,7 @@ def deduplicate(layout: Layout, indices: list[int], config: CurationConfig, co: 
                            store.exact_low_of, config.minhash or MinHashSettings(verify_threshold=0))
     gathered = co.gather(pairs)
     if co.rank == 0:
-        removed = cluster(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
-        duplicates = np.array(sorted((doc, kept, REASON_CODES[reason]) for doc, (kept, reason) in removed.items()),
-                              dtype=DUPLICATES_DTYPE)
+        duplicates = cluster(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
         partial = target.with_name("duplicates.partial.npy")
         np.save(partial, duplicates)
         os.replace(partial, target)

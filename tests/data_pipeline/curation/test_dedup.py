@@ -10,11 +10,12 @@ import pytest
 from data_pipeline.curation.dedup import (
     MAX_32,
     MERSENNE_61,
-    DisjointSet,
+    REASON_CODES,
     MinHasher,
     MinHashSettings,
     candidate_pairs,
     bucket_records,
+    cluster,
     deduplicate_in_memory,
     document_key,
     shingle_hashes,
@@ -22,6 +23,27 @@ from data_pipeline.curation.dedup import (
 )
 
 SETTINGS = MinHashSettings()  # FineWeb: word 5-grams, 14 bands x 8 rows
+
+
+class DisjointSet:
+    """A plain union-find over document keys whose roots are the smallest keys: the reference for clusters."""
+
+    def __init__(self):
+        self.parent: dict[int, int] = {}
+
+    def find(self, key: int) -> int:
+        while self.parent.get(key, key) != key:
+            key = self.parent[key]
+        return key
+
+    def union(self, a: int, b: int) -> None:
+        low, high = sorted((self.find(a), self.find(b)))
+        if low != high:
+            self.parent[high] = low
+
+    def members(self):
+        """(document, the root of its set) for every document that is not a root."""
+        return [(key, self.find(key)) for key in list(self.parent) if self.find(key) != key]
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
@@ -132,3 +154,36 @@ def test_signatures_hashed_in_blocks_equal_the_minimum_over_all_shingles_at_once
     assert len(hashes) > 2048 and np.array_equal(hasher.signature(long_text), direct)
     assert hasher.signature("a b c d e f").shape == (112,)
     assert np.array_equal(MinHasher(SETTINGS).signature(long_text), hasher.signature(long_text))  # seeded
+
+
+def reference_cluster(exact: np.ndarray, fuzzy: np.ndarray) -> dict[int, tuple[int, str]]:
+    """The clustering rule written plainly with a union-find."""
+    exact_sets, fuzzy_sets = DisjointSet(), DisjointSet()
+    for a, b in exact.tolist():
+        exact_sets.union(a, b)
+    removed = {doc: (kept, "exact") for doc, kept in exact_sets.members()}
+    for a, b in fuzzy.tolist():
+        if a not in removed and b not in removed:
+            fuzzy_sets.union(a, b)
+    removed.update({doc: (kept, "minhash") for doc, kept in fuzzy_sets.members()})
+    for doc, (kept, reason) in removed.items():
+        if reason == "exact" and kept in removed:
+            removed[doc] = (fuzzy_sets.find(kept), "minhash")
+    return removed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clusters_equal_a_plain_union_find_on_random_pair_graphs(seed):
+    """Chains, stars and overlapping exact and fuzzy pairs, as the dedup can produce them."""
+    rng = np.random.default_rng(seed)
+    keys = np.sort(rng.choice(1 << 40, size=300, replace=False)).astype(np.int64)
+    def pairs(count):
+        ends = np.sort(keys[rng.integers(0, len(keys), size=(count, 2))], axis=1)
+        return ends[ends[:, 0] != ends[:, 1]]
+    exact, fuzzy = pairs(int(rng.integers(0, 120))), pairs(int(rng.integers(0, 250)))
+    reasons = {code: name for name, code in REASON_CODES.items()}
+    ours = {doc: (kept, reasons[code]) for doc, kept, code in cluster(exact, fuzzy).tolist()}
+    assert ours == reference_cluster(exact, fuzzy)
+    assert all(kept not in ours and kept < doc for doc, (kept, _) in ours.items())
+    empty = np.empty((0, 2), np.int64)
+    assert len(cluster(empty, empty)) == 0 and len(cluster(exact, empty)) == len(reference_cluster(exact, empty))
