@@ -11,6 +11,12 @@ end to end (reading, filtering, dedup, writing). The input is real text (gensim'
 news and Wikipedia test data) repeated with a few words changed per copy, so
 the dedup has near duplicates to find. Needs `pip install -e .[bench]`
 (datatrove and spaCy, whose blank English tokenizer datatrove's rules use).
+
+    python tools/bench_curate.py --cluster-pairs 4000000
+
+measures instead what bounds the dedup's memory: clustering that many verified
+pairs (clusters of 4 documents, a tenth of the pairs also exact) on one process,
+in seconds and peak memory allocated while clustering (tracemalloc).
 """
 
 from __future__ import annotations
@@ -123,13 +129,41 @@ def run_datatrove(inputs: list[Path], work: Path, workers: int) -> tuple[float, 
     return seconds, kept
 
 
+def bench_cluster(count: int) -> None:
+    import tracemalloc
+
+    import numpy as np
+
+    from data_pipeline.curation.dedup import cluster
+
+    rng = np.random.default_rng(0)
+    docs = rng.choice(1 << 40, size=count, replace=False).astype(np.int64)
+    fuzzy = np.sort(np.stack([docs, docs[(np.arange(count) // 4) * 4]], axis=1), axis=1)
+    fuzzy = fuzzy[fuzzy[:, 0] != fuzzy[:, 1]]
+    exact = fuzzy[: count // 10]
+    began = time.perf_counter()
+    removed = len(cluster(exact, fuzzy))
+    seconds = time.perf_counter() - began
+    tracemalloc.start()  # a second run for memory: tracing slows it; numpy's and scipy's arrays are traced too
+    cluster(exact, fuzzy)
+    grown = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    pairs = len(exact) + len(fuzzy)
+    print(f"clustered {pairs:,} pairs ({removed:,} documents removed) in {seconds:.1f} s; peak memory "
+          f"+{grown / 1e6:,.0f} MB, {grown / pairs:.0f} bytes per pair")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, default=4_000)
     parser.add_argument("--files", type=int, default=4, help="input files (tasks)")
     parser.add_argument("--workers", type=int, default=1, help="processes for each pipeline")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--cluster-pairs", type=int, default=0, help="measure clustering this many pairs instead")
     args = parser.parse_args(argv)
+    if args.cluster_pairs:
+        bench_cluster(args.cluster_pairs)
+        return 0
     root = Path(tempfile.mkdtemp(prefix="bench_curate_"))
     try:
         (root / "input").mkdir()
