@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
-from data_pipeline.warc import WARC_SUFFIXES, raw_of, warc_items, warc_record
+from data_pipeline.warc import WARC_SUFFIXES, WarcDamage, raw_of, warc_items, warc_record
 
 # A parquet / datasets row without the text column. Ellipsis survives pickling
 # as the same singleton, so workers can test `value is MISSING_KEY`.
@@ -347,6 +347,10 @@ def _warc_chunks(path: str, file_index: int, start_record: int, chunk_bytes: int
     """Document records of a WARC/WET file, about `chunk_bytes` of payload per chunk."""
     chunk, size, disk_seen = Chunk(file_index, path, start_record, "warc"), 0, 0
     for item, position in warc_items(path, start_record):
+        if isinstance(item, WarcDamage):
+            # counted as one unreadable record, as a cut jsonl stream is
+            chunk.stream_errors.append(Skipped(path, max(item.number, start_record) + 1, "truncated_stream", item.detail))
+            break
         chunk.items.append(item)
         size += len(item.payload)
         if size >= chunk_bytes:

@@ -36,25 +36,86 @@ class WarcItem:
     payload: bytes
 
 
-def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem, int]]:
-    """(item, bytes of the file read so far) for each document record from `start_record` on."""
+@dataclass
+class WarcDamage:
+    """The archive cannot be read from document record `number` (0-based) on: that record and the rest are lost."""
+
+    number: int
+    detail: str
+
+
+def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem | WarcDamage, int]]:
+    """(item, bytes of the file read so far) for each document record from `start_record` on, and a
+    WarcDamage last if the file is truncated or corrupt.
+
+    warcio reads damaged archives leniently: it ends quietly at a truncated gzip
+    member or a record header cut short, and fails with assorted errors elsewhere.
+    So Python's gzip decompresses (it raises at a truncated member), each record's
+    content must be as long as its Content-Length says, an uncompressed file must
+    end where its last record ends, and any error while reading counts as damage.
+    """
+    import gzip
+
     from warcio.archiveiterator import ArchiveIterator
 
-    number = 0
+    number, damage = 0, None
     with open(path, "rb") as raw:
-        for record in ArchiveIterator(raw):
-            if record.rec_type not in DOCUMENT_RECORDS:
-                continue
-            number += 1
-            if number <= start_record:
-                continue
-            headers = record.rec_headers
-            content_type = (record.http_headers.get_header("Content-Type") if record.http_headers
-                            else headers.get_header("Content-Type")) or ""
-            item = WarcItem(record.rec_type, headers.get_header("WARC-Target-URI"),
-                            headers.get_header("WARC-Record-ID"), headers.get_header("WARC-Date"),
-                            content_type, record.content_stream().read())
-            yield item, raw.tell()
+        compressed = path.endswith(".gz")
+        records = ArchiveIterator(_Strict(gzip.GzipFile(fileobj=raw)) if compressed else raw)
+        end = 0
+        try:
+            for record in records:
+                payload = record.content_stream().read()
+                short = getattr(record.raw_stream, "limit", 0)
+                if record.rec_headers.get_header("Content-Length") is None or short:
+                    raise TruncatedArchive(f"a {record.rec_type} record is cut short")
+                records.read_to_end()
+                end = records.get_record_offset() + records.get_record_length()
+                if record.rec_type not in DOCUMENT_RECORDS:
+                    continue
+                if number >= start_record:
+                    yield _item(record, payload), raw.tell()
+                number += 1
+            if not compressed and _has_more_than_blank_lines(raw, end):
+                raise TruncatedArchive("the file ends inside a record's header")
+        except Exception as error:  # noqa: BLE001 - any failure to parse damaged input is reported, not raised
+            damage = WarcDamage(number, f"truncated or corrupt archive ({type(error).__name__}: {error}); "
+                                        "the rest of the file is lost")
+        if damage is not None:
+            yield damage, raw.tell()
+
+
+def _has_more_than_blank_lines(raw, offset: int) -> bool:
+    raw.seek(offset)
+    return bool(raw.read().strip())
+
+
+class TruncatedArchive(Exception):
+    """An archive that ends inside a gzip member or a record."""
+
+
+class _Strict:
+    """A gzip stream whose truncation warcio cannot mistake for the end: it catches EOFError and stops quietly."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except EOFError as error:
+            raise TruncatedArchive(str(error)) from error
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+
+def _item(record, payload: bytes) -> WarcItem:
+    headers = record.rec_headers
+    content_type = (record.http_headers.get_header("Content-Type") if record.http_headers
+                    else headers.get_header("Content-Type")) or ""
+    return WarcItem(record.rec_type, headers.get_header("WARC-Target-URI"), headers.get_header("WARC-Record-ID"),
+                    headers.get_header("WARC-Date"), content_type, payload)
 
 
 def warc_record(item: WarcItem, text_key: str) -> tuple[dict | None, tuple[str, str] | None]:

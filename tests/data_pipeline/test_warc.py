@@ -104,3 +104,33 @@ def test_curating_a_crawl_keeps_or_removes_every_document_record(tmp_path, crawl
     copies = [r for r in removed if r["reason"] == "exact_dedup"]
     assert [c["duplicate_of"] for c in copies] == [r["id"] for r in extracted[:5]]
     assert [r["source"] for r in removed if r["reason"].startswith("input:")] == [f"{crawl}:11", f"{crawl}:31"]
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_a_cut_or_corrupt_archive_reports_where_it_breaks_and_keeps_what_came_before(tmp_path, articles, compressed):
+    """Cuts at many points: each gives the pages before it intact, and either a truncated_stream record or,
+    where the cut falls between records (a valid shorter archive), nothing to report."""
+    import gzip
+
+    suffix = ".warc.gz" if compressed else ".warc"
+    whole = write_web_archive(tmp_path / f"whole{suffix}", [page(d) for d in articles[:20]])
+    data = whole.read_bytes()
+    expected, _, _ = all_records(whole)
+    reported = 0
+    for cut in range(200, len(data), len(data) // 40):
+        damaged = tmp_path / f"cut{suffix}"
+        damaged.write_bytes(data[:cut])
+        records, _, skipped = all_records(damaged)
+        assert [r["text"] for r in records] == [r["text"] for r in expected[:len(records)]]
+        if skipped:
+            [(problem, _)] = skipped
+            assert (problem.reason, problem.line) == ("truncated_stream", len(records) + 1), problem
+            reported += 1
+        else:  # only a shorter but valid archive may end without a report
+            body = gzip.decompress(data[:cut]) if compressed else data[:cut]
+            assert body.endswith((b"</html>\n", b"\r\n")), body[-40:]
+    assert reported >= 30
+    corrupt = tmp_path / f"corrupt{suffix}"
+    corrupt.write_bytes(data[:len(data) // 2] + b"\x00garbage" * 50 + data[len(data) // 2:])
+    records, _, skipped = all_records(corrupt)
+    assert 0 < len(records) < len(expected) and [s.reason for s, _ in skipped] == ["truncated_stream"]
