@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import importlib.util
 import json
 import os
 import zlib
@@ -112,6 +113,10 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
                     f"unsupported input format: {path} (expected {', '.join(SUPPORTED)}, "
                     "or a directory written by datasets' save_to_disk)"
                 )
+    if any(p.endswith(WARC_SUFFIXES) for p in resolved):
+        missing = [m for m in ("warcio", "trafilatura") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise InputError(f"WARC/WET inputs need {' and '.join(missing)}: pip install -e '.[warc]'")
     seen: set[str] = set()
     duplicates = [p for p in resolved if p in seen or seen.add(p)]
     if duplicates:

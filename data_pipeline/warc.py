@@ -66,7 +66,8 @@ def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem | Wa
         try:
             for record in records:
                 payload = record.content_stream().read()
-                short = getattr(record.raw_stream, "limit", 0)
+                record.raw_stream.read()  # what decoding left, such as a chunked body's trailers
+                short = getattr(record.raw_stream, "limit", 0)  # bytes the file lacks for this record
                 if record.rec_headers.get_header("Content-Length") is None or short:
                     raise TruncatedArchive(f"a {record.rec_type} record is cut short")
                 records.read_to_end()
@@ -87,7 +88,10 @@ def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem | Wa
 
 def _has_more_than_blank_lines(raw, offset: int) -> bool:
     raw.seek(offset)
-    return bool(raw.read().strip())
+    while block := raw.read(1 << 16):
+        if block.strip():
+            return True
+    return False
 
 
 class TruncatedArchive(Exception):
@@ -114,6 +118,8 @@ def _item(record, payload: bytes) -> WarcItem:
     headers = record.rec_headers
     content_type = (record.http_headers.get_header("Content-Type") if record.http_headers
                     else headers.get_header("Content-Type")) or ""
+    if raw_of(WarcItem(record.rec_type, None, None, None, content_type, b"")) is None:
+        payload = b""  # an image or PDF is reported as not_html and not kept: no need to ship it to a worker
     return WarcItem(record.rec_type, headers.get_header("WARC-Target-URI"), headers.get_header("WARC-Record-ID"),
                     headers.get_header("WARC-Date"), content_type, payload)
 

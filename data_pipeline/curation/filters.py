@@ -275,7 +275,9 @@ class WordNgrams:
     def hashes(self, n: int) -> np.ndarray:
         """Hash of the n-gram starting at each word position that has n words after it."""
         count = len(self.ids) - n + 1
-        hashes = np.zeros(max(count, 0), dtype=np.uint64)
+        if count <= 0:
+            return np.empty(0, dtype=np.uint64)
+        hashes = np.zeros(count, dtype=np.uint64)
         for k in range(n):
             hashes = (hashes ^ self.ids[k:k + count]) * self.MULTIPLIER
             hashes ^= hashes >> np.uint64(31)
@@ -313,8 +315,8 @@ class C4Filter(Stage):
     no "javascript", no cookie or policy boilerplate; Wikipedia citation markers are
     removed. Pages dropped: "lorem ipsum", a curly bracket (code), fewer than
     `min_sentences` sentences left, and with `bad_words_file` (one word or phrase
-    per line, as C4 used the LDNOOBW list) any page holding one of them as a whole
-    word, in any case.
+    per line, as C4 used the LDNOOBW list) any page whose kept lines hold one of
+    them as a whole word, in any case.
     """
 
     name = "c4"
@@ -339,8 +341,6 @@ class C4Filter(Stage):
             return "c4:lorem_ipsum"
         if "{" in doc.text:
             return "c4:curly_bracket"
-        if self.bad_words is not None and self.bad_words.search(lowered):
-            return "c4:bad_words"
         text = _CITATION.sub("", doc.text) if self.remove_citations else doc.text
         kept = [line for line in (line.strip() for line in text.split("\n")) if self._keep_line(line)]
         if not kept:
@@ -348,6 +348,8 @@ class C4Filter(Stage):
         text = "\n".join(kept)
         if len(_SENTENCE_END.findall(text)) < self.min_sentences:
             return "c4:too_few_sentences"
+        if self.bad_words is not None and self.bad_words.search(text.lower()):  # C4 looked at the cleaned page
+            return "c4:bad_words"
         doc.text = text
         return doc
 

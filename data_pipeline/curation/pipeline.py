@@ -18,6 +18,8 @@ never know about workers or files; this module owns those.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -304,35 +306,50 @@ def input_size(path: str) -> int:
 
 
 class KeyStore:
-    """Memory-mapped dedup keys of every input file, looked up by document key."""
+    """Dedup keys of every input file, memory-mapped on demand and looked up by document key.
+
+    Every rank looks keys up in every file, so nothing is read whole: the OS keeps
+    only the pages touched, and at most MAPS_OPEN maps (each holding a file
+    descriptor) are open at once, however many input files there are.
+    """
+
+    MAPS_OPEN = 96
+    KINDS = {"doc": (np.int64, 1), "exact": (np.uint64, 2), "signature": (np.uint32, None)}
 
     def __init__(self, layout: Layout, indices: list[int], num_perm: int):
-        self.num_perm = num_perm
-        # memory-mapped, not read: every rank looks up keys of every file, and the OS keeps only what is touched
-        self.docs = {i: mapped(layout.keys(i, "doc"), np.int64) for i in indices}
-        self.exact = {i: mapped(layout.keys(i, "exact"), np.uint64).reshape(-1, 2) for i in indices}
-        self.signatures = {i: mapped(layout.keys(i, "signature"), np.uint32).reshape(-1, num_perm) if num_perm else None
-                           for i in indices}
-        self.layout = layout
+        self.layout, self.num_perm = layout, num_perm
+        self.counts = {i: layout.keys(i, "doc").stat().st_size // 8 for i in indices}
+        self.array = functools.lru_cache(maxsize=self.MAPS_OPEN)(self._map)
 
-    def _lookup(self, table: dict, keys: np.ndarray) -> np.ndarray:
-        rows = []
-        for key in keys.tolist():
-            index = key_parts(key)[0]
-            rows.append(table[index][np.searchsorted(self.docs[index], key)])
-        return np.stack(rows)
+    def _map(self, kind: str, index: int) -> np.ndarray:
+        dtype, width = self.KINDS[kind]
+        array = mapped(self.layout.keys(index, kind), dtype)
+        return array if width == 1 else array.reshape(-1, width or self.num_perm)
+
+    def _lookup(self, kind: str, keys: np.ndarray) -> np.ndarray:
+        """The `kind` rows of `keys`, in their order; one vectorised search per file."""
+        files = keys >> 32  # document_key: file index in the high half
+        found = None
+        for index in np.unique(files).tolist():
+            at = np.flatnonzero(files == index)
+            rows = np.asarray(self.array(kind, index)[np.searchsorted(self.array("doc", index), keys[at])])
+            if found is None:
+                found = np.empty((len(keys), *rows.shape[1:]), rows.dtype)
+            found[at] = rows
+        return found
 
     def signatures_of(self, keys: np.ndarray) -> np.ndarray:
-        return self._lookup(self.signatures, keys)
+        return self._lookup("signature", keys)
 
     def exact_low_of(self, keys: np.ndarray) -> np.ndarray:
-        return self._lookup(self.exact, keys)[:, 1]
+        return self._lookup("exact", keys)[:, 1]
 
     def bucket_records(self, index: int, config: CurationConfig) -> np.ndarray:
-        keys = self.docs[index]
+        keys = np.asarray(self.array("doc", index))
         bands = (np.fromfile(self.layout.keys(index, "bands"), dtype=np.uint64).reshape(len(keys), -1)
                  if config.minhash else np.empty((len(keys), 0), np.uint64))
-        return bucket_records(keys, bands, self.exact[index][:, 0] if config.exact_dedup else None)
+        exact = np.asarray(self.array("exact", index)[:, 0]) if config.exact_dedup else None
+        return bucket_records(keys, bands, exact)
 
 
 def mapped(path: Path, dtype) -> np.ndarray:
@@ -350,7 +367,7 @@ def spill_partitions(store: KeyStore, indices: list[int], config: CurationConfig
     Returns this rank's partitions.
     """
     bands = config.minhash.bands if config.minhash else 0
-    total = sum(len(store.docs[i]) for i in indices) * (bands + config.exact_dedup)
+    total = sum(store.counts.values()) * (bands + config.exact_dedup)
     count = max(co.world, math.ceil(total * BUCKET_DTYPE.itemsize / (config.memory_mb * 2**20)))
     directory.mkdir(parents=True, exist_ok=True)
     files = {p: open(directory / f"partition-{p:05d}.bin", "wb") for p in range(co.rank, count, co.world)}
@@ -389,7 +406,7 @@ def deduplicate(layout: Layout, indices: list[int], config: CurationConfig, co: 
         os.replace(partial, target)
         shutil.rmtree(layout.work / "buckets", ignore_errors=True)
         log.info("dedup: %d duplicates among %d documents in %d partition(s) on %d rank(s), %.1f s",
-                 len(duplicates), sum(len(store.docs[i]) for i in indices), len(partitions) * co.world, co.world,
+                 len(duplicates), sum(store.counts.values()), len(partitions) * co.world, co.world,
                  time.perf_counter() - began)
     co.barrier()
     return np.load(target, mmap_mode="r")
@@ -465,16 +482,26 @@ class OutputMismatchError(ValueError):
 
 def claim_output(layout: Layout, inputs: list[str], config: CurationConfig) -> None:
     """Record what this output is made from; a re-run must match it to resume."""
-    identity = json.dumps({"inputs": inputs, "config": config_record(config)}, indent=1, sort_keys=True)
+    identity = {"inputs": inputs, "config": config_record(config)}
     path = layout.work / "run.json"
-    if path.is_file() and path.read_text() != identity:
-        raise OutputMismatchError(f"{layout.root} holds a curation run of other inputs or another config "
-                                  f"(see {path}); choose a new --output, or delete it to start over")
-    write_text_atomically(path, identity)
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        recorded["config"].setdefault("output_format", "jsonl.zst")  # runs begun before the setting existed
+        if recorded != json.loads(json.dumps(identity)):
+            raise OutputMismatchError(f"{layout.root} holds a curation run of other inputs or another config "
+                                      f"(see {path}); choose a new --output, or delete it to start over")
+    write_text_atomically(path, json.dumps(identity, indent=1, sort_keys=True))
 
 
 def config_record(config: CurationConfig) -> dict:
-    return {"stages": config.stages, "exact_dedup": config.exact_dedup, "text_key": config.text_key,
+    """The config as it decides the output: with the sha256 of every file a stage reads (a block list, a
+    word list), so editing one between a kill and the resume is noticed."""
+    stages = []
+    for name, settings in config.stages:
+        digests = {f"{key}_sha256": hashlib.sha256(Path(value).read_bytes()).hexdigest()
+                   for key, value in settings.items() if key.endswith("_file") and value}
+        stages.append((name, {**settings, **digests}))
+    return {"stages": stages, "exact_dedup": config.exact_dedup, "text_key": config.text_key,
             "id_key": config.id_key, "minhash": config.minhash.__dict__ if config.minhash else None,
             "output_format": config.output_format}
 

@@ -21,6 +21,9 @@ _task = -1
 
 def _send_to(channel) -> None:
     global _sink
+    # Reports left in the pipe when a worker exits are not worth waiting for (the task's result
+    # tops the bar up), and waiting could hang a worker whose reader has stopped reading.
+    channel.cancel_join_thread()
     _sink = lambda index, documents, size: channel.put((index, documents, size))  # noqa: E731 - set once per worker
 
 
@@ -105,11 +108,24 @@ def _run_in_pool(function, tasks: list, workers: int, bar: _Bar, results: dict) 
             _drain(channel, bar)
             for future in finished:
                 index = pending.pop(future)
-                results[index] = future.result()  # a failed task raises here, and the rest are cancelled
+                results[index] = future.result()  # a failed task raises here
                 bar.finish(index, results[index])
+    except BaseException:
+        _stop_workers(pool)  # rather than wait for the other tasks to finish files of any size
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
         channel.close()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's processes; their unfinished files stay .partial and are redone on resume."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((pool._processes or {}).values()):  # noqa: SLF001 - no public way before 3.14
+        process.terminate()
 
 
 def _drain(channel, bar: _Bar) -> None:

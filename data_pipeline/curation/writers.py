@@ -40,7 +40,8 @@ class ParquetWriter:
 
     A parquet file has one schema, so the caller passes the schema of all its records
     (`schema_of`): documents differ in which metadata fields they carry, and a field a
-    record lacks is stored as null.
+    record lacks is stored as null. Fields listed in the schema's `json_fields`
+    metadata hold each value's JSON text.
     """
 
     def __init__(self, path: Path, schema, text_key: str):
@@ -48,12 +49,16 @@ class ParquetWriter:
 
         self.path, self.partial = path, path.with_name(path.name + ".partial")
         self.schema, self.text_key = schema, text_key
+        self.json_fields = json.loads(schema.metadata[b"json_fields"])
         self.writer = pq.ParquetWriter(self.partial, schema, compression="zstd")
         self.rows: list[dict] = []
         self.count = 0
         self.bytes = 0
 
     def write(self, record: dict) -> None:
+        for name in self.json_fields:
+            if record.get(name) is not None:
+                record = {**record, name: json.dumps(record[name], ensure_ascii=False)}
         self.rows.append(record)
         self.count += 1
         self.bytes += len(record[self.text_key].encode())
@@ -64,7 +69,12 @@ class ParquetWriter:
         import pyarrow as pa
 
         if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            try:
+                table = pa.Table.from_pylist(self.rows, schema=self.schema)
+            except (pa.ArrowException, OverflowError, TypeError, ValueError) as error:
+                raise SchemaConflict(f"{self.path}: a document does not fit the file's parquet schema ({error}); "
+                                     "write output_format: jsonl.zst") from error
+            self.writer.write_table(table)
             self.rows.clear()
 
     def commit(self) -> None:
@@ -74,42 +84,67 @@ class ParquetWriter:
 
 
 class SchemaConflict(ValueError):
-    """Records whose fields cannot share one parquet column type."""
-
-
-CONFLICT = ("documents disagree on a field's type ({}); write output_format: jsonl.zst, "
-            "or make the field one type upstream")
+    """A document that cannot be written into its file's parquet schema."""
 
 
 def schema_of(records: Iterable[dict], first: tuple[str, ...]):
-    """One arrow schema for all `records`, with the `first` fields leading; nulls give way to any type,
-    and integers to floats."""
+    """One arrow schema for all `records`, with the `first` fields leading.
+
+    Each field gets the type arrow infers for its values, widened across batches
+    (nulls give way to any type, integers to floats). A field with no one type that
+    parquet stores (mixed kinds, empty objects, integers beyond 64 bits) is kept as
+    JSON text instead, named in the schema's `json_fields` metadata: nothing is lost.
+    """
     import pyarrow as pa
 
-    schemas, batch = [], []
-    for record in records:
-        batch.append(record)
-        if len(batch) >= PARQUET_ROWS:
-            schemas.append(_batch_schema(batch))
+    types: dict[str, object] = {}  # field -> arrow type, or None for JSON text
+    batch: list[dict] = []
+    for record in [*records, None]:
+        if record is not None:
+            batch.append(record)
+        if batch and (record is None or len(batch) >= PARQUET_ROWS):
+            for name in dict.fromkeys(n for r in batch for n in r):
+                if name not in types or types[name] is not None:
+                    found = _arrow_type([r.get(name) for r in batch])
+                    types[name] = found if name not in types or found is None else _wider(types[name], found)
             batch = []
-    schemas.append(_batch_schema(batch) if batch else pa.schema([(f, pa.string()) for f in first]))
-    try:
-        unified = pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise SchemaConflict(CONFLICT.format(error)) from error
-    names = [f for f in first if f in unified.names] + [f for f in unified.names if f not in first]
-    return pa.schema([unified.field(name) for name in names])
+    types = types or {name: pa.string() for name in first}
+    names = [f for f in first if f in types] + [f for f in types if f not in first]
+    json_fields = [name for name in names if types[name] is None]
+    return pa.schema([(name, types[name] or pa.string()) for name in names],
+                     metadata={"json_fields": json.dumps(json_fields)})
 
 
-def _batch_schema(batch: list[dict]):
-    """The schema of every field any record of `batch` has (arrow's from_pylist looks at the first row's keys only)."""
+def _arrow_type(values: list):
     import pyarrow as pa
 
-    names = list(dict.fromkeys(name for record in batch for name in record))
     try:
-        return pa.Table.from_pydict({name: pa.array([r.get(name) for r in batch]) for name in names}).schema
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise SchemaConflict(CONFLICT.format(error)) from error
+        found = pa.array(values).type
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        return None
+    return found if _storable(found) else None
+
+
+def _storable(kind) -> bool:
+    """Parquet cannot store a struct without fields (from `{}`), however deep."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(_storable(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _storable(kind.value_type)
+    return True
+
+
+def _wider(first, second):
+    """The type both `first` and `second` values fit, or None when there is none."""
+    import pyarrow as pa
+
+    try:
+        return pa.unify_schemas([pa.schema([("f", first)]), pa.schema([("f", second)])],
+                                promote_options="permissive").field("f").type
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
 
 
 def document_writer(directory: Path, index: int, output_format: str, text_key: str, id_key: str,

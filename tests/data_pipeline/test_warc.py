@@ -134,3 +134,28 @@ def test_a_cut_or_corrupt_archive_reports_where_it_breaks_and_keeps_what_came_be
     corrupt.write_bytes(data[:len(data) // 2] + b"\x00garbage" * 50 + data[len(data) // 2:])
     records, _, skipped = all_records(corrupt)
     assert 0 < len(records) < len(expected) and [s.reason for s, _ in skipped] == ["truncated_stream"]
+
+
+def test_http_transfer_and_content_encodings_are_undone_before_extraction(tmp_path, articles):
+    """Crawlers that keep the raw HTTP body store chunked and gzipped pages; trailers after the last chunk
+    are not damage."""
+    import gzip
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    html = html_page(articles[0]).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(html[i:i + 700]), html[i:i + 700]) for i in range(0, len(html), 700))
+    bodies = [([("Transfer-Encoding", "chunked")], chunked + b"0\r\n\r\n\r\n"),
+              ([("Content-Encoding", "gzip")], gzip.compress(html))]
+    path = tmp_path / "raw-http.warc.gz"
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for headers, body in bodies:
+            http = StatusAndHeaders("200 OK", [("Content-Type", "text/html"), *headers], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record("https://news.example.com/a", "response",
+                                                          payload=BytesIO(body), http_headers=http))
+    records, _, skipped = all_records(path)
+    expected, _, _ = all_records(write_web_archive(tmp_path / "plain.warc", [page(articles[0])]))
+    assert not skipped and [r["text"] for r in records] == [expected[0]["text"]] * 2

@@ -126,7 +126,12 @@ def test_gopher_repetition_keeps_prose_and_counts_ngram_characters_once():
     assert ngrams.top_chars(2) == 4  # ("a", "b") twice, 2 characters each time
     assert ngrams.duplicated_chars(3) == 6  # both copies of "a b c"; every word covered once
     assert WordNgrams("a b c d".split()).duplicated_chars(2) == 0
-    assert WordNgrams(["a"]).top_chars(2) == WordNgrams([]).duplicated_chars(5) == 0
+    for length in range(13):  # shorter than, as long as and longer than the n-grams
+        short = ("a b " * 7).split()[:length]
+        for n in range(2, 11):
+            assert WordNgrams(short).top_chars(n) == tuple_top_ngram_chars(short, n)
+            assert WordNgrams(short).duplicated_chars(n) == tuple_duplicated_ngram_chars(short, n)
+    assert GopherRepetitionFilter()(doc("The cat sat on the mat.")).text == "The cat sat on the mat."
 
 
 def test_tokens_with_letters_are_counted_as_str_isalpha_would(real_documents):
@@ -201,6 +206,7 @@ def test_c4_bad_words_drop_pages_holding_a_listed_word_or_phrase_as_whole_words(
     assert stage(doc(PROSE.replace("levee", "dam"))) == "c4:bad_words"
     clean = PROSE.replace("levee", "levees").replace("fire service", "firefighters")
     assert isinstance(stage(doc(clean)), Document)  # a longer word holding a listed one is not that word
+    assert isinstance(stage(doc(clean + "\nLevee map")), Document)  # only in a line C4 removes anyway
     with pytest.raises(ValueError, match="cannot read"):
         C4Filter(bad_words_file=str(tmp_path / "absent.txt"))
 

@@ -181,3 +181,46 @@ def test_parquet_output_holds_the_same_documents_as_jsonl(curated, corpus, tmp_p
     assert rows == records(output / "documents", "*.jsonl.zst")
     assert pq.read_schema(shards[0]).names[:2] == ["id", "text"]
     assert records(tmp_path / "removed", "*.jsonl.zst") == records(output / "removed", "*.jsonl.zst")
+
+
+def test_many_input_files_dedup_within_a_small_open_file_limit(tmp_path, real_documents):
+    """The dedup looks up keys in every file on every rank; with 300 files it must not hold each one open."""
+    import resource
+
+    inputs = []
+    for i in range(300):
+        d = real_documents[i % len(real_documents)]
+        inputs.append(str(tmp_path / f"in{i:03d}.jsonl"))
+        Path(inputs[-1]).write_text(json.dumps({"id": f"d{i}", "text": d["text"]}) + "\n")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"stages": ["exact_dedup", "minhash_dedup"]}))
+
+    def limit_open_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "curate.py"), "--config", str(config), "--input",
+                             *inputs, "--output", str(tmp_path / "out"), "--quiet"], cwd=REPO, capture_output=True,
+                            text=True, preexec_fn=limit_open_files, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    copies = 300 - len({d["text"] for d in real_documents[:300]})
+    assert stats["read"] == 300 and stats["stages"]["exact_dedup"]["dropped"]["exact_dedup"] == copies
+
+
+def test_resuming_notices_an_edited_word_list_and_accepts_a_run_begun_before_output_format(tmp_path):
+    from data_pipeline.curation.pipeline import Layout, OutputMismatchError, claim_output
+
+    words = tmp_path / "bad_words.txt"
+    words.write_text("levee\n")
+    config = CurationConfig.from_dict({"stages": [{"c4": {"bad_words_file": str(words)}}]})
+    layout = Layout(tmp_path / "out")
+    layout.make()
+    claim_output(layout, ["a.jsonl"], config)
+    claim_output(layout, ["a.jsonl"], config)  # the same run resumes
+    run = json.loads((layout.work / "run.json").read_text())
+    del run["config"]["output_format"]  # as written before the setting existed
+    (layout.work / "run.json").write_text(json.dumps(run))
+    claim_output(layout, ["a.jsonl"], config)
+    words.write_text("levee\ndam\n")
+    with pytest.raises(OutputMismatchError, match="another config"):
+        claim_output(layout, ["a.jsonl"], config)
