@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """`make demo`: the main job, end to end on CPU, on real text that ships with a pip package.
 
-1. real English text: gensim's ABC news articles and Wikipedia pages;
-2. GPT-2 BPE -> Megatron .bin/.idx shards, read back with megatron-core's IndexedDataset;
-3. a tiny GPT-2 trained on 8 local processes, TP=2 x PP=2 x DP=2 under ZeRO-1 (gloo);
-4. interrupted with SIGTERM midway (it saves a sharded checkpoint and exits), then the same
+1. real English text: gensim's ABC news articles and Wikipedia pages, plus a "mirror" file
+   holding exact and lightly edited copies of a fifth of them, as a crawl would;
+2. curation with FineWeb's recipe (configs/data/fineweb.yaml): language ID, quality filters,
+   exact and MinHash dedup across the files;
+3. GPT-2 BPE -> Megatron .bin/.idx shards, read back with megatron-core's IndexedDataset;
+4. a tiny GPT-2 trained on 8 local processes, TP=2 x PP=2 x DP=2 under ZeRO-1 (gloo);
+5. interrupted with SIGTERM midway (it saves a sharded checkpoint and exits), then the same
    command again, which resumes from that checkpoint;
-5. the last steps on half the processes (TP=1 x PP=2 x DP=2), as after a requeue onto a smaller
+6. the last steps on half the processes (TP=1 x PP=2 x DP=2), as after a requeue onto a smaller
    allocation: the checkpoint is resharded on load and the curve goes on;
-6. the loss curve, and the TensorBoard command.
+7. the loss curve, and the TensorBoard command.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.curation.pipeline import curate, load_curation_config, summary_table  # noqa: E402
 from data_pipeline.preprocess import preprocess  # noqa: E402
 from data_pipeline.sample_text import news_articles, wikipedia_pages, write_jsonl  # noqa: E402
 from data_pipeline.shards import indexed_dataset_module  # noqa: E402
@@ -34,16 +38,37 @@ OUT = Path(os.environ.get("DEMO_OUT") or REPO / "demo_out")
 TRAIN_STEPS = 30
 INTERRUPT_AFTER = 12  # steps
 RESHARD_AT = 20  # the last steps run on another layout
+WORKERS = max(1, len(os.sched_getaffinity(0)))
 
 
 def write_corpus() -> list[Path]:
+    import random
+
     import zstandard
 
-    news = write_jsonl(OUT / "corpus" / "news.jsonl", list(news_articles()))
-    wiki_lines = "".join(json.dumps(page) + "\n" for page in wikipedia_pages()).encode()
-    wiki = OUT / "corpus" / "wikipedia.jsonl.zst"
-    wiki.write_bytes(zstandard.ZstdCompressor(level=10).compress(wiki_lines))
-    return [news, wiki]
+    news, wiki = list(news_articles()), list(wikipedia_pages())
+    news_file = write_jsonl(OUT / "raw" / "news.jsonl", news)
+    wiki_lines = "".join(json.dumps(page) + "\n" for page in wiki).encode()
+    wiki_file = OUT / "raw" / "wikipedia.jsonl.zst"
+    wiki_file.write_bytes(zstandard.ZstdCompressor(level=10).compress(wiki_lines))
+    rng, mirror = random.Random(0), []
+    for i, document in enumerate(news + wiki):
+        if i % 10 == 0:
+            mirror.append({**document, "id": document["id"] + "-copy"})
+        elif i % 10 == 5:
+            words = document["text"].split()
+            words[rng.randrange(len(words))] = "indeed"
+            mirror.append({**document, "id": document["id"] + "-edited", "text": " ".join(words)})
+    return [news_file, wiki_file, write_jsonl(OUT / "raw" / "mirror.jsonl", mirror)]
+
+
+def curate_corpus(inputs: list[Path]) -> list[Path]:
+    config = REPO / "configs" / "data" / "fineweb.yaml"
+    print(f"\ncurating with {config.relative_to(REPO)} (as tools/curate.py --config ... --input ... --output ...):")
+    stats = curate([str(p) for p in inputs], OUT / "curated", load_curation_config(config), workers=WORKERS)
+    print(summary_table(stats))
+    print(f"removed documents, each with its reason: {OUT / 'curated' / 'removed'}")
+    return sorted((OUT / "curated" / "documents").glob("*.jsonl.zst"))
 
 
 def show_shards(summary: dict, prefix: Path) -> None:
@@ -64,12 +89,13 @@ def show_shards(summary: dict, prefix: Path) -> None:
 def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     indexed_dataset_module()  # megatron-core's import takes seconds; keep it out of the timing below
-    inputs = write_corpus()
-    print(f"corpus: {', '.join(f'{p.name} ({p.stat().st_size / 1e6:.1f} MB)' for p in inputs)}")
+    raw = write_corpus()
+    print(f"raw corpus: {', '.join(f'{p.name} ({p.stat().st_size / 1e6:.1f} MB)' for p in raw)}")
+    inputs = curate_corpus(raw)
     prefix = OUT / "tokens" / "demo"
     began = time.monotonic()
-    summary = preprocess([str(p) for p in inputs], str(prefix), "gpt2", workers=max(1, len(os.sched_getaffinity(0))),
-                         shard_size_tokens=300_000)
+    print("\ntokenizing the curated documents:")
+    summary = preprocess([str(p) for p in inputs], str(prefix), "gpt2", workers=WORKERS, shard_size_tokens=220_000)
     print(f"tokenized in {time.monotonic() - began:.1f} s; {summary['skipped']['total']} records skipped")
     show_shards(summary, prefix)
     print(f"\nsummary: {prefix}.json")

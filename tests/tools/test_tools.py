@@ -37,11 +37,15 @@ def test_train_tokenizer_refuses_missing_input(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_tokenizes_trains_on_8_processes_is_interrupted_resumes_and_reshards(tmp_path):
+def test_demo_curates_tokenizes_trains_on_8_processes_is_interrupted_resumes_and_reshards(tmp_path):
     result = run_tool("demo.py", env=dict(os.environ, DEMO_OUT=str(tmp_path)))
     assert result.returncode == 0, result.stderr[-3000:]
+    curated = json.loads((tmp_path / "curated" / "stats.json").read_text())
+    assert curated["kept"] + curated["removed"] == curated["read"] > 480  # news, Wikipedia and the mirror's copies
+    assert curated["stages"]["exact_dedup"]["kept"] < curated["stages"]["exact_dedup"]["seen"]
+    assert curated["stages"]["minhash_dedup"]["kept"] < curated["stages"]["minhash_dedup"]["seen"]
     summary = json.loads((tmp_path / "tokens" / "demo.json").read_text())
-    assert summary["documents"] > 400 and summary["skipped"]["total"] == 0
+    assert summary["documents"] == curated["kept"] > 300 and summary["skipped"]["total"] == 0
     assert len(summary["shards"]) >= 3
     assert "read back with megatron-core's IndexedDataset" in result.stdout
     assert all((tmp_path / "tokens" / f"{shard['name']}.idx").exists() for shard in summary["shards"])
