@@ -198,12 +198,13 @@ def parse_json_record(raw: bytes):
     return record, None
 
 
-def parse_item(item, kind: str, text_key: str):
-    """(the record as a dict, None) or (None, (reason, detail)) for one chunk item of any kind."""
+def parse_item(item, kind: str, text_key: str, id_key: str = "id"):
+    """(the record as a dict, None) or (None, (reason, detail)) for one chunk item of any kind; a web
+    archive record's text and id go under `text_key` and `id_key`."""
     if kind == "jsonl":
         return parse_json_record(item)
     if kind == "warc":
-        return warc_record(item, text_key)
+        return warc_record(item, text_key, id_key)
     if kind == "values":
         return {text_key: item}, None
     return item, None
@@ -230,7 +231,8 @@ def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], 
     return texts, records, skipped + chunk.stream_errors
 
 
-def chunk_records(chunk: Chunk, text_key: str) -> tuple[list[dict], list[int], list[tuple[Skipped, str | None]]]:
+def chunk_records(chunk: Chunk, text_key: str, id_key: str = "id"
+                  ) -> tuple[list[dict], list[int], list[tuple[Skipped, str | None]]]:
     """Like `chunk_documents`, keeping each whole record (every field) rather than its text alone.
 
     Each skipped record comes with its raw content (a jsonl line decoded with
@@ -239,7 +241,7 @@ def chunk_records(chunk: Chunk, text_key: str) -> tuple[list[dict], list[int], l
     records, numbers, skipped = [], [], []
     for offset, item in enumerate(chunk.items):
         number = chunk.first_record + offset
-        record, problem = parse_item(item, chunk.kind, text_key)
+        record, problem = parse_item(item, chunk.kind, text_key, id_key)
         problem = problem or check_text(record.get(text_key, MISSING_KEY), text_key)
         if problem:
             if isinstance(item, bytes):

@@ -124,8 +124,8 @@ def _item(record, payload: bytes) -> WarcItem:
                     headers.get_header("WARC-Date"), content_type, payload)
 
 
-def warc_record(item: WarcItem, text_key: str) -> tuple[dict | None, tuple[str, str] | None]:
-    """(record with text, url, id and date, None), or (None, (reason, detail)) when no text comes out."""
+def warc_record(item: WarcItem, text_key: str, id_key: str = "id") -> tuple[dict | None, tuple[str, str] | None]:
+    """(record with text, url, WARC record id and date, None), or (None, (reason, detail)) when no text comes out."""
     media_type = item.content_type.split(";")[0].strip().lower()
     if item.record_type == "conversion":
         text = item.payload.decode("utf-8", errors="replace")
@@ -135,7 +135,7 @@ def warc_record(item: WarcItem, text_key: str) -> tuple[dict | None, tuple[str, 
             return None, ("no_extractable_text", f"trafilatura found no main text in the page of {item.url}")
     else:
         return None, ("not_html", f"{item.url} is {media_type or 'of unknown type'}, not an HTML page")
-    return {"id": item.record_id, "url": item.url, "date": item.date, text_key: text}, None
+    return {id_key: item.record_id, "url": item.url, "date": item.date, text_key: text}, None
 
 
 def extract_html(html: bytes, url: str | None) -> str | None:

@@ -268,7 +268,7 @@ def filter_shard(task: ShardTask) -> dict:
     removed_out = JsonlZstWriter(layout.removed / f"{task.index:05d}.jsonl.zst")
     keys = KeyFiles(layout, task.index, hasher)
     for chunk in iter_chunks(task.path, task.index, config.text_key, whole_records=True):
-        records, numbers, skipped = chunk_records(chunk, config.text_key)
+        records, numbers, skipped = chunk_records(chunk, config.text_key, config.id_key)
         report(len(records) + len(skipped), chunk.disk_bytes)
         result.read += len(records) + len(skipped)
         result.unreadable += len(skipped)

@@ -103,6 +103,10 @@ def test_curating_a_crawl_keeps_or_removes_every_document_record(tmp_path, crawl
         ["input:not_html", "input:no_extractable_text", "url:wikipedia"] + ["exact_dedup"] * 5)
     copies = [r for r in removed if r["reason"] == "exact_dedup"]
     assert [c["duplicate_of"] for c in copies] == [r["id"] for r in extracted[:5]]
+    renamed = CurationConfig.from_dict({"id_key": "doc_id", "stages": ["normalize"]})
+    curate([str(crawl)], tmp_path / "renamed", renamed, show_progress=False)
+    assert [r["doc_id"] for r in read_jsonl(tmp_path / "renamed" / "documents" / "00000.jsonl.zst")] == [
+        r["id"] for r in extracted]  # the WARC record id under the configured id_key
     assert [r["source"] for r in removed if r["reason"].startswith("input:")] == [f"{crawl}:11", f"{crawl}:31"]
 
 
