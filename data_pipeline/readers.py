@@ -177,12 +177,6 @@ def check_text(value, text_key: str) -> tuple[str, str] | None:
     return None
 
 
-def parse_json_line(raw: bytes, text_key: str):
-    """(text value or MISSING_KEY, None) for a parsable jsonl line, else (None, (reason, detail))."""
-    record, problem = parse_json_record(raw)
-    return (None, problem) if problem else (record.get(text_key, MISSING_KEY), None)
-
-
 def parse_json_record(raw: bytes):
     """(the record, a dict, None) for a parsable jsonl line, else (None, (reason, detail))."""
     try:
@@ -215,13 +209,8 @@ def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], 
     texts, records, skipped = [], [], []
     for offset, item in enumerate(chunk.items):
         record = chunk.first_record + offset
-        if chunk.kind == "jsonl":
-            value, problem = parse_json_line(item, text_key)
-        elif chunk.kind == "values":
-            value, problem = item, None
-        else:
-            parsed, problem = parse_item(item, chunk.kind, text_key)
-            value = None if problem else parsed.get(text_key, MISSING_KEY)
+        parsed, problem = parse_item(item, chunk.kind, text_key)
+        value = None if problem else parsed.get(text_key, MISSING_KEY)
         problem = problem or check_text(value, text_key)
         if problem:
             skipped.append(Skipped(chunk.path, record + 1, *problem))

@@ -35,6 +35,15 @@ class WarcItem:
     content_type: str  # of the payload: the HTTP Content-Type for responses, the WARC one otherwise
     payload: bytes
 
+    @property
+    def media_type(self) -> str:
+        return self.content_type.split(";")[0].strip().lower()
+
+    @property
+    def is_text(self) -> bool:
+        """Extracted text, an HTML page or other text: worth keeping if removed (an image or PDF is not)."""
+        return self.record_type == "conversion" or self.media_type in HTML_TYPES or self.media_type.startswith("text/")
+
 
 @dataclass
 class WarcDamage:
@@ -118,15 +127,16 @@ def _item(record, payload: bytes) -> WarcItem:
     headers = record.rec_headers
     content_type = (record.http_headers.get_header("Content-Type") if record.http_headers
                     else headers.get_header("Content-Type")) or ""
-    if raw_of(WarcItem(record.rec_type, None, None, None, content_type, b"")) is None:
-        payload = b""  # an image or PDF is reported as not_html and not kept: no need to ship it to a worker
-    return WarcItem(record.rec_type, headers.get_header("WARC-Target-URI"), headers.get_header("WARC-Record-ID"),
+    item = WarcItem(record.rec_type, headers.get_header("WARC-Target-URI"), headers.get_header("WARC-Record-ID"),
                     headers.get_header("WARC-Date"), content_type, payload)
+    if not item.is_text:
+        item.payload = b""  # reported as not_html and not kept: no need to ship it to a worker
+    return item
 
 
 def warc_record(item: WarcItem, text_key: str, id_key: str = "id") -> tuple[dict | None, tuple[str, str] | None]:
     """(record with text, url, WARC record id and date, None), or (None, (reason, detail)) when no text comes out."""
-    media_type = item.content_type.split(";")[0].strip().lower()
+    media_type = item.media_type
     if item.record_type == "conversion":
         text = item.payload.decode("utf-8", errors="replace")
     elif media_type in HTML_TYPES:
@@ -154,7 +164,4 @@ def extract_html(html: bytes, url: str | None) -> str | None:
 
 def raw_of(item: WarcItem) -> str | None:
     """What a removed record keeps of itself: the page as text, or nothing for binary payloads."""
-    media_type = item.content_type.split(";")[0].strip().lower()
-    if item.record_type == "conversion" or media_type in HTML_TYPES or media_type.startswith("text/"):
-        return item.payload.decode("utf-8", errors="replace")
-    return None
+    return item.payload.decode("utf-8", errors="replace") if item.is_text else None

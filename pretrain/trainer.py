@@ -199,7 +199,7 @@ class Trainer:
             log.info("checkpoint %s has layout %s, this run %s: resharding", point.tag, point.manifest["layout"],
                      self.layout_record())
             universal = convert_on_rank_zero(self.checkpoints.directory / point.tag, self.rank)
-        settings = group_settings(self.engine.optimizer)
+            settings = group_settings(self.engine.optimizer)  # before the load overwrites them
         self.checkpoints.load(self.engine, point.tag, universal)
         if universal is not None:
             repair_after_universal_load(self.engine.optimizer, settings)

@@ -161,6 +161,7 @@ def verified_pairs(partitions, signatures_of, exact_low_of, settings: MinHashSet
 
 
 REASON_CODES = {"exact": 0, "minhash": 1}
+REASON_NAMES = {code: name for name, code in REASON_CODES.items()}
 DUPLICATES_DTYPE = np.dtype([("doc", "<i8"), ("kept", "<i8"), ("reason", "u1")])
 
 
@@ -177,8 +178,8 @@ def components(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nodes, ends = np.unique(pairs, return_inverse=True)
     ends = ends.reshape(-1, 2)
     graph = coo_matrix((np.ones(len(ends), dtype=np.int8), (ends[:, 0], ends[:, 1])), shape=(len(nodes),) * 2)
-    _, labels = connected_components(graph, directed=False)
-    smallest = np.full(labels.max() + 1 if len(labels) else 0, len(nodes), dtype=np.int64)
+    count, labels = connected_components(graph, directed=False)
+    smallest = np.full(count, len(nodes), dtype=np.int64)
     np.minimum.at(smallest, labels, np.arange(len(nodes)))  # nodes are sorted: the first index is the smallest key
     return nodes, nodes[smallest[labels]]
 
@@ -191,24 +192,24 @@ def cluster(exact: np.ndarray, fuzzy: np.ndarray) -> np.ndarray:
     (smallest key) of its cluster.
     """
     exact_nodes, exact_roots = components(exact)
-    exact_removed = exact_nodes != exact_roots
-    gone = exact_nodes[exact_removed]
+    copies = exact_nodes != exact_roots
+    gone, copies_kept = exact_nodes[copies], exact_roots[copies]
     fuzzy = fuzzy[~(np.isin(fuzzy[:, 0], gone) | np.isin(fuzzy[:, 1], gone))]
     fuzzy_nodes, fuzzy_roots = components(fuzzy)
-    fuzzy_removed = fuzzy_nodes != fuzzy_roots
-    duplicates = np.empty(len(gone) + int(fuzzy_removed.sum()), dtype=DUPLICATES_DTYPE)
-    duplicates["doc"] = np.concatenate([gone, fuzzy_nodes[fuzzy_removed]])
-    duplicates["kept"] = np.concatenate([exact_roots[exact_removed], fuzzy_roots[fuzzy_removed]])
-    duplicates["reason"][:len(gone)], duplicates["reason"][len(gone):] = REASON_CODES["exact"], REASON_CODES["minhash"]
+    near = fuzzy_nodes != fuzzy_roots
+    near_gone, near_kept = fuzzy_nodes[near], fuzzy_roots[near]  # sorted by document
     # An exact copy of a document that a near duplicate then removed points at what was kept;
     # to that document it is a near duplicate, not an exact one.
-    at = np.minimum(np.searchsorted(fuzzy_nodes, duplicates["kept"][:len(gone)]), max(len(fuzzy_nodes) - 1, 0))
-    moved = np.zeros(len(gone), dtype=bool)
-    if len(fuzzy_nodes):
-        moved = (fuzzy_nodes[at] == duplicates["kept"][:len(gone)]) & fuzzy_removed[at]
-    duplicates["kept"][:len(gone)][moved] = fuzzy_roots[at[moved]]
-    duplicates["reason"][:len(gone)][moved] = REASON_CODES["minhash"]
-    return np.sort(duplicates, order="doc")
+    at = np.searchsorted(near_gone, copies_kept)
+    moved = at < len(near_gone)
+    moved[moved] = near_gone[at[moved]] == copies_kept[moved]
+    copies_kept[moved] = near_kept[at[moved]]
+    duplicates = np.empty(len(gone) + len(near_gone), dtype=DUPLICATES_DTYPE)
+    duplicates["doc"] = np.concatenate([gone, near_gone])
+    duplicates["kept"] = np.concatenate([copies_kept, near_kept])
+    duplicates["reason"] = np.concatenate([np.where(moved, REASON_CODES["minhash"], REASON_CODES["exact"]),
+                                           np.full(len(near_gone), REASON_CODES["minhash"])])
+    return duplicates[np.argsort(duplicates["doc"])]  # documents are distinct: one key decides the order
 
 
 def deduplicate_in_memory(keys: np.ndarray, texts: list[str], settings: MinHashSettings,
@@ -227,5 +228,4 @@ def deduplicate_in_memory(keys: np.ndarray, texts: list[str], settings: MinHashS
     owner = partition_of(records, partitions)
     pairs = verified_pairs((records[owner == p] for p in range(partitions)), lambda k: signatures[rows(k)],
                            lambda k: exact[rows(k), 1], settings)
-    reasons = {code: name for name, code in REASON_CODES.items()}
-    return {doc: (kept, reasons[code]) for doc, kept, code in cluster(*pairs).tolist()}
+    return {doc: (kept, REASON_NAMES[code]) for doc, kept, code in cluster(*pairs).tolist()}

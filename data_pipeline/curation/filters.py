@@ -29,8 +29,6 @@ _CITATION = re.compile(r"\[(\d+|edit|citation needed)\]", re.IGNORECASE)
 # Python's \w is exactly str.isalnum() plus "_", so this finds an alphanumeric character
 # in C rather than one Python call per character.
 _ALNUM = re.compile(r"[^\W_]")
-
-
 _LETTERLIKE = re.compile(r"[^\W\d_]")  # isalnum but not a decimal digit: a letter, or a rare numeral like "½"
 
 
@@ -41,6 +39,18 @@ def count_tokens_with_letters(tokens: list[str]) -> int:
         match = _LETTERLIKE.search(token)
         count += match is not None and (match.group().isalpha() or any(c.isalpha() for c in token))
     return count
+
+
+def read_list(path: str, setting: str) -> list[str]:
+    """The lower-cased entries of a list file, one per line; blank lines and # comments skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = [line.strip().lower() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except OSError as error:
+        raise ValueError(f"{setting}: cannot read {path} ({error.strerror})") from error
+    if not entries:
+        raise ValueError(f"{setting}: {path} lists nothing")
+    return entries
 
 
 def nonempty_lines(text: str) -> list[str]:
@@ -124,8 +134,7 @@ class UrlFilter(Filter):
         self.field, self.missing, self.remove_wikipedia = field, missing, remove_wikipedia
         domains = [d.strip().lower() for d in block_domains]
         if block_domains_file:
-            with open(block_domains_file, encoding="utf-8") as f:
-                domains += [line.strip().lower() for line in f if line.strip() and not line.startswith("#")]
+            domains += read_list(block_domains_file, "url.block_domains_file")
         self.blocked = frozenset(domains)
 
     @staticmethod
@@ -241,11 +250,10 @@ class GopherRepetitionFilter(Filter):
                 return f"gopher_repetition:dup_{kind}_fraction"
             if chars > max_chars:
                 return f"gopher_repetition:dup_{kind}_chars"
-        words = text.split()
-        total_chars = sum(map(len, words))
+        ngrams = WordNgrams(text.split())
+        total_chars = int(ngrams.lengths.sum())
         if not total_chars:
             return None
-        ngrams = WordNgrams(words)
         for n, limit in sorted(self.top_ngram.items()):
             if ngrams.top_chars(n) / total_chars > limit:
                 return f"gopher_repetition:top_{n}gram"
@@ -355,14 +363,8 @@ class C4Filter(Stage):
 
 
 def bad_words_pattern(path: str) -> re.Pattern:
-    """A whole-word, lower-case pattern for the words and phrases in `path` (blank lines and # comments skipped)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            words = {line.strip().lower() for line in f if line.strip() and not line.lstrip().startswith("#")}
-    except OSError as error:
-        raise ValueError(f"bad_words_file: cannot read {path} ({error.strerror})") from error
-    if not words:
-        raise ValueError(f"bad_words_file: {path} lists no words")
+    """A whole-word, lower-case pattern for the words and phrases listed in `path`."""
+    words = set(read_list(path, "c4.bad_words_file"))
     alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
     return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
 

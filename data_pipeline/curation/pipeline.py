@@ -36,6 +36,7 @@ from data_pipeline.curation.dedup import (
     BUCKET_DTYPE,
     DUPLICATES_DTYPE,
     REASON_CODES,
+    REASON_NAMES,
     MinHasher,
     MinHashSettings,
     bucket_records,
@@ -560,10 +561,9 @@ def write_tasks(layout: Layout, config: CurationConfig, duplicates: np.ndarray, 
     todo = [i for i in mine if not layout.marker("write", i).is_file()]
     in_todo = np.isin(duplicates["doc"] >> 32, todo)
     originals = ids_of(layout, set(duplicates["kept"][in_todo].tolist()))
-    reasons = {code: name for name, code in REASON_CODES.items()}
     per_file: dict[int, dict] = {i: {} for i in todo}
     for doc, kept, reason in duplicates[in_todo].tolist():
-        per_file[key_parts(doc)[0]][doc] = (f"{reasons[reason]}_dedup", originals[kept])
+        per_file[key_parts(doc)[0]][doc] = (f"{REASON_NAMES[reason]}_dedup", originals[kept])
     return [WriteTask(i, layout, config, per_file[i]) for i in todo]
 
 

@@ -10,7 +10,7 @@ import pytest
 from data_pipeline.curation.dedup import (
     MAX_32,
     MERSENNE_61,
-    REASON_CODES,
+    REASON_NAMES,
     MinHasher,
     MinHashSettings,
     candidate_pairs,
@@ -181,8 +181,7 @@ def test_clusters_equal_a_plain_union_find_on_random_pair_graphs(seed):
         ends = np.sort(keys[rng.integers(0, len(keys), size=(count, 2))], axis=1)
         return ends[ends[:, 0] != ends[:, 1]]
     exact, fuzzy = pairs(int(rng.integers(0, 120))), pairs(int(rng.integers(0, 250)))
-    reasons = {code: name for name, code in REASON_CODES.items()}
-    ours = {doc: (kept, reasons[code]) for doc, kept, code in cluster(exact, fuzzy).tolist()}
+    ours = {doc: (kept, REASON_NAMES[code]) for doc, kept, code in cluster(exact, fuzzy).tolist()}
     assert ours == reference_cluster(exact, fuzzy)
     assert all(kept not in ours and kept < doc for doc, (kept, _) in ours.items())
     empty = np.empty((0, 2), np.int64)
