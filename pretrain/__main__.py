@@ -1,29 +1,50 @@
-"""python -m pretrain --config CONFIG.yaml [--set section.key=value ...]
+"""python -m pretrain --config CONFIG.yaml [--set section.key=value ...] [--check]
 
 Runs under torchrun, srun, or python -m pretrain.launch (it reads RANK /
 WORLD_SIZE / LOCAL_RANK, or the SLURM_* variables); alone it is one process.
 Starting again with the same run directory resumes from its latest checkpoint.
-SIGTERM or SIGUSR1 saves a checkpoint after the current step and exits 0.
-Exit codes: 0 done (or stopped by a signal, checkpoint saved), 2 a setting or a
-checkpoint that cannot work (the message names it), 3 training diverged (too many
-consecutive steps with non-finite loss or gradients, each skipped).
+
+Stopping early, always after the current step and with a checkpoint saved:
+SIGTERM or SIGUSR1 (a preemption, a time-limit warning), the kill switch
+(create RUN_DIR/STOP), or train.exit_after_minutes of wall time. The reason is
+written to RUN_DIR/exit.json, which slurm/pretrain.sbatch reads to decide whether
+to requeue. PRETRAIN_DEVICE=cpu trains with gloo on CPUs even where GPUs are visible.
+
+--check validates the config for a world size (WORLD_SIZE, SLURM_NTASKS or
+--world-size) without starting anything: the layout against the model, the
+tokenizer, the data prefixes. It prints the layout and the run directory.
+
+Exit codes: 0 done (finished, or stopped early with a checkpoint saved), 2 a
+setting, launch environment or checkpoint that cannot work (the message names
+it), 3 training diverged (too many consecutive steps with non-finite loss or
+gradients, each skipped). A crash exits 1 with a traceback (and, on a fatal
+signal, every thread's stack from Python's fault handler).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not __import__("torch").cuda.is_available() else "cuda")
+import torch
+
+# DeepSpeed picks its accelerator at import; an invalid PRETRAIN_DEVICE is reported in main().
+_cpu = os.environ.get("PRETRAIN_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available()
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if _cpu else "cuda")
+
+from pretrain.parallel.distributed import LaunchError, environment_from_launcher, wants_gpu  # noqa: E402
 
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import DataError  # noqa: E402
-from pretrain.parallel.distributed import environment_from_launcher  # noqa: E402
 from pretrain.parallel.layout import LayoutError  # noqa: E402
-from pretrain.trainer import Trainer, TrainingDiverged  # noqa: E402
+from pretrain.trainer import Trainer, TrainingDiverged, plan_run  # noqa: E402
+
+SETUP_ERRORS = (ConfigError, LayoutError, DataError, CheckpointError, LaunchError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (configs/gpt2-tiny.yaml, ...)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. --set optim.lr=3e-4 parallel.tensor_parallel_size=2")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit (no training)")
+    parser.add_argument("--world-size", type=int, help="with --check: the number of ranks to check the layout for")
     return parser.parse_args(argv)
 
 
@@ -39,23 +62,37 @@ def configure_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
     logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("pretrain.rank").setLevel(logging.INFO)  # every rank says where it runs
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def check(config, world_size: int | None) -> int:
+    world_size = world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    plan = plan_run(config, world_size)
+    print(f"ok: {world_size} ranks, {plan.layout.describe()}; {len(plan.blend[0])} data shard(s)")
+    print(f"run_dir={config.run.dir}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    environment_from_launcher()
-    configure_logging()
+    faulthandler.enable()  # a segfault or abort prints every thread's Python stack
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID` shows where a hung rank is
     try:
         config = load_config(args.config, args.set)
-    except (ConfigError, OSError) as error:
+        if args.check:
+            return check(config, args.world_size)
+        environment_from_launcher()
+        wants_gpu()  # refuses an invalid PRETRAIN_DEVICE
+    except (*SETUP_ERRORS, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    configure_logging()
     trainer = Trainer(config)
     try:
         trainer.setup()
         trainer.run()
-    except (ConfigError, LayoutError, DataError, CheckpointError) as error:
+    except SETUP_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

@@ -99,6 +99,12 @@ class TrainSection:
     """bf16, fp16 (dynamic loss scaling) or fp32."""
     max_consecutive_skips: int = 5
     """Stop after this many steps in a row with non-finite loss or gradients."""
+    distributed_timeout_minutes: float = 10.0
+    """A collective that waits longer than this fails the run instead of hanging (a dead or
+    stuck rank); DeepSpeed's default is 30. Must exceed the longest checkpoint save."""
+    exit_after_minutes: float = 0.0
+    """Save and exit (to be requeued) after this much wall time; 0 never. For clusters whose
+    time-limit signal cannot be relied on."""
 
 
 @dataclass

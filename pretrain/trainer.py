@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_pipeline.tokenizers import load_tokenizer
+from data_pipeline.atomic import write_text_atomically
+from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from pretrain.checkpoint import CheckpointError, CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_datasets, micro_batches, resolve_blend
@@ -28,10 +32,12 @@ from pretrain.model.presets import flops_per_token, parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, build_model
 from pretrain.parallel.distributed import (
+    bind_device,
     collective_device,
     init_distributed,
     initialize_model_parallel,
     model_parallel_config,
+    wants_gpu,
 )
 from pretrain.parallel.engine import deepspeed_config, evaluate_loss, initialize_engine, train_step
 from pretrain.parallel.layout import ParallelLayout
@@ -45,6 +51,8 @@ from pretrain.parallel.reshard import (
 from pretrain.schedule import lr_multiplier
 
 log = logging.getLogger("pretrain")
+STOP_FILE = "STOP"  # RUN_DIR/STOP: the kill switch
+EXIT_RECORD = "exit.json"  # RUN_DIR/exit.json: why the last clean exit happened (read by slurm/pretrain.sbatch)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -71,13 +79,65 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradients."""
 
 
+@dataclass
+class RunPlan:
+    """What a config and a world size imply, checked before any process group exists."""
+
+    model_config: object
+    layout: ParallelLayout
+    tokenizer: Tokenizer
+    blend: tuple[list[str], list[float]]
+
+
+def plan_run(config: Config, world_size: int) -> RunPlan:
+    """Validate the settings that can be checked without processes (layout against the
+    model and world size, precision, tokenizer, data prefixes); raise the one-line error
+    that names the setting. `python -m pretrain --check` runs only this."""
+    tp = config.parallel.tensor_parallel_size
+    model_config = config.model.gpt_config(tp)
+    layout = ParallelLayout(
+        world_size, tp, config.parallel.pipeline_parallel_size, config.parallel.zero_stage,
+        config.parallel.micro_batch_size, config.parallel.global_batch_size,
+    ).validate(model_config)
+    if config.train.precision == "fp16" and not wants_gpu():
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
+    for key in ("distributed_timeout_minutes", "exit_after_minutes"):
+        value = getattr(config.train, key)
+        if value < 0 or (key == "distributed_timeout_minutes" and value == 0):
+            raise ConfigError(f"train.{key}={value} must be {'positive' if value == 0 else 'at least 0'}")
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "
+                          f"has {tokenizer.vocab_size} tokens; set model.vocab_size={tokenizer.vocab_size}")
+    return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer))
+
+
+def host_name() -> str:
+    """The Slurm node name under srun (what sinfo and srun's errors call it), else the hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def git_commit() -> str:
+    """The commit this code runs from, "+ local changes" when the tree differs, or why unknown."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return commit + (" + local changes" if dirty else "")
+
+
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self.run_dir = Path(config.run.dir)
         self.step = 0
         self.metrics: MetricsWriter | None = None
-        self.stop_requested = False
+        self.stop_signal: str | None = None
+        self.started = time.monotonic()  # for train.exit_after_minutes
         self.skipped_steps = 0
         self.consecutive_skips = 0
 
@@ -85,25 +145,15 @@ class Trainer:
 
     def setup(self) -> None:
         config = self.config
-        init_distributed()
+        device = bind_device()
+        logging.getLogger("pretrain.rank").info("rank %s of %s on %s: %s", os.environ.get("RANK", "0"),
+                                                   os.environ.get("WORLD_SIZE", "1"), host_name(), device)
+        init_distributed(timeout_minutes=config.train.distributed_timeout_minutes)
         self.rank = dist.get_rank()
-        tp = config.parallel.tensor_parallel_size
-        self.model_config = config.model.gpt_config(tp)
-        self.layout = ParallelLayout(
-            dist.get_world_size(), tp, config.parallel.pipeline_parallel_size, config.parallel.zero_stage,
-            config.parallel.micro_batch_size, config.parallel.global_batch_size,
-        ).validate(self.model_config)
-        if config.train.precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
-        self.tokenizer = load_tokenizer(config.data.tokenizer)
-        if self.tokenizer.vocab_size != config.model.vocab_size:
-            raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "
-                              f"has {self.tokenizer.vocab_size} tokens; set model.vocab_size={self.tokenizer.vocab_size}")
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            log.info("%s; model %.1fM parameters", self.layout.describe(), parameter_count(self.model_config) / 1e6)
-        topology = initialize_model_parallel(self.layout)
+        plan = plan_run(config, dist.get_world_size())
+        self.model_config, self.layout, self.tokenizer, self.blend = plan.model_config, plan.layout, plan.tokenizer, plan.blend
+        self._log_start(device)
+        topology = initialize_model_parallel(self.layout, config.train.distributed_timeout_minutes)
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
                                              config.checkpoint.keep_last, config.checkpoint.keep_every)
         self.resume_point = self._find_resume_point()
@@ -112,7 +162,6 @@ class Trainer:
         from megatron.core import parallel_state
 
         self.data_rank = parallel_state.get_data_parallel_rank()
-        self.blend = resolve_blend(config.data.prefixes, self.tokenizer)  # the datasets' and the manifests'
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.blend, self.run_dir,
                                                           self.layout.data_parallel_size)
         for signum in (signal.SIGTERM, signal.SIGUSR1):  # before resuming: a signal mid-conversion waits for it
@@ -121,9 +170,28 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
                                      enabled=self.rank == 0)
 
+    def _log_start(self, device: str) -> None:
+        """Rank 0 records what runs where: the commit, the resolved config, every rank's host and device."""
+        placement = [None] * dist.get_world_size()
+        dist.all_gather_object(placement, (host_name(), device))
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / EXIT_RECORD).unlink(missing_ok=True)
+        resolved = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        (self.run_dir / "config.yaml").write_text(resolved)
+        hosts = sorted({host for host, _ in placement})
+        log.info("git commit %s; %d ranks on %d node(s): %s", git_commit(), len(placement), len(hosts),
+                 ", ".join(hosts))
+        for rank, (host, where) in enumerate(placement):
+            log.info("rank %d: %s, %s", rank, host, where)
+        log.info("resolved config (also in %s):\n%s", self.run_dir / "config.yaml", resolved.rstrip())
+        log.info("%s; model %.1fM parameters", self.layout.describe(), parameter_count(self.model_config) / 1e6)
+
     def _request_stop(self, signum, _frame) -> None:
-        log.warning("received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
-        self.stop_requested = True
+        name = signal.Signals(signum).name
+        log.warning("received %s: saving a checkpoint after this step, then exiting", name)
+        self.stop_signal = name
 
     def _build_engine(self, topology, load_universal: bool = False):
         config, layout = self.config, self.layout
@@ -216,11 +284,19 @@ class Trainer:
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             path.write_text("".join(line + "\n" for line in kept))
 
-    def _stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop; every rank must agree to save together."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    STOP_REASONS = ("signal:SIGTERM", "signal:SIGUSR1", "stop_file", "exit_after_minutes")
+
+    def _stop_agreed(self) -> str | None:
+        """Why the run must stop now, if any rank has a reason; every rank gets the same answer,
+        so all save together. Only rank 0 looks at the kill switch and the clock."""
+        reasons = [self.stop_signal == "SIGTERM", self.stop_signal == "SIGUSR1", False, False]
+        if self.rank == 0:
+            budget = self.config.train.exit_after_minutes
+            reasons[2] = (self.run_dir / STOP_FILE).exists()
+            reasons[3] = budget > 0 and time.monotonic() - self.started >= budget * 60
+        flags = torch.tensor(reasons, dtype=torch.float32, device=collective_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return next((reason for reason, flag in zip(self.STOP_REASONS, flags.tolist()) if flag), None)
 
     # ---- steps --------------------------------------------------------------------
 
@@ -273,20 +349,36 @@ class Trainer:
         loss = sum(losses) / len(losses)
         return {"step": self.step, "valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0))}
 
-    def run(self) -> None:
-        config = self.config
-        while self.step < config.train.max_steps:
+    def run(self) -> str:
+        """Train to train.max_steps or until a stop reason (signal, kill switch, time budget),
+        saving after the step that saw it; returns the reason, "finished" at the end."""
+        config, first = self.config, self.step
+        stop = self._stop_agreed()  # a kill switch left in place, or a signal during start-up
+        while self.step < config.train.max_steps and stop is None:
             self.metrics.write(self.train_step())
             if config.eval.interval and self.step % config.eval.interval == 0:
                 self.metrics.write(self.evaluate())
             stop = self._stop_agreed()
             if stop or self.step % config.checkpoint.interval == 0 or self.step == config.train.max_steps:
                 self.save()
-            if stop:
-                log.warning("stopped at step %d after a signal; run the same command to resume", self.step)
-                return
-        if self.rank == 0:
+        reason = stop or "finished"
+        self._record_exit(reason, first)
+        if reason == "finished":
             log.info("finished %d steps; metrics in %s", self.step, self.run_dir / "metrics.jsonl")
+        elif reason == "stop_file":
+            log.warning("stopped at step %d by the kill switch %s (%d steps this run); remove it and run the same "
+                        "command (or resubmit) to continue", self.step, self.run_dir / STOP_FILE, self.step - first)
+        else:
+            log.warning("stopped at step %d (%s) with a checkpoint; run the same command to resume", self.step, reason)
+        return reason
+
+    def _record_exit(self, reason: str, first_step: int) -> None:
+        """RUN_DIR/exit.json: the reason for this clean exit, so a batch script can decide
+        whether to requeue (a time limit) or not (finished, kill switch, no progress)."""
+        if self.rank == 0:
+            record = {"reason": reason, "step": self.step, "first_step": first_step,
+                      "max_steps": self.config.train.max_steps}
+            write_text_atomically(self.run_dir / EXIT_RECORD, json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.metrics is not None:

@@ -20,24 +20,80 @@ def _megatron():
     return parallel_state, ModelParallelConfig
 
 
+class LaunchError(RuntimeError):
+    """A launch environment that cannot form a correct process group; names the variable."""
+
+
 def environment_from_launcher() -> None:
     """RANK, WORLD_SIZE, LOCAL_RANK from torchrun / our launcher, or else from srun's
     SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (never SLURM_NODEID: that is the node,
-    not the rank). A single process needs nothing set."""
+    not the rank). A single process needs nothing set.
+
+    MASTER_ADDR falls back to 127.0.0.1 only when every rank is on this machine: under
+    srun across several nodes each rank would otherwise rendezvous with itself and hang.
+    """
     import os
 
     slurm = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
     for ours, theirs in slurm.items():
         if ours not in os.environ and theirs in os.environ:
             os.environ[ours] = os.environ[theirs]
+    nodes = int(os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    if "MASTER_ADDR" not in os.environ and nodes > 1:
+        raise LaunchError(f"MASTER_ADDR is not set and this srun step spans {nodes} nodes: set MASTER_ADDR to the "
+                          "first host of the job (slurm/pretrain.sbatch does: scontrol show hostnames "
+                          "$SLURM_JOB_NODELIST | head -n 1) and MASTER_PORT to a port free on it")
     defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         if os.environ["WORLD_SIZE"] != "1":
-            raise RuntimeError("MASTER_PORT is not set: start multi-process runs with python -m pretrain.launch, "
-                               "torchrun, or an sbatch script from slurm/")
+            raise LaunchError("MASTER_PORT is not set: start multi-process runs with python -m pretrain.launch, "
+                              "torchrun, or an sbatch script from slurm/")
         os.environ["MASTER_PORT"] = str(free_port())
+
+
+def wants_gpu() -> bool:
+    """Train on GPUs (NCCL) unless PRETRAIN_DEVICE=cpu or torch sees none."""
+    import os
+
+    device = os.environ.get("PRETRAIN_DEVICE", "").lower()
+    if device not in ("", "cpu", "cuda"):
+        raise LaunchError(f"PRETRAIN_DEVICE={device!r} must be cpu or cuda (or unset: cuda when a GPU is visible)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LaunchError("PRETRAIN_DEVICE=cuda but torch sees no GPU (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); unset it or use PRETRAIN_DEVICE=cpu")
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def choose_gpu(local_rank: int, visible_count: int, visible: str | None) -> int:
+    """The CUDA device index this rank uses, whether srun shows a task every GPU of its
+    node (then LOCAL_RANK picks one) or only its own (--gpus-per-task=1, --gpu-bind: index 0)."""
+    if visible_count == 1:
+        return 0
+    if 0 <= local_rank < visible_count:
+        return local_rank
+    raise LaunchError(f"LOCAL_RANK={local_rank} but this task sees {visible_count} GPUs (CUDA_VISIBLE_DEVICES="
+                      f"{visible or 'unset'}): give each task one GPU (srun --gpus-per-task=1) or all of its node's "
+                      "GPUs with one task per GPU (--ntasks-per-node equal to --gpus-per-node)")
+
+
+def bind_device() -> str:
+    """Pick and select this rank's device; returns its description for the first log line.
+
+    DeepSpeed (engine and PipelineModule) moves the model to cuda:LOCAL_RANK, so LOCAL_RANK
+    is rewritten to the chosen index when a task sees fewer GPUs than its node has; the
+    launcher's value stays in SLURM_LOCALID."""
+    import os
+
+    if not wants_gpu():
+        return "CPU (gloo)"
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("CUDA_VISIBLE_DEVICES")
+    index = choose_gpu(local_rank, torch.cuda.device_count(), visible)
+    torch.cuda.set_device(index)
+    os.environ["LOCAL_RANK"] = str(index)
+    return (f"GPU {index} ({torch.cuda.get_device_name(index)}; CUDA_VISIBLE_DEVICES={visible or 'unset'}, "
+            f"local rank {local_rank})")
 
 
 def free_port() -> int:
@@ -55,20 +111,30 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None) -> None:
+def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
     """torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
-    registered with DeepSpeed's communication layer too. An existing process group is reused."""
+    registered with DeepSpeed's communication layer too. An existing process group is reused.
+
+    A collective that waits longer than `timeout_minutes` fails instead of hanging: with
+    NCCL's asynchronous error handling the process then exits, and srun's
+    --kill-on-bad-exit ends the job."""
+    import os
+    from datetime import timedelta
+
     import deepspeed
 
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    backend = backend or ("nccl" if wants_gpu() else "gloo")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(minutes=timeout_minutes))
 
 
-def initialize_model_parallel(layout: ParallelLayout):
+def initialize_model_parallel(layout: ParallelLayout, timeout_minutes: float = 10.0):
     """megatron-core's groups (tensor, pipeline, data) and DeepSpeed's matching topology.
 
     Both order ranks tensor-fastest, then data, then pipeline; the check below
-    fails loudly if a library upgrade ever changes that.
+    fails loudly if a library upgrade ever changes that. Under NCCL megatron-core's
+    extra gloo groups (for CPU-side optimizer communication we do not use) are not made.
     """
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -77,7 +143,9 @@ def initialize_model_parallel(layout: ParallelLayout):
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=max(1, round(timeout_minutes)),
+        create_gloo_process_groups=dist.get_backend() != "nccl",
     )
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     coordinates = topology.get_coord(dist.get_rank())
