@@ -1,0 +1,44 @@
+"""The Slurm cluster fixture: tests/slurm/cluster.sh brings up munge, slurmctld and two slurmd
+daemons (node1, node2) on 127.0.0.1; stopped at the end if this session started it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CLUSTER = Path(__file__).resolve().parent / "cluster.sh"
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "the local Slurm cluster needs root (its daemons run as SlurmUser=root)"
+    absent = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(tool) is None]
+    if absent:
+        return (f"Slurm is not installed ({', '.join(absent)} missing): "
+                "apt-get install slurmctld slurmd slurm-client munge (.ci/run does)")
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """SLURM_CONF of a running two-node cluster, set in this process's environment too."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    running = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, text=True).returncode == 0
+    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
+    conf = started.stdout.strip().rsplit("=", 1)[1]
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if not running:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
