@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch first, pinned to the version this platform ships as a CPU wheel; the
 # project's own range (torch>=2.11) is then already satisfied and pip pulls no
-# CUDA build. Override on machines with another torch: make setup TORCH_SPEC=...
+# CUDA build. Override on machines with another torch: make setup TORCH_SPEC=... (pip arguments,
+# e.g. TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130").
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -15,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -30,7 +30,11 @@ import os
 import signal
 import sys
 
-import torch
+from pretrain import stop_signals
+
+stop_signals.install()  # before the imports below: a preemption during start-up must not kill the rank
+
+import torch  # noqa: E402
 
 # DeepSpeed picks its accelerator at import; an invalid PRETRAIN_DEVICE is reported in main().
 _cpu = os.environ.get("PRETRAIN_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available()
@@ -68,6 +72,7 @@ def configure_logging() -> None:
 
 def check(config, world_size: int | None) -> int:
     world_size = world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    wants_gpu()  # PRETRAIN_DEVICE=cuda on a node whose torch sees no GPU stops here, not on every rank
     plan = plan_run(config, world_size)
     print(f"ok: {world_size} ranks, {plan.layout.describe()}; {len(plan.blend[0])} data shard(s)")
     print(f"run_dir={config.run.dir}")

@@ -100,8 +100,11 @@ class TrainSection:
     max_consecutive_skips: int = 5
     """Stop after this many steps in a row with non-finite loss or gradients."""
     distributed_timeout_minutes: float = 10.0
-    """A collective that waits longer than this fails the run instead of hanging (a dead or
-    stuck rank); DeepSpeed's default is 30. Must exceed the longest checkpoint save."""
+    """A collective that waits longer than this fails the run instead of hanging (a dead or stuck
+    rank). It covers the world group and megatron-core's tensor/pipeline/data groups; DeepSpeed's
+    own groups keep torch's default (10 minutes under NCCL, 30 under gloo). Must exceed the longest
+    wait of one rank for another: a checkpoint save, or rank 0 building the data indices on a
+    first run over a large corpus."""
     exit_after_minutes: float = 0.0
     """Save and exit (to be requeued) after this much wall time; 0 never. For clusters whose
     time-limit signal cannot be relied on."""

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -24,6 +23,7 @@ import yaml
 
 from data_pipeline.atomic import write_text_atomically
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
+from pretrain import stop_signals
 from pretrain.checkpoint import CheckpointError, CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_datasets, micro_batches, resolve_blend
@@ -136,7 +136,6 @@ class Trainer:
         self.run_dir = Path(config.run.dir)
         self.step = 0
         self.metrics: MetricsWriter | None = None
-        self.stop_signal: str | None = None
         self.started = time.monotonic()  # for train.exit_after_minutes
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -164,8 +163,7 @@ class Trainer:
         self.data_rank = parallel_state.get_data_parallel_rank()
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.blend, self.run_dir,
                                                           self.layout.data_parallel_size)
-        for signum in (signal.SIGTERM, signal.SIGUSR1):  # before resuming: a signal mid-conversion waits for it
-            signal.signal(signum, self._request_stop)
+        stop_signals.install()  # (again: python -m pretrain did at start) a signal mid-conversion waits for it
         self.resume()
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
                                      enabled=self.rank == 0)
@@ -187,11 +185,6 @@ class Trainer:
             log.info("rank %d: %s, %s", rank, host, where)
         log.info("resolved config (also in %s):\n%s", self.run_dir / "config.yaml", resolved.rstrip())
         log.info("%s; model %.1fM parameters", self.layout.describe(), parameter_count(self.model_config) / 1e6)
-
-    def _request_stop(self, signum, _frame) -> None:
-        name = signal.Signals(signum).name
-        log.warning("received %s: saving a checkpoint after this step, then exiting", name)
-        self.stop_signal = name
 
     def _build_engine(self, topology, load_universal: bool = False):
         config, layout = self.config, self.layout
@@ -286,14 +279,16 @@ class Trainer:
 
     STOP_REASONS = ("signal:SIGTERM", "signal:SIGUSR1", "stop_file", "exit_after_minutes")
 
-    def _stop_agreed(self) -> str | None:
+    def _stop_agreed(self, after_a_step: bool = True) -> str | None:
         """Why the run must stop now, if any rank has a reason; every rank gets the same answer,
-        so all save together. Only rank 0 looks at the kill switch and the clock."""
-        reasons = [self.stop_signal == "SIGTERM", self.stop_signal == "SIGUSR1", False, False]
+        so all save together. Only rank 0 looks at the kill switch and the clock; the time
+        budget counts only after a step, so that every run makes progress."""
+        received = stop_signals.received()
+        reasons = [received == "SIGTERM", received == "SIGUSR1", False, False]
         if self.rank == 0:
             budget = self.config.train.exit_after_minutes
             reasons[2] = (self.run_dir / STOP_FILE).exists()
-            reasons[3] = budget > 0 and time.monotonic() - self.started >= budget * 60
+            reasons[3] = after_a_step and budget > 0 and time.monotonic() - self.started >= budget * 60
         flags = torch.tensor(reasons, dtype=torch.float32, device=collective_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return next((reason for reason, flag in zip(self.STOP_REASONS, flags.tolist()) if flag), None)
@@ -353,7 +348,7 @@ class Trainer:
         """Train to train.max_steps or until a stop reason (signal, kill switch, time budget),
         saving after the step that saw it; returns the reason, "finished" at the end."""
         config, first = self.config, self.step
-        stop = self._stop_agreed()  # a kill switch left in place, or a signal during start-up
+        stop = self._stop_agreed(after_a_step=False)  # a kill switch left in place, a signal during start-up
         while self.step < config.train.max_steps and stop is None:
             self.metrics.write(self.train_step())
             if config.eval.interval and self.step % config.eval.interval == 0:
@@ -361,7 +356,7 @@ class Trainer:
             stop = self._stop_agreed()
             if stop or self.step % config.checkpoint.interval == 0 or self.step == config.train.max_steps:
                 self.save()
-        reason = stop or "finished"
+        reason = "finished" if self.step >= config.train.max_steps else stop  # a stop in the last step: done
         self._record_exit(reason, first)
         if reason == "finished":
             log.info("finished %d steps; metrics in %s", self.step, self.run_dir / "metrics.jsonl")

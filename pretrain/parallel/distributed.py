@@ -67,8 +67,9 @@ def wants_gpu() -> bool:
 
 
 def choose_gpu(local_rank: int, visible_count: int, visible: str | None) -> int:
-    """The CUDA device index this rank uses, whether srun shows a task every GPU of its
-    node (then LOCAL_RANK picks one) or only its own (--gpus-per-task=1, --gpu-bind: index 0)."""
+    """The CUDA device index this rank uses, whether srun shows a task every GPU of its node
+    (then LOCAL_RANK picks one) or only its own (--gpus-per-task=1, --gpu-bind=single:1 or
+    map_gpu: index 0). Several visible GPUs but fewer than LOCAL_RANK + 1 is ambiguous and refused."""
     if visible_count == 1:
         return 0
     if 0 <= local_rank < visible_count:
@@ -144,7 +145,7 @@ def initialize_model_parallel(layout: ParallelLayout, timeout_minutes: float = 1
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=max(1, round(timeout_minutes)),
+        distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=dist.get_backend() != "nccl",
     )
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)

@@ -69,6 +69,47 @@ def test_sigterm_saves_and_the_rerun_continues_the_same_curve(tmp_path, shards, 
         assert losses(tmp_path) == pytest.approx(losses(straight), rel=1e-5)
 
 
+@pytest.mark.slow
+def test_exit_after_minutes_saves_records_why_and_the_rerun_continues_exactly(tmp_path, shards, straight):  # noqa: F811
+    """A wall-time budget (for clusters whose signals are unreliable): save, exit 0, say why in exit.json."""
+    stopped = train(tmp_path, shards, f"train.max_steps={STEPS}", "checkpoint.interval=100",
+                    "train.exit_after_minutes=0.001")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    record = json.loads((tmp_path / "exit.json").read_text())
+    assert record == {"reason": "exit_after_minutes", "step": 1, "first_step": 0, "max_steps": STEPS}
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    assert "stopped at step 1 (exit_after_minutes) with a checkpoint" in stopped.stderr
+
+    resumed = train(tmp_path, shards, f"train.max_steps={STEPS}", "checkpoint.interval=100")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "exit.json").read_text())["reason"] == "finished"
+    assert losses(tmp_path) == losses(straight)  # exactly: same layout, fp32
+
+
+@pytest.mark.slow
+def test_a_signal_during_start_up_stops_the_run_cleanly_before_training(tmp_path, shards):  # noqa: F811
+    """A preemption while the rank is still importing torch and building the model must not kill it."""
+    process = start(tmp_path, shards)
+    time.sleep(1.5)  # python -m pretrain is still importing its libraries
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "received SIGUSR1" in stderr
+    assert json.loads((tmp_path / "exit.json").read_text())["reason"] == "signal:SIGUSR1"
+    assert not (tmp_path / "checkpoints" / "latest").exists()  # nothing trained, nothing to save
+
+
+@pytest.mark.slow
+def test_a_kill_switch_present_at_start_trains_nothing_and_says_so(tmp_path, shards):  # noqa: F811
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "STOP").touch()
+    result = train(tmp_path, shards, f"train.max_steps={STEPS}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped at step 0 by the kill switch" in result.stderr
+    assert json.loads((tmp_path / "exit.json").read_text())["reason"] == "stop_file"
+    assert not (tmp_path / "metrics.jsonl").read_text() and not (tmp_path / "checkpoints" / "latest").exists()
+
+
 @pytest.fixture
 def finished_copy(tmp_path, straight):
     """A copy of the straight run, to damage."""

@@ -12,8 +12,11 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_P
 
 @pytest.fixture
 def clean_environment(monkeypatch):
+    """None of the launch variables set; whatever the test (or the code under test) sets is undone after it,
+    so no later test's subprocess inherits a rank."""
     for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "recorded")  # records the original state, so teardown restores it
+        monkeypatch.delenv(name)
     return monkeypatch
 
 

@@ -20,7 +20,8 @@ CTLD_PORT=${SLURM_TEST_PORT:-16817}
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
-pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file names a live daemon only if that pid still runs the program named (pids are reused).
+pid_alive() { [[ -f $1 && $(cat "/proc/$(cat "$1")/comm" 2>/dev/null) == "$2" ]]; }
 
 write_config() {
     local host
@@ -60,7 +61,7 @@ EOF
 }
 
 start_munge() {
-    pid_alive "$DIR/munged.pid" && return
+    pid_alive "$DIR/munged.pid" munged && return
     [[ -f $DIR/munge/munge.key ]] || mungekey -c -k "$DIR/munge/munge.key" >/dev/null
     chmod 700 "$DIR/munge"
     chmod 600 "$DIR/munge/munge.key"
@@ -98,20 +99,20 @@ start() {
     export SLURM_CONF=$CONF
     start_munge
     resolve_node_names
-    pid_alive "$DIR/slurmctld.pid" || slurmctld -c -f "$CONF"
+    pid_alive "$DIR/slurmctld.pid" slurmctld || slurmctld -c -f "$CONF"
     local node
     for node in "${NODES[@]}"; do
-        pid_alive "$DIR/slurmd-$node.pid" || slurmd -f "$CONF" -N "$node"
+        pid_alive "$DIR/slurmd-$node.pid" slurmd || slurmd -f "$CONF" -N "$node"
     done
     wait_for_idle_nodes
     echo "export SLURM_CONF=$CONF"
 }
 
 stop_pid_file() {
-    local file=$1 pid tries
+    local file=$1 program=$2 pid tries
     [[ -f $file ]] || return 0
     pid=$(cat "$file")
-    if kill -0 "$pid" 2>/dev/null; then
+    if pid_alive "$file" "$program"; then
         kill "$pid"
         for tries in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
@@ -123,9 +124,9 @@ stop() {
     export SLURM_CONF=$CONF
     [[ -f $CONF ]] && scancel --user=root >/dev/null 2>&1 || true
     local node
-    for node in "${NODES[@]}"; do stop_pid_file "$DIR/slurmd-$node.pid"; done
-    stop_pid_file "$DIR/slurmctld.pid"
-    stop_pid_file "$DIR/munged.pid"
+    for node in "${NODES[@]}"; do stop_pid_file "$DIR/slurmd-$node.pid" slurmd; done
+    stop_pid_file "$DIR/slurmctld.pid" slurmctld
+    stop_pid_file "$DIR/munged.pid" munged
 }
 
 case ${1:-} in
