@@ -10,6 +10,8 @@
 # them). Everything lives under $SLURM_TEST_DIR (default /tmp/gpt2-slurm-cluster); clients find
 # the cluster through SLURM_CONF, so a machine's own /etc/slurm is left alone. Both nodes claim 4
 # CPUs whatever the machine has (SlurmdParameters=config_overrides), so 2 x 4 tasks fit on 2 cores.
+# cred_expire=10: a requeued job may start again after 10 s instead of Slurm's default 120 (it must
+# wait until its revoked credential expires, or slurmd refuses it as "Job credential revoked").
 set -euo pipefail
 
 DIR=${SLURM_TEST_DIR:-/tmp/gpt2-slurm-cluster}
@@ -33,7 +35,7 @@ SlurmctldHost=localhost
 SlurmctldPort=$CTLD_PORT
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$DIR/state
