@@ -88,7 +88,6 @@ def main(argv=None) -> int:
         if args.check:
             return check(config, args.world_size)
         environment_from_launcher()
-        wants_gpu()  # refuses an invalid PRETRAIN_DEVICE
     except (*SETUP_ERRORS, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -101,10 +101,10 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
     ).validate(model_config)
     if config.train.precision == "fp16" and not wants_gpu():
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
-    for key in ("distributed_timeout_minutes", "exit_after_minutes"):
-        value = getattr(config.train, key)
-        if value < 0 or (key == "distributed_timeout_minutes" and value == 0):
-            raise ConfigError(f"train.{key}={value} must be {'positive' if value == 0 else 'at least 0'}")
+    if config.train.distributed_timeout_minutes <= 0:
+        raise ConfigError(f"train.distributed_timeout_minutes={config.train.distributed_timeout_minutes} must be positive")
+    if config.train.exit_after_minutes < 0:
+        raise ConfigError(f"train.exit_after_minutes={config.train.exit_after_minutes} must be at least 0 (0: never)")
     tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "
