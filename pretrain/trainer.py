@@ -357,6 +357,8 @@ class Trainer:
             if stop or self.step % config.checkpoint.interval == 0 or self.step == config.train.max_steps:
                 self.save()
         reason = "finished" if self.step >= config.train.max_steps else stop  # a stop in the last step: done
+        if self.rank != 0:  # rank 0 records and reports for all
+            return reason
         self._record_exit(reason, first)
         if reason == "finished":
             log.info("finished %d steps; metrics in %s", self.step, self.run_dir / "metrics.jsonl")
@@ -370,10 +372,9 @@ class Trainer:
     def _record_exit(self, reason: str, first_step: int) -> None:
         """RUN_DIR/exit.json: the reason for this clean exit, so a batch script can decide
         whether to requeue (a time limit) or not (finished, kill switch, no progress)."""
-        if self.rank == 0:
-            record = {"reason": reason, "step": self.step, "first_step": first_step,
-                      "max_steps": self.config.train.max_steps}
-            write_text_atomically(self.run_dir / EXIT_RECORD, json.dumps(record) + "\n")
+        record = {"reason": reason, "step": self.step, "first_step": first_step,
+                  "max_steps": self.config.train.max_steps}
+        write_text_atomically(self.run_dir / EXIT_RECORD, json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.metrics is not None:
