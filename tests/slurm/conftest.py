@@ -33,12 +33,8 @@ def slurm_cluster():
     started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stderr
     conf = started.stdout.strip().rsplit("=", 1)[1]
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    yield conf
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", conf)
+        yield conf
     if not running:
         subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
