@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-check gpu-check-prepare clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py
+
+# On a GPU machine with no package index: its own python3 and torch, wheels from wheels-gpu/ (no venv).
+gpu-check:
+	bash tools/gpu_check.sh
+
+# Once, on a development machine: fills wheels-gpu/ (wheels and real text) for the GPU machine.
+gpu-check-prepare: $(STAMP)
+	PYTHON_PREPARE=$(PY) bash tools/gpu_check.sh --prepare
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -50,6 +50,19 @@ def config_hash(config_dict: dict) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
+def random_state() -> dict:
+    """This rank's torch random state (dropout): the CPU generator's and, on a GPU, its device's."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def restore_random_state(state) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints before the CUDA state was saved
+        state = {"cpu": state, "cuda": None}
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, keep_every: int):
         self.directory = Path(directory)
@@ -81,7 +94,7 @@ class CheckpointManager:
         partial = self.directory / partial_tag
         engine.save_checkpoint(str(self.directory), tag=partial_tag, save_latest=False,
                                client_state={**client_state, "step": step, "iteration": step})
-        torch.save(torch.get_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+        torch.save(random_state(), partial / f"rng_rank{self.rank:05d}.pt")
         dist.barrier()  # every rank's shards are on disk
         final = self.directory / tag
         if self.rank == 0:
@@ -138,4 +151,4 @@ class CheckpointManager:
         # matching rank (it only matters for dropout, which pretraining leaves at 0).
         rng = directory / f"rng_rank{self.rank:05d}.pt"
         if rng.is_file() and universal is None:
-            torch.set_rng_state(torch.load(rng))
+            restore_random_state(torch.load(rng))

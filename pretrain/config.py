@@ -97,6 +97,13 @@ class TrainSection:
     """Seeds initialization and the data order."""
     precision: str = "bf16"
     """bf16, fp16 (dynamic loss scaling) or fp32."""
+    gradient_dtype: str = "fp32"
+    """bf16 only: the dtype gradients are accumulated over micro-batches and all-reduced in.
+    fp32 (the default) is exact enough over many micro-batches; bf16 saves memory and
+    bandwidth but loses small contributions. fp32 needs parallel.zero_stage >= 1."""
+    compile: bool = False
+    """torch.compile each transformer block (inductor, CPU or GPU); the first steps are slower
+    while it compiles. The pipeline engine and the loss stay eager."""
     max_consecutive_skips: int = 5
     """Stop after this many steps in a row with non-finite loss or gradients."""
     distributed_timeout_minutes: float = 10.0
@@ -132,6 +139,10 @@ class CheckpointSection:
     """Keep this many most recent checkpoints."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra."""
+    allow_data_change: bool = False
+    """Resume even though data.prefixes (or the shards behind them), data.split, train.seed or
+    data.tokenizer differ from the checkpoint's; the change is logged and written to metrics.jsonl.
+    Without it such a resume is refused: it would silently change the data order."""
 
 
 @dataclass
@@ -177,6 +188,7 @@ class Config:
 
 CHOICES = {
     "train.precision": ("bf16", "fp16", "fp32"),
+    "train.gradient_dtype": ("fp32", "bf16"),
     "schedule.decay": ("cosine", "linear", "constant"),
     "schedule.unit": ("steps", "tokens"),
 }

@@ -54,6 +54,8 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)):
                     self._board.add_scalar(f"train/{key}" if not key.startswith("valid_") else f"valid/{key[6:]}",
                                            value, step)
+        if "event" in metrics:
+            return  # the trainer logs events itself
         if step % self.console_interval == 0 or "valid_loss" in metrics:
             log.info(self.console_line(metrics))
 

@@ -1,10 +1,22 @@
 """AdamW that skips an update, on every rank at once, when any gradient is non-finite.
 
-DeepSpeed's fp16 loss scaler already skips overflowing steps; in bf16 and fp32
-nothing does, and one NaN gradient would poison the weights for good. DeepSpeed
-calls this optimizer's `step` on every rank once per training step (with ZeRO, on
-each rank's partition), so a MAX all-reduce of a local "non-finite" flag makes all
-ranks skip together and keeps replicas identical.
+One decision per optimizer step, whatever the precision and ZeRO stage:
+
+- a hook on every parameter looks at each gradient as backward produces it (per
+  micro-batch, on the device, no host synchronization) and keeps a local
+  "non-finite seen" flag;
+- the first time the inner optimizer's `step` is called in an optimizer step,
+  one MAX all-reduce of that flag over all ranks decides; later calls in the same
+  step (ZeRO calls the inner optimizer once per parameter group) reuse the decision;
+- the trainer calls `finish_step()` after the step, which reports the decision and
+  starts the next step afresh.
+
+The hooks see full gradients before ZeRO partitions or reduces them, so every
+stage sees the same thing. Where a DeepSpeed wrapper checks by itself
+(BF16_Optimizer's non-finite gradient norm, the fp16 loss scaler) it skips on the
+same condition before reaching this optimizer; the trainer counts both (its
+`engine.skipped_steps`). The learning rate is set by the trainer from the step
+number alone, so a skipped step advances the schedule either way.
 """
 
 from __future__ import annotations
@@ -15,23 +27,51 @@ import torch.distributed as dist
 from pretrain.parallel.distributed import collective_device
 
 
-class SkipNonFiniteAdamW(torch.optim.AdamW):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.skipped_last_step = False
+class NonFiniteGradientGuard:
+    """Watches gradients during backward; decides once per optimizer step whether to skip it."""
 
-    def _any_non_finite(self) -> bool:
-        sums = [p.grad.float().sum() for group in self.param_groups for p in group["params"] if p.grad is not None]
-        flag = torch.zeros(1, device=collective_device())
-        if sums:  # a sum over all gradients is non-finite if any element is (NaN and inf propagate)
-            flag += (~torch.isfinite(torch.stack(sums).sum())).float().to(flag.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def __init__(self, parameters):
+        self._seen: torch.Tensor | None = None  # bool scalar on the gradients' device
+        self._decision: bool | None = None
+        self.decisions = 0  # how many times the ranks agreed (one per optimizer step reaching the optimizer)
+        for parameter in parameters:
+            if parameter.requires_grad:
+                parameter.register_hook(self._observe)
+
+    def _observe(self, grad: torch.Tensor) -> None:
+        if self._decision is not None:  # a step decided without finish_step (DeepSpeed's set-up step): a new one
+            self._seen, self._decision = None, None
+        non_finite = ~torch.isfinite(grad).all()
+        self._seen = non_finite if self._seen is None else self._seen | non_finite.to(self._seen.device)
+
+    def must_skip(self) -> bool:
+        """The agreed decision for this optimizer step; the first call makes it (a collective)."""
+        if self._decision is None:
+            flag = torch.zeros(1, device=collective_device())
+            if self._seen is not None:
+                flag += self._seen.float().to(flag.device)
+            if dist.is_initialized():
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self._decision = bool(flag.item())
+            self.decisions += 1
+        return self._decision
+
+    def finish_step(self) -> bool:
+        """Whether this optimizer step was skipped here; forget it for the next step."""
+        skipped = bool(self._decision)
+        self._seen, self._decision = None, None
+        return skipped
+
+
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """torch's AdamW, except that a step the guard rejects changes neither weights nor moments."""
+
+    def __init__(self, param_groups, **kwargs):
+        super().__init__(param_groups, **kwargs)
+        self.guard = NonFiniteGradientGuard(p for group in self.param_groups for p in group["params"])
 
     @torch.no_grad()
     def step(self, closure=None):
-        self.skipped_last_step = self._any_non_finite()
-        if self.skipped_last_step:
+        if self.guard.must_skip():
             return None
         return super().step(closure)

@@ -30,7 +30,7 @@ from pretrain.data import build_datasets, micro_batches, resolve_blend
 from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.presets import flops_per_token, parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
-from pretrain.parallel.build import apply_activation_checkpointing, build_model
+from pretrain.parallel.build import apply_activation_checkpointing, apply_compile, build_model
 from pretrain.parallel.distributed import (
     bind_device,
     collective_device,
@@ -39,7 +39,14 @@ from pretrain.parallel.distributed import (
     model_parallel_config,
     wants_gpu,
 )
-from pretrain.parallel.engine import deepspeed_config, evaluate_loss, initialize_engine, train_step
+from pretrain.parallel.engine import (
+    deepspeed_config,
+    evaluate_loss,
+    gradient_dtype_refusal,
+    initialize_engine,
+    loss_scale,
+    train_step,
+)
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.parallel.reshard import (
     checkpoint_client_state,
@@ -99,6 +106,9 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
         world_size, tp, config.parallel.pipeline_parallel_size, config.parallel.zero_stage,
         config.parallel.micro_batch_size, config.parallel.global_batch_size,
     ).validate(model_config)
+    refusal = gradient_dtype_refusal(config.train.precision, config.train.gradient_dtype, layout.zero_stage)
+    if refusal:
+        raise ConfigError(refusal)
     if config.train.precision == "fp16" and not wants_gpu():
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
     if config.train.distributed_timeout_minutes <= 0:
@@ -139,6 +149,7 @@ class Trainer:
         self.started = time.monotonic()  # for train.exit_after_minutes
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.data_changes: list[str] = []  # what differs from the resumed checkpoint's data (when allowed)
 
     # ---- setup -------------------------------------------------------------------
 
@@ -156,6 +167,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
                                              config.checkpoint.keep_last, config.checkpoint.keep_every)
         self.resume_point = self._find_resume_point()
+        self._seed_random_state(topology)
         self.engine = self._build_engine(topology, load_universal=self.resume_point is not None
                                          and self.resume_point.reshard)
         from megatron.core import parallel_state
@@ -167,6 +179,16 @@ class Trainer:
         self.resume()
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
                                      enabled=self.rank == 0)
+        if self.data_changes:  # allowed by checkpoint.allow_data_change: on record
+            log.warning("resuming on changed data (checkpoint.allow_data_change=true): %s", "; ".join(self.data_changes))
+            self.metrics.write({"step": self.step, "event": "data_changed", "changes": self.data_changes})
+
+    def _seed_random_state(self, topology) -> None:
+        """Seed torch (CPU and every GPU) from train.seed, for dropout; a resumed run then
+        restores the saved state. Tensor-parallel ranks share a seed (dropout on the
+        replicated activations must agree); data-parallel replicas differ."""
+        data_rank = topology.get_coord(dist.get_rank()).data
+        torch.manual_seed(self.config.train.seed + data_rank)
 
     def _log_start(self, device: str) -> None:
         """Rank 0 records what runs where: the commit, the resolved config, every rank's host and device."""
@@ -191,13 +213,14 @@ class Trainer:
         model = build_model(self.model_config, layout, topology, model_parallel_config(layout), config.train.seed,
                             config.model.partition_method)
         apply_activation_checkpointing(model, config.model.activation_checkpointing)
+        apply_compile(model, config.train.compile)
         self.optimizer = SkipNonFiniteAdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                             betas=tuple(config.optim.betas), eps=config.optim.eps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, config))
         extra = {**config.deepspeed, "checkpoint": {**config.deepspeed.get("checkpoint", {}),
                                                     "load_universal": load_universal}}
-        ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, extra)
-        return initialize_engine(model, layout, topology, self.optimizer, ds_config, lr_scheduler=schedule)
+        ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, extra,
+                                     config.train.gradient_dtype)
+        return initialize_engine(model, layout, topology, self.optimizer, ds_config)
 
     # ---- checkpoints ----------------------------------------------------------------
 
@@ -243,12 +266,36 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {tag} was trained with parallel.global_batch_size={saved_batch}, this run has {batch}; "
                 f"the data order is counted in global batches, so keep parallel.global_batch_size={saved_batch}")
+        self.data_changes = self._data_changes(manifest)
+        if self.data_changes and not self.config.checkpoint.allow_data_change:
+            raise CheckpointError(
+                f"checkpoint {tag} was trained on other data: {'; '.join(self.data_changes)} (checkpoint -> this "
+                "run). Resuming would silently change the data order: restore those settings, or set "
+                "checkpoint.allow_data_change=true to continue on the new data (it is then logged and recorded "
+                "in metrics.jsonl)")
         reshard = manifest["layout"] != self.layout_record()
         refusal = reshard and reshard_refusal(manifest["layout"], self.layout_record())
         if refusal:
             raise CheckpointError(f"checkpoint {tag} was saved with layout {manifest['layout']}, this run is "
                                   f"{self.layout_record()}: {refusal}")
         return ResumePoint(tag, manifest, reshard)
+
+    def _data_changes(self, manifest: dict) -> list[str]:
+        """What decides the data order and differs from the checkpoint: 'key: saved -> now' each.
+        (A key an older manifest lacks is not compared.)"""
+        saved_data, saved_config = manifest.get("data", {}), manifest.get("config", {}).get("data", {})
+        compared = [
+            ("data.prefixes", saved_config.get("prefixes"), self.config.data.prefixes),
+            ("data.split", saved_config.get("split"), self.config.data.split),
+            ("train.seed", saved_data.get("seed"), self.config.train.seed),
+            ("data.tokenizer (sha256)", saved_data.get("tokenizer_sha256"), self.tokenizer.identity()["sha256"]),
+        ]
+        changes = [f"{key}: {saved!r} -> {now!r}" for key, saved, now in compared if saved not in (None, now)]
+        paths, weights = self.blend
+        if not changes and "shards" in saved_data and (saved_data["shards"], saved_data["weights"]) != (paths, weights):
+            changes.append(f"the shards behind data.prefixes (remade?): {saved_data['shards']} with weights "
+                           f"{saved_data['weights']} -> {paths} with weights {weights}")
+        return changes
 
     def resume(self) -> None:
         """Continue from the resume point, resharding it first if the layout changed."""
@@ -297,16 +344,28 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step on global batch `self.step`; returns its metrics."""
-        lr = self.engine.get_lr()[0]
-        batches = micro_batches(self.train_data, self.step, self.layout, self.data_rank)
-        overflows_before = self.engine.skipped_steps  # fp16: DeepSpeed's loss scaler skips overflows itself
+        lr = self._set_learning_rate()
+        batches = micro_batches(self.train_data, self.step, self.layout, self.data_rank,
+                                pin_memory=collective_device().type == "cuda")
+        skipped_before = self.engine.skipped_steps  # DeepSpeed's own checks (BF16_Optimizer, fp16 scaler)
         began = time.perf_counter()
         loss = train_step(self.engine, batches)
         seconds = time.perf_counter() - began
         self.step += 1
-        skipped = self.optimizer.skipped_last_step or self.engine.skipped_steps > overflows_before
+        skipped = self.optimizer.guard.finish_step() or self.engine.skipped_steps > skipped_before
         self._count_skip(skipped, loss)
         return {**self._step_metrics(loss, lr, seconds), "skipped": skipped, "skipped_steps": self.skipped_steps}
+
+    def _set_learning_rate(self) -> float:
+        """The schedule's learning rate for step `self.step`, set on every parameter group.
+
+        A function of the step number alone (like nanoGPT's, unlike Megatron's, which holds the
+        rate on a skipped step): a skipped step consumed its batch, so it advances the schedule,
+        whichever check skipped it, and a resumed run needs no scheduler state."""
+        lr = self.config.optim.lr * lr_multiplier(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _count_skip(self, skipped: bool, loss: float) -> None:
         self.skipped_steps += skipped
@@ -328,7 +387,7 @@ class Trainer:
         tflops = tokens_per_second * flops / self.layout.world_size / 1e12
         peak = device_peak_tflops()
         grad_norm = self.engine.get_global_grad_norm()
-        scale = self.engine.optimizer.cur_scale if self.config.train.precision == "fp16" else None
+        scale = loss_scale(self.engine.optimizer) if self.config.train.precision == "fp16" else None
         return {
             "step": self.step, "loss": loss, "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,

@@ -39,6 +39,8 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.model.loss import head_loss
+
 
 @dataclass
 class GPTConfig:
@@ -217,7 +219,8 @@ def lm_head(embedding: WordEmbedding, x: torch.Tensor) -> torch.Tensor:
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over vocabulary-parallel logits (B, T, V / tp), in fp32."""
+    """Mean next-token cross entropy over vocabulary-parallel logits (B, T, V / tp), in fp32.
+    The reference for `head_loss`, which training uses: it never holds all the logits."""
     return vocab_parallel_cross_entropy(logits.float(), labels).mean()
 
 
@@ -257,7 +260,6 @@ class GPT2(nn.Module):
         x = self.embedding(token_ids)  # (B, T, C)
         for index in range(1, self.num_layers):
             x = getattr(self, str(index))(x)
-        logits = lm_head(self.embedding, x)  # (B, T, V / tp)
         if labels is None:
-            return logits
-        return language_model_loss(logits, labels)
+            return lm_head(self.embedding, x)  # (B, T, V / tp)
+        return head_loss(x, self.embedding, labels)  # the head and the loss in chunks (pretrain/model/loss.py)

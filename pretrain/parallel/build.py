@@ -1,8 +1,10 @@
 """Parallelism applied to the model from outside, in named, ordered steps:
 
-    build_model                  layers -> GPT2 (one stage) or a DeepSpeed PipelineModule (stages);
+    build_model                  layers -> GPT2 (one stage) or a DeepSpeed PipelineModule (stages,
+                                 pretrain/parallel/pipeline.py: each rank builds its own stage only);
                                  tensor parallelism is already inside the layers (megatron-core)
     apply_activation_checkpointing   none, every block, or every k-th block
+    apply_compile                torch.compile each block (train.compile)
     (then deepspeed.initialize, in the trainer)
 """
 
@@ -10,42 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from pretrain.model.gpt2 import (
-    GPT2,
-    TIED_EMBEDDING,
-    Block,
-    GPTConfig,
-    Initializer,
-    WordEmbedding,
-    language_model_loss,
-    layer_classes,
-    lm_head,
-)
+from pretrain.model.gpt2 import GPT2, Block, GPTConfig
 from pretrain.parallel.layout import ParallelLayout
-
-
-def build_pipeline(config: GPTConfig, topology, parallel, seed: int, partition_method: str = "parameters"):
-    """The layer sequence as a DeepSpeed PipelineModule.
-
-    The word embedding appears twice, as a TiedLayerSpec: on the first stage it
-    embeds, on the last it is the output head; DeepSpeed keeps the two copies
-    equal by all-reducing their gradients. `partition_method` is DeepSpeed's:
-    "parameters" (balance parameter counts), "uniform", or "type:Block".
-    """
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-
-    init = Initializer(seed, config.init_std)
-    specs = []
-    for index, cls in enumerate(layer_classes(config)):
-        if cls is WordEmbedding:
-            specs.append(TiedLayerSpec(TIED_EMBEDDING, WordEmbedding, config, parallel, init, index,
-                                       tied_weight_attr="word.weight"))
-        else:
-            specs.append(LayerSpec(cls, config, parallel, init, index))
-    specs.append(TiedLayerSpec(TIED_EMBEDDING, WordEmbedding, config, parallel, init, 0,
-                               forward_fn=lm_head, tied_weight_attr="word.weight"))
-    return PipelineModule(layers=specs, loss_fn=language_model_loss, topology=topology,
-                          partition_method=partition_method)
+from pretrain.parallel.pipeline import build_pipeline
 
 
 def build_model(config: GPTConfig, layout: ParallelLayout, topology, parallel, seed: int,
@@ -91,3 +60,16 @@ def apply_activation_checkpointing(model: nn.Module, every: int) -> int:
             module.checkpoint_activations = every > 0 and block_index % every == 0
             marked += module.checkpoint_activations
     return marked
+
+
+def apply_compile(model: nn.Module, enabled: bool) -> int:
+    """torch.compile every local block in place (parameter names unchanged); returns how many.
+
+    Per block, not the whole model: the blocks are where the time goes, they are all
+    alike (one compiled graph serves them all), and the pipeline engine, the tied
+    head and the chunked loss stay eager, outside what the compiler must understand.
+    """
+    blocks = [module for module in model.modules() if isinstance(module, Block)] if enabled else []
+    for block in blocks:
+        block.compile()
+    return len(blocks)

@@ -9,13 +9,34 @@ import torch.distributed as dist
 from pretrain.parallel.layout import ParallelLayout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+GRADIENT_DTYPES = ("fp32", "bf16")
+
+
+def gradient_dtype_refusal(precision: str, gradient_dtype: str, zero_stage: int) -> str | None:
+    """Why this precision / gradient dtype / ZeRO stage cannot run, or None."""
+    if gradient_dtype not in GRADIENT_DTYPES:
+        return f"train.gradient_dtype={gradient_dtype!r} must be one of {', '.join(GRADIENT_DTYPES)}"
+    if precision == "bf16" and gradient_dtype == "fp32" and zero_stage == 0:
+        # DeepSpeed accumulates in fp32 only inside its ZeRO optimizers (BF16_Optimizer at stage 1).
+        return ("train.precision=bf16 with train.gradient_dtype=fp32 needs parallel.zero_stage >= 1 (DeepSpeed has "
+                "no fp32 gradient accumulation at ZeRO-0); set parallel.zero_stage=1, or train.gradient_dtype=bf16 "
+                "to accumulate and all-reduce gradients in bf16")
+    return None
 
 
 def deepspeed_config(layout: ParallelLayout, precision: str = "fp32", gradient_clipping: float = 0.0,
-                     extra: dict | None = None) -> dict:
-    """The DeepSpeed JSON for a layout; `extra` keys are passed through on top."""
+                     extra: dict | None = None, gradient_dtype: str = "fp32") -> dict:
+    """The DeepSpeed JSON for a layout; `extra` keys are passed through on top.
+
+    In bf16, gradients are accumulated over micro-batches and reduced over data-parallel
+    ranks in `gradient_dtype`: fp32 by default (DeepSpeed's own default is the model's
+    dtype, whose 8-bit mantissa loses small contributions over many micro-batches).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+    refusal = gradient_dtype_refusal(precision, gradient_dtype, layout.zero_stage)
+    if refusal:
+        raise ValueError(refusal)
     config = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -25,17 +46,24 @@ def deepspeed_config(layout: ParallelLayout, precision: str = "fp32", gradient_c
         # ZeRO accepts only optimizer classes it lists; ours is torch's AdamW plus a
         # skip on non-finite gradients (pretrain/optim.py), the same update otherwise.
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision == "bf16"},
+        # immediate_grad_update: BF16_Optimizer folds each gradient into its fp32 buffer as
+        # backward produces it. Without it, the fp32 buffer takes the bf16 gradient after each
+        # micro-batch and relies on the engine's backward prologue to clear it; DeepSpeed 0.19's
+        # PipelineEngine skips that prologue on the last stage, which then counts earlier
+        # micro-batches again (measured: a TP2 x PP2 bf16 run off the fp32 curve by 5e-3 at step 3).
+        "bf16": {"enabled": precision == "bf16", "immediate_grad_update": True},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
         "steps_per_print": 10**9,  # our own logging reports progress
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        config["data_types"] = {"grad_accum_dtype": gradient_dtype}
+        config["communication_data_type"] = gradient_dtype
     config.update(extra or {})
     return config
 
 
-def initialize_engine(model: torch.nn.Module, layout: ParallelLayout, topology, optimizer, config: dict,
-                      lr_scheduler=None):
+def initialize_engine(model: torch.nn.Module, layout: ParallelLayout, topology, optimizer, config: dict):
     """deepspeed.initialize with the groups our layout implies.
 
     A PipelineModule carries its topology itself (DeepSpeed asserts mpu=None);
@@ -49,8 +77,18 @@ def initialize_engine(model: torch.nn.Module, layout: ParallelLayout, topology, 
 
     mpu = None if isinstance(model, PipelineModule) else PipelineParallelGrid(topology=topology)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu,
-                                           lr_scheduler=lr_scheduler, dist_init_required=False)
+                                           dist_init_required=False)
     return engine
+
+
+def loss_scale(optimizer) -> float | None:
+    """The fp16 loss scale of whichever wrapper DeepSpeed chose; None where there is none.
+
+    FP16_Optimizer, FP16_UnfusedOptimizer and the ZeRO 1-3 optimizers all expose it as
+    `loss_scale` (only some also as `cur_scale`); BF16_Optimizer and a bare optimizer have none.
+    """
+    scale = getattr(optimizer, "loss_scale", None)
+    return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else None
 
 
 def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -61,8 +99,8 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -
     if isinstance(engine, PipelineEngine):
         return engine.train_batch(iter(micro_batches)).item()
     losses = []
-    for token_ids, labels in micro_batches:
-        loss = engine(token_ids.to(engine.device), labels.to(engine.device))
+    for token_ids, labels in micro_batches:  # non-blocking from pinned memory; no host sync per micro-batch
+        loss = engine(token_ids.to(engine.device, non_blocking=True), labels.to(engine.device, non_blocking=True))
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())

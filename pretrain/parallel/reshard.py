@@ -115,7 +115,7 @@ def repair_after_universal_load(optimizer, expected: list[dict]) -> None:
 
 
 def group_settings(optimizer) -> list[dict]:
-    """Each group's settings except the learning rate (the schedule's, restored with its state)."""
+    """Each group's settings except the learning rate (the trainer sets it from the step before each step)."""
     return [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
             for group in optimizer.param_groups]
 

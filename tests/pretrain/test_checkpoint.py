@@ -101,7 +101,6 @@ def test_a_signal_during_start_up_stops_the_run_cleanly_before_training(tmp_path
 
 @pytest.mark.slow
 def test_a_kill_switch_present_at_start_trains_nothing_and_says_so(tmp_path, shards):  # noqa: F811
-    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "STOP").touch()
     result = train(tmp_path, shards, f"train.max_steps={STEPS}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -179,6 +178,40 @@ def test_a_damaged_or_incompatible_checkpoint_is_an_error_naming_it(finished_cop
     result = train(finished_copy, shards, *settings, timeout=300)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.slow
+def test_a_dropout_run_resumes_with_its_random_state_exactly(tmp_path, shards):  # noqa: F811
+    common = ["model.dropout=0.1", "schedule.decay=constant", "checkpoint.interval=2"]  # lr: not tied to max_steps
+    straight_run = train(tmp_path / "straight", shards, "train.max_steps=4", *common)
+    assert straight_run.returncode == 0, straight_run.stderr[-3000:]
+    for steps in (2, 4):
+        part = train(tmp_path / "resumed", shards, f"train.max_steps={steps}", *common)
+        assert part.returncode == 0, part.stderr[-3000:]
+    assert "resumed from step_0000002" in part.stderr
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # the same dropout masks, exactly
+
+
+@pytest.mark.parametrize("change,message", [
+    ("train.seed=99", "train.seed: 1234 -> 99"),
+    ("data.split=90,9,1", "data.split: '969,30,1' -> '90,9,1'"),
+    ("data.prefixes=[{shards}_00000]", "data.prefixes: ['{shards}'] -> ['{shards}_00000']"),
+], ids=["seed", "split", "prefixes"])
+def test_resuming_on_other_data_is_refused_naming_the_key_unless_allowed(finished_copy, shards, change,  # noqa: F811
+                                                                         message):
+    change, message = change.format(shards=shards), message.format(shards=shards)
+    refused = train(finished_copy, shards, f"train.max_steps={STEPS + 1}", change, timeout=300)
+    assert refused.returncode == 2
+    assert message in refused.stderr and "checkpoint.allow_data_change=true" in refused.stderr
+    assert len(metrics(finished_copy)) == STEPS  # nothing trained
+
+    allowed = train(finished_copy, shards, f"train.max_steps={STEPS + 1}", change, "checkpoint.allow_data_change=true",
+                    timeout=300)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "resuming on changed data" in allowed.stderr and message in allowed.stderr
+    event = [row for row in metrics(finished_copy) if "event" in row]
+    assert event == [{"step": STEPS, "event": "data_changed", "changes": [message]}]
+    assert metrics(finished_copy)[-1]["step"] == STEPS + 1
 
 
 def test_retention_with_keep_every(single_process_group, tmp_path):

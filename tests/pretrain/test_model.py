@@ -102,3 +102,32 @@ def test_bf16_parameters_give_the_fp32_loss_within_bf16_precision(single_process
     assert loss.item() == pytest.approx(full(ids, labels).item(), rel=1e-2)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in half.parameters())
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 64, None], ids=["ragged-chunks", "one-chunk-each", "default"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_head_loss_equals_the_full_logits_loss(single_process_group, chunk_tokens, dtype):
+    """Loss and gradients of head_loss (training) against lm_head + vocab_parallel_cross_entropy."""
+    from pretrain.model.gpt2 import language_model_loss, lm_head
+    from pretrain.model.loss import head_loss
+
+    config = GPTConfig(n_layer=1, n_embd=64, n_head=4, n_positions=32, vocab_size=1000, padded_vocab_size=1024)
+    embedding = GPT2(config, model_parallel_config(single_process_group), seed=5).to(dtype).embedding
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 32, 64, generator=generator).to(dtype).requires_grad_()
+    labels = torch.randint(0, 1000, (3, 32), generator=generator)
+    gradients = []
+    for loss_of in (lambda: language_model_loss(lm_head(embedding, x), labels),
+                    lambda: head_loss(x, embedding, labels, chunk_tokens)):
+        x.grad = embedding.word.weight.grad = None
+        loss = loss_of()
+        (loss * 2.0).backward()  # a scaled loss (gradient accumulation, fp16 loss scale) scales the gradients
+        gradients.append((loss.detach(), x.grad.float(), embedding.word.weight.grad.float()))
+    (reference, x_grad, weight_grad), (loss, chunked_x_grad, chunked_weight_grad) = gradients
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-6)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the matmul outputs
+    assert torch.allclose(chunked_x_grad, x_grad, rtol=0, atol=tolerance * x_grad.abs().max().item())
+    assert torch.allclose(chunked_weight_grad, weight_grad, rtol=0, atol=tolerance * weight_grad.abs().max().item())
+    assert torch.all(chunked_weight_grad[1000:] == 0)  # vocabulary padding gets no gradient
+    with torch.no_grad():
+        assert head_loss(x, embedding, labels, chunk_tokens).item() == pytest.approx(reference.item(), rel=1e-6)

@@ -1,4 +1,5 @@
-"""Non-finite gradients: every rank skips the update together, then training goes on."""
+"""Non-finite gradients: every rank skips the update together, then training goes on.
+(Under DeepSpeed engines, every precision and ZeRO stage: tests/pretrain/test_numerics.py.)"""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ def _rank(rank: int, port: int, out: str) -> None:
     optimizer = SkipNonFiniteAdamW([weight], lr=0.1)
     history = []
     for step, poisoned in enumerate([True, False]):
-        weight.grad = torch.full((4,), 0.5)
+        x = torch.full((4,), 0.5)
         if poisoned and rank == 1:  # only one rank sees the NaN
-            weight.grad[2] = float("nan")
+            x[2] = float("nan")
+        (weight * x).sum().backward()
         optimizer.step()
-        history.append((optimizer.skipped_last_step, weight.detach().clone()))
+        history.append((optimizer.guard.finish_step(), weight.detach().clone()))
+        optimizer.zero_grad()
     torch.save(history, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -40,6 +43,21 @@ def test_all_ranks_skip_when_any_rank_has_a_non_finite_gradient(tmp_path):
 def test_adam_state_is_untouched_by_a_skipped_step():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = SkipNonFiniteAdamW([weight], lr=0.1)
-    weight.grad = torch.tensor([1.0, float("inf"), 1.0])
+    (weight * torch.tensor([1.0, float("inf"), 1.0])).sum().backward()
     optimizer.step()
-    assert optimizer.skipped_last_step and not optimizer.state[weight]  # no moments, no step count
+    assert optimizer.guard.finish_step() and not optimizer.state[weight]  # no moments, no step count
+
+
+def test_one_decision_per_step_and_a_new_backward_starts_a_new_one():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = SkipNonFiniteAdamW([weight], lr=0.1)
+    weight.sum().backward()
+    optimizer.step()
+    optimizer.step()  # ZeRO calls the inner optimizer once per parameter group: the same decision
+    assert optimizer.guard.decisions == 1
+    # Without finish_step (DeepSpeed's own set-up step), the next backward still starts afresh.
+    optimizer.zero_grad()
+    (weight * float("nan")).sum().backward()
+    before = weight.detach().clone()
+    optimizer.step()
+    assert optimizer.guard.decisions == 2 and torch.equal(weight, before)

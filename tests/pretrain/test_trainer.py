@@ -94,6 +94,16 @@ def test_bf16_pipeline_follows_the_fp32_curve_within_bf16_precision(tmp_path, sh
     assert [row["loss"] for row in metrics(tmp_path)] == pytest.approx(reference, rel=2e-3)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_the_eager_curve(tmp_path, shards, single_process_run):
+    result = train(tmp_path, shards, "train.max_steps=4", "eval.interval=2", "eval.iterations=1", "train.compile=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    eager, compiled = metrics(single_process_run[0]), metrics(tmp_path)
+    for key in ("loss", "valid_loss"):
+        assert [row[key] for row in compiled if key in row] == pytest.approx([row[key] for row in eager if key in row],
+                                                                             abs=1e-5)
+
+
 @pytest.mark.parametrize("settings,message", [
     (["parallel.pipeline_parallel_size=2", "parallel.zero_stage=2"], "DeepSpeed supports only ZeRO-0/1 with pipelines"),
     (["data.prefixes=[/nonexistent/web]"], "data.prefixes: neither /nonexistent/web.bin/.idx nor /nonexistent/web.json"),
