@@ -51,15 +51,16 @@ def config_hash(config_dict: dict) -> str:
 
 
 def random_state() -> dict:
-    """This rank's torch random state (dropout): the CPU generator's and, on a GPU, its device's."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    """This rank's torch random state (dropout): the CPU generator's and, when training on a GPU, its
+    device's (is_initialized: a CPU run on a GPU node must not start CUDA to save it)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
 
 def restore_random_state(state) -> None:
     if isinstance(state, torch.Tensor):  # checkpoints before the CUDA state was saved
         state = {"cpu": state, "cuda": None}
     torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])
 
 

@@ -41,7 +41,8 @@ class NonFiniteGradientGuard:
     def _observe(self, grad: torch.Tensor) -> None:
         if self._decision is not None:  # a step decided without finish_step (DeepSpeed's set-up step): a new one
             self._seen, self._decision = None, None
-        non_finite = ~torch.isfinite(grad).all()
+        # One fp32 sum: NaN and inf propagate into it, and no gradient-sized temporary is made.
+        non_finite = ~torch.isfinite(grad.sum(dtype=torch.float32))
         self._seen = non_finite if self._seen is None else self._seen | non_finite.to(self._seen.device)
 
     def must_skip(self) -> bool:

@@ -42,7 +42,6 @@ from pretrain.parallel.distributed import (
 from pretrain.parallel.engine import (
     deepspeed_config,
     evaluate_loss,
-    gradient_dtype_refusal,
     initialize_engine,
     loss_scale,
     train_step,
@@ -106,9 +105,15 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
         world_size, tp, config.parallel.pipeline_parallel_size, config.parallel.zero_stage,
         config.parallel.micro_batch_size, config.parallel.global_batch_size,
     ).validate(model_config)
-    refusal = gradient_dtype_refusal(config.train.precision, config.train.gradient_dtype, layout.zero_stage)
-    if refusal:
-        raise ConfigError(refusal)
+    try:  # the DeepSpeed config this run would generate; a refusal names the setting
+        deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, config.deepspeed,
+                         config.train.gradient_dtype)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.train.compile and (layout.zero_stage == 3 or layout.tensor_parallel_size > 1):
+        raise ConfigError("train.compile=true is tested with parallel.zero_stage <= 2 and "
+                          "parallel.tensor_parallel_size=1 only (ZeRO-3 gathers parameters inside the blocks; "
+                          "megatron-core's tensor-parallel layers communicate in backward); set train.compile=false")
     if config.train.precision == "fp16" and not wants_gpu():
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
     if config.train.distributed_timeout_minutes <= 0:
@@ -173,13 +178,15 @@ class Trainer:
         from megatron.core import parallel_state
 
         self.data_rank = parallel_state.get_data_parallel_rank()
+        # Pinned batches for non-blocking copies; the pipeline engine copies (a pageable clone) itself.
+        self.pin_memory = collective_device().type == "cuda" and self.layout.pipeline_parallel_size == 1
         self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.blend, self.run_dir,
                                                           self.layout.data_parallel_size)
         stop_signals.install()  # (again: python -m pretrain did at start) a signal mid-conversion waits for it
         self.resume()
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
                                      enabled=self.rank == 0)
-        if self.data_changes:  # allowed by checkpoint.allow_data_change: on record
+        if self.data_changes and self.rank == 0:  # allowed by checkpoint.allow_data_change: on record
             log.warning("resuming on changed data (checkpoint.allow_data_change=true): %s", "; ".join(self.data_changes))
             self.metrics.write({"step": self.step, "event": "data_changed", "changes": self.data_changes})
 
@@ -214,7 +221,9 @@ class Trainer:
                             config.model.partition_method)
         apply_activation_checkpointing(model, config.model.activation_checkpointing)
         apply_compile(model, config.train.compile)
-        self.optimizer = SkipNonFiniteAdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+        # lr 0 until the trainer sets the schedule's rate before each step: DeepSpeed's fp16 wrappers
+        # take one optimizer step with zero gradients while they initialize, which must change nothing.
+        self.optimizer = SkipNonFiniteAdamW(parameter_groups(model, config.optim.weight_decay), lr=0.0,
                                             betas=tuple(config.optim.betas), eps=config.optim.eps)
         extra = {**config.deepspeed, "checkpoint": {**config.deepspeed.get("checkpoint", {}),
                                                     "load_universal": load_universal}}
@@ -321,7 +330,9 @@ class Trainer:
         """Drop metrics.jsonl lines past the checkpoint: those steps are trained again."""
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            rows = [(line, json.loads(line)) for line in path.read_text().splitlines() if line]
+            # Steps up to the checkpoint stay; an event at the checkpoint's step is this start's to write again.
+            kept = [line for line, row in rows if row["step"] < step or (row["step"] == step and "event" not in row)]
             path.write_text("".join(line + "\n" for line in kept))
 
     STOP_REASONS = ("signal:SIGTERM", "signal:SIGUSR1", "stop_file", "exit_after_minutes")
@@ -346,7 +357,7 @@ class Trainer:
         """One optimizer step on global batch `self.step`; returns its metrics."""
         lr = self._set_learning_rate()
         batches = micro_batches(self.train_data, self.step, self.layout, self.data_rank,
-                                pin_memory=collective_device().type == "cuda")
+                                pin_memory=self.pin_memory)
         skipped_before = self.engine.skipped_steps  # DeepSpeed's own checks (BF16_Optimizer, fp16 scaler)
         began = time.perf_counter()
         loss = train_step(self.engine, batches)

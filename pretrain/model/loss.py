@@ -35,14 +35,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """mean over tokens of cross_entropy(hidden @ weight.T, labels), vocabulary split over TP ranks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, padding_start: int, chunk_tokens: int):
+    def forward(ctx, hidden, weight, labels, padding_start: int, chunk_tokens: int, wants_grad: bool):
         from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as ops
         from megatron.core.tensor_parallel.utils import VocabUtility
 
         group, rank, world = _tensor_parallel()
         vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, world)
         tokens = hidden.shape[0]
-        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad else None
@@ -58,22 +57,27 @@ class _HeadCrossEntropy(torch.autograd.Function):
             _all_reduce(sum_exp, dist.ReduceOp.SUM, group, world)
             softmax, loss = ops.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
             total += loss.sum()
-            if wants_grad:  # d(mean loss)/d(logits) = (softmax - one_hot) / tokens
-                operands = ops.prepare_gradient_calculation_operands(softmax, target_mask)
-                per_token = torch.full_like(loss, 1.0 / tokens)
-                grad_logits = ops.calculate_gradients(*operands[:2], target_1d, *operands[2:], per_token)
+            if wants_grad:  # d(sum of losses)/d(logits) = softmax - one_hot; the 1 / tokens comes in backward
+                grad_2d, rows, not_elsewhere, grad_logits = ops.prepare_gradient_calculation_operands(softmax,
+                                                                                                   target_mask)
+                grad_2d[rows, target_1d] -= not_elsewhere
+                # Unscaled, so that fp16 does not flush these small values to zero before the loss scale
+                # (which only backward knows) multiplies them; each entry is at most 1 in size.
                 grad_logits = grad_logits.to(hidden.dtype)
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight  # (n, C)
-                grad_weight += (grad_logits.t() @ chunk).float()  # (V / tp, C), summed in fp32
+                grad_weight.add_(grad_logits.t() @ chunk)  # (V / tp, C), summed in fp32
+                del grad_2d, grad_logits
+            del logits, exp_logits, softmax  # before the next chunk's logits exist: one chunk at a time
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.tokens = weight.dtype, tokens
         return total / tokens
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype),
-                None, None, None)
+        scale = grad_output.float() / ctx.tokens  # the mean, and any loss scale or 1 / accumulation steps
+        return ((grad_hidden.float() * scale).to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
+                None, None, None, None)
 
 
 def _all_reduce(tensor: torch.Tensor, op, group, world: int) -> None:
@@ -92,4 +96,8 @@ def head_loss(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: in
     weight = embedding.word.weight
     hidden = copy_to_tensor_model_parallel_region(x).reshape(-1, x.shape[-1])  # (B T, C); backward: TP all-reduce
     chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _HeadCrossEntropy.apply(hidden, weight, labels.reshape(-1), embedding.padding_start, chunk_tokens)
+    # Decided here: inside Function.forward grad mode is always off, and needs_input_grad is
+    # true under no_grad too; evaluation must not pay for gradients.
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _HeadCrossEntropy.apply(hidden, weight, labels.reshape(-1), embedding.padding_start, chunk_tokens,
+                                   wants_grad)

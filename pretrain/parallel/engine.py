@@ -59,7 +59,13 @@ def deepspeed_config(layout: ParallelLayout, precision: str = "fp32", gradient_c
     if precision == "bf16":
         config["data_types"] = {"grad_accum_dtype": gradient_dtype}
         config["communication_data_type"] = gradient_dtype
-    config.update(extra or {})
+    for key, value in (extra or {}).items():  # a section given under deepspeed.* refines ours, key by key
+        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) \
+            else value
+    if precision == "bf16" and layout.pipeline_parallel_size > 1 and not config["bf16"].get("immediate_grad_update"):
+        raise ValueError("deepspeed.bf16.immediate_grad_update=false with a pipeline would count the last stage's "
+                         "gradients more than once (DeepSpeed 0.19 skips the last stage's backward prologue); "
+                         "leave it unset")
     return config
 
 

@@ -194,7 +194,7 @@ def test_a_dropout_run_resumes_with_its_random_state_exactly(tmp_path, shards): 
 
 @pytest.mark.parametrize("change,message", [
     ("train.seed=99", "train.seed: 1234 -> 99"),
-    ("data.split=90,9,1", "data.split: '969,30,1' -> '90,9,1'"),
+    ("data.split=80,20,0", "data.split: '90,10,0' -> '80,20,0'"),
     ("data.prefixes=[{shards}_00000]", "data.prefixes: ['{shards}'] -> ['{shards}_00000']"),
 ], ids=["seed", "split", "prefixes"])
 def test_resuming_on_other_data_is_refused_naming_the_key_unless_allowed(finished_copy, shards, change,  # noqa: F811

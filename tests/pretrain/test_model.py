@@ -105,9 +105,10 @@ def test_bf16_parameters_give_the_fp32_loss_within_bf16_precision(single_process
 
 
 @pytest.mark.parametrize("chunk_tokens", [7, 64, None], ids=["ragged-chunks", "one-chunk-each", "default"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_chunked_head_loss_equals_the_full_logits_loss(single_process_group, chunk_tokens, dtype):
-    """Loss and gradients of head_loss (training) against lm_head + vocab_parallel_cross_entropy."""
+    """Loss and gradients of head_loss (training) against lm_head + vocab_parallel_cross_entropy;
+    fp16 under DeepSpeed's first loss scale, 2^16, which only backward sees."""
     from pretrain.model.gpt2 import language_model_loss, lm_head
     from pretrain.model.loss import head_loss
 
@@ -121,11 +122,12 @@ def test_the_chunked_head_loss_equals_the_full_logits_loss(single_process_group,
                     lambda: head_loss(x, embedding, labels, chunk_tokens)):
         x.grad = embedding.word.weight.grad = None
         loss = loss_of()
-        (loss * 2.0).backward()  # a scaled loss (gradient accumulation, fp16 loss scale) scales the gradients
+        (loss * (2.0**16 if dtype == torch.float16 else 2.0)).backward()  # a scaled loss scales the gradients
         gradients.append((loss.detach(), x.grad.float(), embedding.word.weight.grad.float()))
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in gradients[1][1:])
     (reference, x_grad, weight_grad), (loss, chunked_x_grad, chunked_weight_grad) = gradients
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-6)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the matmul outputs
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16, fp16: one rounding of the matmul outputs
     assert torch.allclose(chunked_x_grad, x_grad, rtol=0, atol=tolerance * x_grad.abs().max().item())
     assert torch.allclose(chunked_weight_grad, weight_grad, rtol=0, atol=tolerance * weight_grad.abs().max().item())
     assert torch.all(chunked_weight_grad[1000:] == 0)  # vocabulary padding gets no gradient

@@ -161,3 +161,11 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_everywhere_deciding_on
             assert all(decisions <= 1 for _, _, decisions, _ in steps), (case, wrapper)  # once per step at most
             assert steps[0][2] == 1 and steps[2][2] == 1, (case, wrapper)  # ours decided the finite steps
         assert torch.equal(ranks[0][case][1][2][3], ranks[1][case][1][2][3]), case  # replicas stay identical
+
+
+def test_deepspeed_sections_are_refined_key_by_key_and_pipelines_keep_immediate_bf16_updates():
+    pipeline = ParallelLayout(world_size=2, pipeline_parallel_size=2)
+    refined = deepspeed_config(pipeline, "bf16", extra={"bf16": {"check_grad_overflow": True}})
+    assert refined["bf16"] == {"enabled": True, "immediate_grad_update": True, "check_grad_overflow": True}
+    with pytest.raises(ValueError, match="deepspeed.bf16.immediate_grad_update=false with a pipeline"):
+        deepspeed_config(pipeline, "bf16", extra={"bf16": {"immediate_grad_update": False}})

@@ -109,6 +109,8 @@ def test_compiled_blocks_train_the_eager_curve(tmp_path, shards, single_process_
     (["data.prefixes=[/nonexistent/web]"], "data.prefixes: neither /nonexistent/web.bin/.idx nor /nonexistent/web.json"),
     (["model.vocab_size=32000"], "model.vocab_size=32000 but data.tokenizer 'gpt2' has 50257 tokens"),
     (["train.precision=fp64"], "train.precision='fp64' must be one of bf16, fp16, fp32"),
+    (["train.precision=bf16", "parallel.zero_stage=0"], "train.gradient_dtype=fp32 needs parallel.zero_stage >= 1"),
+    (["train.compile=true", "parallel.zero_stage=3"], "train.compile=true is tested with parallel.zero_stage <= 2"),
     pytest.param(["train.precision=fp16"], "train.precision=fp16 needs a GPU", id="fp16-on-cpu",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 works on a GPU")),
 ])
