@@ -43,7 +43,15 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 class InputError(Exception):
-    """An input path that cannot be used at all (missing, unsupported format)."""
+    """An input path that cannot be used at all (missing, unsupported format, undecodable)."""
+
+
+def refuse_undecodable(path: str, problem: Skipped, records_read: int, truncated: bool) -> None:
+    """A file that fails to decode before its first record, other than by ending early, is not a
+    damaged corpus but one we cannot read (another format behind the suffix, a compression we
+    do not know): an error naming it, not a count. A file cut short is counted wherever it ends."""
+    if records_read == 0 and not truncated:
+        raise InputError(f"cannot decode {path}: {problem.detail}")
 
 
 @dataclass
@@ -164,10 +172,11 @@ def iter_chunks(
 # ---- records -> text ------------------------------------------------------------
 
 
-def check_text(value, text_key: str) -> tuple[str, str] | None:
-    """(reason, detail) when `value` is not a usable document, else None."""
+def check_text(value, text_key: str, key_setting: str = "--text-key") -> tuple[str, str] | None:
+    """(reason, detail) when `value` is not a usable document, else None. `key_setting` is how the
+    user of the calling tool chooses the key (a command-line flag, a config entry)."""
     if value is MISSING_KEY:
-        return "missing_text_key", f"no {text_key!r} key (choose the key with --text-key)"
+        return "missing_text_key", f"no {text_key!r} key (choose the key with {key_setting})"
     if value is None:
         return "null_text", f"{text_key!r} is null"
     if not isinstance(value, str):
@@ -175,6 +184,11 @@ def check_text(value, text_key: str) -> tuple[str, str] | None:
     if not value.strip():
         return "empty_document", "the text is empty or whitespace only"
     return None
+
+
+def is_blank(item) -> bool:
+    """A blank jsonl line: no record at all, so it is neither a document nor a bad record."""
+    return isinstance(item, bytes) and not item.strip()
 
 
 def parse_json_record(raw: bytes):
@@ -208,6 +222,8 @@ def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], 
     """Split a chunk into usable texts with their record numbers, and skipped records."""
     texts, records, skipped = [], [], []
     for offset, item in enumerate(chunk.items):
+        if is_blank(item):
+            continue
         record = chunk.first_record + offset
         parsed, problem = parse_item(item, chunk.kind, text_key)
         value = None if problem else parsed.get(text_key, MISSING_KEY)
@@ -220,7 +236,7 @@ def chunk_documents(chunk: Chunk, text_key: str) -> tuple[list[str], list[int], 
     return texts, records, skipped + chunk.stream_errors
 
 
-def chunk_records(chunk: Chunk, text_key: str, id_key: str = "id"
+def chunk_records(chunk: Chunk, text_key: str, id_key: str = "id", key_setting: str = "text_key in the config"
                   ) -> tuple[list[dict], list[int], list[tuple[Skipped, str | None]]]:
     """Like `chunk_documents`, keeping each whole record (every field) rather than its text alone.
 
@@ -229,9 +245,11 @@ def chunk_records(chunk: Chunk, text_key: str, id_key: str = "id"
     """
     records, numbers, skipped = [], [], []
     for offset, item in enumerate(chunk.items):
+        if is_blank(item):
+            continue
         number = chunk.first_record + offset
         record, problem = parse_item(item, chunk.kind, text_key, id_key)
-        problem = problem or check_text(record.get(text_key, MISSING_KEY), text_key)
+        problem = problem or check_text(record.get(text_key, MISSING_KEY), text_key, key_setting)
         if problem:
             if isinstance(item, bytes):
                 raw = item.decode("utf-8", errors="backslashreplace").removesuffix("\n")
@@ -262,6 +280,9 @@ def iter_texts(inputs: list[str], text_key: str = "text", skipped: list[Skipped]
 # ---- jsonl family -----------------------------------------------------------
 
 
+ZSTD_MAX_WINDOW = 1 << 31  # zstd's largest window (--long=31)
+
+
 class _ZstdLineReader:
     """Lines of a (possibly multi-frame) .zst file, noticing truncation.
 
@@ -271,7 +292,9 @@ class _ZstdLineReader:
 
     def __init__(self, raw: BinaryIO):
         self._raw = raw
-        self._new = zstandard.ZstdDecompressor().decompressobj
+        # Pushshift's Reddit dumps are written with `zstd --long=31`: a 2 GiB window, which the
+        # library refuses by default (it would allocate that much for a hostile file). Allow it.
+        self._new = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj
         self.truncated = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -328,9 +351,10 @@ def _jsonl_chunks(path: str, file_index: int, start_record: int, chunk_bytes: in
                     yield chunk
                     chunk, size = Chunk(file_index, path, record, "jsonl"), 0
         except (EOFError, OSError, zlib.error, zstandard.ZstdError) as error:
-            chunk.stream_errors.append(
-                Skipped(path, record + 1, "truncated_stream", f"truncated or corrupt {stream} stream ({error}); the rest of the file is lost")
-            )
+            problem = Skipped(path, record + 1, "truncated_stream",
+                              f"truncated or corrupt {stream} stream ({error}); the rest of the file is lost")
+            refuse_undecodable(path, problem, record, truncated=isinstance(error, EOFError))
+            chunk.stream_errors.append(problem)
         if stream == "zstd" and lines.truncated:
             chunk.stream_errors.append(
                 Skipped(path, record + 1, "truncated_stream", "the zstd stream ends inside a frame; the rest of the file is lost")
@@ -345,7 +369,9 @@ def _warc_chunks(path: str, file_index: int, start_record: int, chunk_bytes: int
     for item, position in warc_items(path, start_record):
         if isinstance(item, WarcDamage):
             # counted as one unreadable record, as a cut jsonl stream is
-            chunk.stream_errors.append(Skipped(path, max(item.number, start_record) + 1, "truncated_stream", item.detail))
+            problem = Skipped(path, max(item.number, start_record) + 1, "truncated_stream", item.detail)
+            refuse_undecodable(path, problem, item.records_read, item.truncated)
+            chunk.stream_errors.append(problem)
             break
         chunk.items.append(item)
         size += len(item.payload)

@@ -81,9 +81,10 @@ def html_page(document: dict) -> str:
 """
 
 
-def write_web_archive(path: str | Path, pages: list[tuple[str, str, bytes]], wet: bool = False) -> Path:
-    """A gzipped WARC of HTTP responses (url, content type, body), as a crawler writes it, or
-    with `wet` a WET file of conversion records (the body is the page's text)."""
+def write_web_archive(path: str | Path, pages: list[tuple], wet: bool = False) -> Path:
+    """A gzipped WARC of HTTP responses (url, content type, body[, status line[, more headers]]), as a
+    crawler writes it (status "200 OK" by default), or with `wet` a WET file of conversion records (the
+    body is the page's text)."""
     from io import BytesIO
 
     from warcio.statusandheaders import StatusAndHeaders
@@ -94,12 +95,13 @@ def write_web_archive(path: str | Path, pages: list[tuple[str, str, bytes]], wet
     with open(path, "wb") as f:
         writer = WARCWriter(f, gzip=str(path).endswith(".gz"))
         writer.write_record(writer.create_warcinfo_record(path.name, {"software": "gpt2-slurm sample_text"}))
-        for url, content_type, body in pages:
+        for url, content_type, body, *answer in pages:
             if wet:
                 record = writer.create_warc_record(url, "conversion", payload=BytesIO(body),
                                                    warc_content_type="text/plain")
             else:
-                http = StatusAndHeaders("200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1")
+                status, headers = (answer + ["200 OK"])[0], (answer[1:] or [[]])[0]
+                http = StatusAndHeaders(status, [("Content-Type", content_type), *headers], protocol="HTTP/1.1")
                 writer.write_record(writer.create_warc_record(url, "request", payload=BytesIO(b"GET / HTTP/1.1\r\n\r\n"),
                                                               warc_content_type="application/http; msgtype=request"))
                 record = writer.create_warc_record(url, "response", payload=BytesIO(body), http_headers=http)

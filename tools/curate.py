@@ -10,7 +10,8 @@ Reads jsonl (.gz, .zst), parquet, datasets directories, and WARC/WET archives
 input order), curated/removed/ (every dropped document with its reason; a
 duplicate also names the document it duplicates), and curated/stats.json
 (counts per stage and reason, bytes in and out, time per stage), and prints a
-summary table. Re-running the same command after an interruption skips the
+summary table. With --url-metadata (the WebText recipe), each page is joined to its
+URL's Reddit record first, so the karma filter sees the karma. Re-running the same command after an interruption skips the
 files already done. Exit codes: 0 done, 2 unusable arguments or config.
 """
 
@@ -42,6 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
                         help="jsonl / jsonl.gz / jsonl.zst / parquet / WARC / WET files, globs, or datasets directories")
     parser.add_argument("--output", required=True, help="the output directory")
+    parser.add_argument("--url-metadata", metavar="URLS_JSONL",
+                        help="join every page to its record in this URL list (tools/reddit_urls.py's output): "
+                             "score, submissions, first date; pages not in it are removed")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep work/ (survivors, dedup keys, duplicates) after the run; by default a finished "
+                             "run leaves only its markers there")
     parser.add_argument("--workers", type=int, default=default_workers(), help="processes (default: CPUs available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -55,8 +62,11 @@ def main(argv=None) -> int:
     try:
         comm = world_communicator()  # several ranks under mpiexec / srun, else None
         config = load_curation_config(args.config)
+        if args.url_metadata:
+            config = config.with_url_metadata(args.url_metadata)
         inputs = resolve_inputs(args.input)
-        stats = curate(inputs, args.output, config, args.workers, show_progress=not args.quiet, comm=comm)
+        stats = curate(inputs, args.output, config, args.workers, show_progress=not args.quiet, comm=comm,
+                       keep_work=args.keep_work)
     except (InputError, CurationConfigError, OutputMismatchError, SchemaConflict, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

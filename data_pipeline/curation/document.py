@@ -23,6 +23,9 @@ class Document:
     """Where it came from, `file:line`, for reports."""
     metadata: dict = field(default_factory=dict)
     """Every other field of the input record (url, score, ...), written back out unchanged."""
+    key: int = -1
+    """Its place in the corpus, `input file index << 32 | record number` (dedup.document_key): the
+    earliest of several copies is the one with the smallest key."""
 
 
 @dataclass

@@ -100,8 +100,8 @@ def test_curating_a_crawl_keeps_or_removes_every_document_record(tmp_path, crawl
     removed = [r for p in sorted((tmp_path / "out" / "removed").glob("*.jsonl.zst")) for r in read_jsonl(p)]
     assert [r["url"] for r in kept] == [page(d)[0] for d in articles]
     assert sorted(r["reason"] for r in removed) == sorted(
-        ["input:not_html", "input:no_extractable_text", "url:wikipedia"] + ["exact_dedup"] * 5)
-    copies = [r for r in removed if r["reason"] == "exact_dedup"]
+        ["input:not_html", "input:no_extractable_text", "url:wikipedia"] + ["exact_dedup:duplicate"] * 5)
+    copies = [r for r in removed if r["reason"] == "exact_dedup:duplicate"]
     assert [c["duplicate_of"] for c in copies] == [r["id"] for r in extracted[:5]]
     renamed = CurationConfig.from_dict({"id_key": "doc_id", "stages": ["normalize"]})
     curate([str(crawl)], tmp_path / "renamed", renamed, show_progress=False)
@@ -163,3 +163,26 @@ def test_http_transfer_and_content_encodings_are_undone_before_extraction(tmp_pa
     records, _, skipped = all_records(path)
     expected, _, _ = all_records(write_web_archive(tmp_path / "plain.warc", [page(articles[0])]))
     assert not skipped and [r["text"] for r in records] == [expected[0]["text"]] * 2
+
+
+def test_http_errors_are_removed_plain_text_is_kept_and_redirects_are_followed(tmp_path, articles):
+    """A 404 page is not a document; a text/plain response is; a page reached through redirects knows
+    the URLs that led to it, nearest first."""
+    plain = articles[2]["text"]
+    crawl = write_web_archive(tmp_path / "crawl.warc.gz", [
+        page(articles[0])[:2] + (b"<html><body>Not found</body></html>", "404 Not Found"),
+        ("http://short.example/a", "text/html", b"", "301 Moved Permanently", [("Location", "http://short.example/b")]),
+        ("http://short.example/b", "text/html", b"", "302 Found", [("Location", "/final")]),
+        page(articles[1])[:1] + ("text/html",) + page(articles[1])[2:],
+        ("http://short.example/final",) + page(articles[3])[1:],
+        ("https://plain.example/notes.txt", "text/plain; charset=utf-8", plain.encode()),
+    ])
+    records, numbers, skipped = all_records(crawl)
+    assert [(s.line, s.reason) for s, _ in skipped] == [(1, "http_status"), (2, "http_status"), (3, "http_status")]
+    assert "answered HTTP 404" in skipped[0][0].detail
+    assert skipped[1][0].detail.endswith("answered HTTP 301; a redirect to http://short.example/b")
+    assert [r["url"] for r in records] == [page(articles[1])[0], "http://short.example/final",
+                                           "https://plain.example/notes.txt"]
+    assert "redirected_from" not in records[0]
+    assert records[1]["redirected_from"] == ["http://short.example/b", "http://short.example/a"]
+    assert records[2]["text"] == plain and articles[3]["text"][:200] in records[1]["text"]

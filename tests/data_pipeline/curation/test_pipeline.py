@@ -87,11 +87,11 @@ def test_duplicates_are_found_across_files_and_point_at_the_earliest_copy(curate
     planted_copies = [i for i in range(0, 406, 10) if f"doc{i}" in kept_ids]
     assert len(planted_copies) > 20
     for i in planted_copies:  # the copy sits in the next file, so the original is earlier
-        assert dedup[f"copy{i}"]["reason"] == "exact_dedup" and dedup[f"copy{i}"]["duplicate_of"] == f"doc{i}"
+        assert dedup[f"copy{i}"]["reason"] == "exact_dedup:duplicate" and dedup[f"copy{i}"]["duplicate_of"] == f"doc{i}"
     near = [r for r in dedup.values() if r["id"].startswith("near") or r["duplicate_of"].startswith("near")]
-    assert len(near) > 20 and all(r["reason"] == "minhash_dedup" for r in near)
+    assert len(near) > 20 and all(r["reason"] == "minhash_dedup:duplicate" for r in near)
     assert all(r["duplicate_of"] in kept_ids for r in dedup.values())
-    assert stats["stages"]["exact_dedup"]["dropped"]["exact_dedup"] >= len(planted_copies)
+    assert stats["stages"]["exact_dedup"]["dropped"]["exact_dedup:duplicate"] >= len(planted_copies)
 
 
 def test_one_worker_and_a_spilled_dedup_give_the_same_output(curated, corpus, tmp_path):
@@ -204,7 +204,7 @@ def test_many_input_files_dedup_within_a_small_open_file_limit(tmp_path, real_do
     assert result.returncode == 0, result.stderr[-2000:]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     copies = 300 - len({d["text"] for d in real_documents[:300]})
-    assert stats["read"] == 300 and stats["stages"]["exact_dedup"]["dropped"]["exact_dedup"] == copies
+    assert stats["read"] == 300 and stats["stages"]["exact_dedup"]["dropped"]["exact_dedup:duplicate"] == copies
 
 
 def test_resuming_notices_an_edited_word_list_and_accepts_a_run_begun_before_output_format(tmp_path):
@@ -224,3 +224,36 @@ def test_resuming_notices_an_edited_word_list_and_accepts_a_run_begun_before_out
     words.write_text("levee\ndam\n")
     with pytest.raises(OutputMismatchError, match="another config"):
         claim_output(layout, ["a.jsonl"], config)
+
+
+def test_an_input_whose_documents_are_all_removed_passes_dedup(tmp_path, real_documents):
+    """Every document of the first file fails the length rule: its key files are empty, and the dedup
+    (exact and MinHash) must take them as empty rather than crash after the whole filter phase."""
+    short = write_lines(tmp_path / "short.jsonl", [{"id": f"s{i}", "text": "too short"} for i in range(5)])
+    long = write_lines(tmp_path / "long.jsonl", [{"id": f"l{i}", "text": d["text"]} for i, d in
+                                                 enumerate(real_documents[:20] + real_documents[:3])])
+    config = CurationConfig.from_dict({"stages": [{"length": {"min": 20}}, "exact_dedup", "minhash_dedup"]})
+    stats = curate([str(short), str(long)], tmp_path / "out", config, show_progress=False)
+    assert stats["stages"]["length"]["dropped"] == {"length:under_20_words": 5}
+    assert stats["kept"] == 20 and stats["stages"]["exact_dedup"]["dropped"] == {"exact_dedup:duplicate": 3}
+
+
+def write_lines(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("keep_work", [False, True])
+def test_a_finished_run_leaves_only_its_markers_in_work_unless_asked(curated, corpus, tmp_path, keep_work):
+    output = tmp_path / "out"
+    stats = curate([str(p) for p in corpus], output, CurationConfig.from_dict(CONFIG), show_progress=False,
+                   keep_work=keep_work)
+    left = {p.relative_to(output / "work").parts[0] for p in (output / "work").rglob("*") if p.is_file()}
+    biggest = max(p.stat().st_size for p in (output / "work").rglob("*") if p.is_file())
+    if keep_work:
+        assert {"filtered", "keys", "duplicates.npy"} <= left
+    else:
+        assert left == {"done", "run.json"} and biggest < 4096
+    assert output_bytes(output) == output_bytes(curated[0])
+    again = curate([str(p) for p in corpus], output, CurationConfig.from_dict(CONFIG), show_progress=False)
+    assert again == stats and output_bytes(output) == output_bytes(curated[0])  # finished: nothing redone

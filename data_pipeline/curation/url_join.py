@@ -1,0 +1,104 @@
+"""The WebText join: each crawled page gets the Reddit record of its URL (karma, submissions, first date).
+
+tools/reddit_urls.py writes the URL list, one JSON object per distinct normalized URL:
+{"url", "score", "submissions", "first_created_utc"}. A page matches the record of its own
+URL, or of any URL that redirected to it in the archive (the WARC reader records those as
+`redirected_from`), after the same normalization; the highest-karma match wins. A page
+with no match is dropped: only pages the list links to belong to WebText.
+
+A year of Reddit links is tens of millions of URLs, too many to hold as a Python dict in
+every worker. So the list becomes, once per run, a sorted array of 64-bit URL hashes
+with the numbers beside them (work/url_index.npy); workers memory-map it and look pages
+up by binary search. Two distinct URLs share a hash with probability about n^2 / 2^65
+(1e-5 for 30M URLs); such a pair would merge their records, which is harmless here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from data_pipeline.curation.document import Document, Stage
+from data_pipeline.webtext.urls import normalize_url
+
+INDEX_DTYPE = np.dtype([("hash", "<u8"), ("score", "<i8"), ("submissions", "<i8"), ("first_created_utc", "<i8")])
+FIELDS = ("score", "submissions", "first_created_utc")
+
+
+def url_hash(normalized: str) -> int:
+    return xxhash.xxh3_64_intdigest(normalized.encode())
+
+
+def build_url_index(urls_file: str) -> np.ndarray:
+    """The URL list as INDEX_DTYPE rows sorted by hash; a bad line is an error naming it."""
+    rows = []
+    with open(urls_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                normalized = normalize_url(record["url"])
+                values = tuple(int(record[name]) for name in FIELDS)
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{urls_file}:{number}: not a URL-list record {{url, score, submissions, "
+                                 f"first_created_utc}} ({type(error).__name__}: {error}); make the list with "
+                                 "tools/reddit_urls.py") from error
+            if normalized is None:
+                raise ValueError(f"{urls_file}:{number}: {record['url']!r} is not an http(s) URL")
+            rows.append((url_hash(normalized), *values))
+    index = np.array(rows, dtype=INDEX_DTYPE)
+    return index[np.argsort(index["hash"], kind="stable")]
+
+
+class UrlMetadata(Stage):
+    """Joins a page to its URL's record in `urls_file`; drops it as `metadata:not_in_url_list` otherwise."""
+
+    name = "url_metadata"
+
+    def __init__(self, urls_file: str | None = None, field: str = "url", index: str | None = None):
+        super().__init__()
+        if not urls_file:
+            raise ValueError("url_metadata needs urls_file: pass --url-metadata urls.jsonl (made by "
+                             "tools/reddit_urls.py)")
+        if not os.path.isfile(urls_file):
+            raise ValueError(f"url_metadata.urls_file: {urls_file} does not exist")
+        self.urls_file, self.field, self.index_path = urls_file, field, index
+        self.index: np.ndarray | None = None  # loaded on first use, in the worker
+
+    @classmethod
+    def prepare(cls, settings: dict, work: Path) -> dict:
+        """Once per run, before the workers start: the sorted index under `work`, and its path in the settings."""
+        path = work / "url_index.npy"
+        if not path.is_file():
+            index = build_url_index(settings["urls_file"])
+            partial = path.with_name(path.name + ".partial")
+            with open(partial, "wb") as f:
+                np.save(f, index)
+            os.replace(partial, path)
+        return {**settings, "index": str(path)}
+
+    def _lookup(self, url) -> np.ndarray | None:
+        normalized = normalize_url(url) if isinstance(url, str) else None
+        if normalized is None:
+            return None
+        hashes = self.index["hash"]
+        at = int(np.searchsorted(hashes, np.uint64(url_hash(normalized))))
+        return self.index[at] if at < len(hashes) and int(hashes[at]) == url_hash(normalized) else None
+
+    def apply(self, doc: Document) -> Document | str:
+        if self.index is None:
+            self.index = (np.load(self.index_path, mmap_mode="r") if self.index_path
+                          else build_url_index(self.urls_file))
+        candidates = [doc.metadata.get(self.field), *doc.metadata.get("redirected_from", [])]
+        matches = [row for row in map(self._lookup, candidates) if row is not None]
+        if not matches:
+            # Named after the metadata the page lacks, like the metadata filter's `score_missing`.
+            return "metadata:not_in_url_list"
+        best = max(matches, key=lambda row: int(row["score"]))
+        doc.metadata.update({name: int(best[name]) for name in FIELDS})
+        return doc
