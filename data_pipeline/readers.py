@@ -51,7 +51,7 @@ def refuse_undecodable(path: str, problem: Skipped, records_read: int, truncated
     damaged corpus but one we cannot read (another format behind the suffix, a compression we
     do not know): an error naming it, not a count. A file cut short is counted wherever it ends."""
     if records_read == 0 and not truncated:
-        raise InputError(f"cannot decode {path}: {problem.detail}")
+        raise InputError(f"cannot decode {path}: {problem.detail.removesuffix('; the rest of the file is lost')}")
 
 
 @dataclass
@@ -200,7 +200,7 @@ def parse_json_record(raw: bytes):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        return None, ("malformed_json", f"{error.msg} at column {error.colno}")
+        return None, ("malformed_json", f"{error.msg} (column {error.colno})")
     if not isinstance(record, dict):
         return None, ("not_an_object", f"a JSON {type(record).__name__}, not an object")
     return record, None

@@ -4,6 +4,7 @@ document they repeat."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ def survivors(task: WriteTask) -> Iterator[Document]:
     if config.deduplicates:
         keys = np.fromfile(layout.keys(task.index, "doc"), dtype=np.int64).tolist()
     else:
-        keys = iter(int, None)  # no dedup: no stage reads the key
+        keys = itertools.repeat(-1)  # no dedup: no stage reads the key
     for key, record in zip(keys, read_jsonl(layout.filtered(task.index)), strict=config.deduplicates):
         text, source = record.pop(config.text_key), record.pop("source")
         yield Document(text, record[config.id_key], source, record, key)
