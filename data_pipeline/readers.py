@@ -46,12 +46,24 @@ class InputError(Exception):
     """An input path that cannot be used at all (missing, unsupported format, undecodable)."""
 
 
-def refuse_undecodable(path: str, problem: Skipped, records_read: int, truncated: bool) -> None:
-    """A file that fails to decode before its first record, other than by ending early, is not a
-    damaged corpus but one we cannot read (another format behind the suffix, a compression we
-    do not know): an error naming it, not a count. A file cut short is counted wherever it ends."""
-    if records_read == 0 and not truncated:
-        raise InputError(f"cannot decode {path}: {problem.detail.removesuffix('; the rest of the file is lost')}")
+def is_format_error(error: BaseException) -> bool:
+    """An error that says the data is not in the format its suffix claims (rather than damaged in it)."""
+    from data_pipeline.warc import NotAnArchive
+
+    message = str(error)
+    return (isinstance(error, NotAnArchive) or type(error).__name__ == "ArchiveLoadFailed"
+            or (isinstance(error, gzip.BadGzipFile) and "Not a gzipped file" in message)
+            or (isinstance(error, zstandard.ZstdError) and "Unknown frame descriptor" in message))
+
+
+def refuse_undecodable(path: str, problem: Skipped, records_read: int, format_error: bool) -> None:
+    """A file that is not in its suffix's format from its first record on (plain text behind .gz, not
+    zstd behind .zst, not a WARC) cannot be read at all: an error naming it, not a count. Damage
+    further in, or a file cut short, is counted where it starts."""
+    if records_read == 0 and format_error:
+        detail = problem.detail.removesuffix("; the rest of the file is lost")
+        raise InputError(f"cannot decode {path}: {detail}; check that the file's format matches its name, "
+                         "or leave it out of the inputs")
 
 
 @dataclass
@@ -353,7 +365,7 @@ def _jsonl_chunks(path: str, file_index: int, start_record: int, chunk_bytes: in
         except (EOFError, OSError, zlib.error, zstandard.ZstdError) as error:
             problem = Skipped(path, record + 1, "truncated_stream",
                               f"truncated or corrupt {stream} stream ({error}); the rest of the file is lost")
-            refuse_undecodable(path, problem, record, truncated=isinstance(error, EOFError))
+            refuse_undecodable(path, problem, record, is_format_error(error))
             chunk.stream_errors.append(problem)
         if stream == "zstd" and lines.truncated:
             chunk.stream_errors.append(
@@ -370,7 +382,7 @@ def _warc_chunks(path: str, file_index: int, start_record: int, chunk_bytes: int
         if isinstance(item, WarcDamage):
             # counted as one unreadable record, as a cut jsonl stream is
             problem = Skipped(path, max(item.number, start_record) + 1, "truncated_stream", item.detail)
-            refuse_undecodable(path, problem, item.records_read, item.truncated)
+            refuse_undecodable(path, problem, item.records_read, item.format_error)
             chunk.stream_errors.append(problem)
             break
         chunk.items.append(item)

@@ -18,6 +18,8 @@ order, so `file:N` in a report names the Nth document record.
 Redirects recorded in the archive (a crawler such as wget writes the 3xx response,
 then the page it led to) are followed: the page's record lists, in `redirected_from`,
 the URLs that led to it, so a page can be matched to the link that was submitted.
+Only redirects recorded before their target, in the same file, are followed (as a
+crawler that follows them writes them).
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class WarcDamage:
     detail: str
     records_read: int = 0
     """WARC records of any type read before the damage."""
-    truncated: bool = True
-    """The file ends early (rather than holding something that is not a WARC record)."""
+    format_error: bool = False
+    """What failed is not a WARC (or not gzip) at all, rather than damaged or cut short."""
 
 
 def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem | WarcDamage, int]]:
@@ -90,6 +92,8 @@ def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem | Wa
 
     from warcio.archiveiterator import ArchiveIterator
 
+    from data_pipeline.readers import is_format_error
+
     number, records_read, damage = 0, 0, None
     redirects: dict[str, list[str]] = {}  # target URL -> the URLs that led to it, nearest first
     with open(path, "rb") as raw:
@@ -103,7 +107,7 @@ def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem | Wa
                 short = getattr(record.raw_stream, "limit", 0)  # bytes the file lacks for this record
                 if not any(record.rec_headers.get_header(h) for h in ("WARC-Type", "WARC-Record-ID")):
                     raise NotAnArchive("a record without WARC-Type or WARC-Record-ID: not a WARC record")
-                if record.rec_headers.get_header("Content-Length") is None or short:
+                if not record.rec_headers.get_header("Content-Length") or short:
                     raise TruncatedArchive(f"a {record.rec_type} record is cut short")
                 records.read_to_end()
                 records_read += 1
@@ -119,8 +123,7 @@ def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem | Wa
                 raise TruncatedArchive("the file ends inside a record's header")
         except Exception as error:  # noqa: BLE001 - any failure to parse damaged input is reported, not raised
             damage = WarcDamage(number, f"truncated or corrupt archive ({type(error).__name__}: {error}); "
-                                        "the rest of the file is lost", records_read,
-                                isinstance(error, (TruncatedArchive, EOFError)))
+                                        "the rest of the file is lost", records_read, is_format_error(error))
         if damage is not None:
             yield damage, raw.tell()
 
@@ -163,7 +166,8 @@ def follow_redirects(item: WarcItem, redirects: dict[str, list[str]]) -> None:
         return
     item.redirected_from = redirects.pop(_url_key(item.url), [])
     if item.location and _url_key(item.location) != _url_key(item.url):
-        redirects[_url_key(item.location)] = [item.url, *item.redirected_from]
+        chain = redirects.setdefault(_url_key(item.location), [])  # several URLs may lead to one page
+        chain.extend(url for url in [item.url, *item.redirected_from] if url not in chain)
 
 
 def _url_key(url: str) -> str:

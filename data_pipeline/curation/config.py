@@ -97,11 +97,11 @@ class CurationConfig:
         joined.build_stages()
         return joined
 
-    def prepared(self, work: Path) -> CurationConfig:
+    def prepared(self, work: Path, build: bool = True) -> CurationConfig:
         """The config the workers run: a stage with a `prepare` step (an index built once per run, under
-        `work`) gets the settings it returns. Call on one rank, then on the others (they find it built)."""
-        stages = [(name, STAGES[name].prepare(settings, work) if hasattr(STAGES[name], "prepare") else settings)
-                  for name, settings in self.stages]
+        `work`) gets the settings it returns. Build on one rank; the others find what it built."""
+        stages = [(name, STAGES[name].prepare(settings, work, build) if hasattr(STAGES[name], "prepare")
+                   else settings) for name, settings in self.stages]
         return replace(self, stages=stages)
 
     def stage_labels(self) -> list[str]:

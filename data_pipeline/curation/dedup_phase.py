@@ -38,8 +38,13 @@ def spill_partitions(store: KeyStore, indices: list[int], config: CurationConfig
     files = {p: open(directory / f"partition-{p:05d}.bin", "wb") for p in range(co.rank, count, co.world)}
     mine = [i for i in indices if co.owns(i)]
     for round_ in range(co.all_max(len(mine))):
-        records = (store.bucket_records(mine[round_], bands, config.exact_dedup) if round_ < len(mine)
-                   else np.empty(0, BUCKET_DTYPE))
+        records, error = np.empty(0, BUCKET_DTYPE), None
+        try:
+            if round_ < len(mine):
+                records = store.bucket_records(mine[round_], bands, config.exact_dedup)
+        except Exception as failure:  # noqa: BLE001 - raised on every rank by agree, before the exchange
+            error = failure
+        co.agree(error)  # a rank that failed must not leave the others waiting in the all-to-all
         owner = partition_of(records, count)
         for received in co.all_to_all([records[owner % co.world == rank] for rank in range(co.world)]):
             partition = partition_of(received, count)
@@ -65,17 +70,26 @@ def deduplicate(layout: Layout, indices: list[int], config: CurationConfig, co: 
     pairs = verified_pairs((np.fromfile(p, dtype=BUCKET_DTYPE) for p in partitions), store.signatures_of,
                            store.exact_low_of, config.minhash or MinHashSettings(verify_threshold=0))
     gathered = co.gather(pairs)
+    error = None
     if co.rank == 0:
-        duplicates = cluster(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
-        partial = target.with_name("duplicates.partial.npy")
-        np.save(partial, duplicates)
-        os.replace(partial, target)
-        shutil.rmtree(layout.work / "buckets", ignore_errors=True)
-        log.info("dedup: %d duplicates among %d documents in %d partition(s) on %d rank(s), %.1f s",
-                 len(duplicates), sum(store.count(i) for i in indices), len(partitions) * co.world, co.world,
-                 time.perf_counter() - began)
-    co.barrier()
+        try:
+            save_clusters(gathered, target)
+            shutil.rmtree(layout.work / "buckets", ignore_errors=True)
+            log.info("dedup: %d duplicates among %d documents in %d partition(s) on %d rank(s), %.1f s",
+                     len(np.load(target, mmap_mode="r")), sum(store.count(i) for i in indices),
+                     len(partitions) * co.world, co.world, time.perf_counter() - began)
+        except Exception as failure:  # noqa: BLE001 - raised on every rank by agree
+            error = failure
+    co.agree(error)  # also the barrier: every rank finds the result written
     return np.load(target, mmap_mode="r")
+
+
+def save_clusters(gathered: list[tuple[np.ndarray, np.ndarray]], target: Path) -> None:
+    """Join every rank's verified pairs into clusters and write the duplicates, atomically."""
+    duplicates = cluster(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
+    partial = target.with_name("duplicates.partial.npy")
+    np.save(partial, duplicates)
+    os.replace(partial, target)
 
 
 def duplicates_of_file(duplicates: np.ndarray, index: int) -> np.ndarray:

@@ -37,6 +37,8 @@ class ShardResult:
     index: int
     read: int = 0
     unreadable: int = 0
+    unreadable_reasons: dict = field(default_factory=dict)
+    """How many records became no document, by reason (http_status, not_html, malformed_json, ...)."""
     kept: int = 0
     removed: int = 0
     bytes_in: int = 0
@@ -82,6 +84,7 @@ def filter_shard(task: ShardTask) -> dict:
         result.read += len(records) + len(skipped)
         result.unreadable += len(skipped)
         for bad, raw in skipped:  # unreadable records are removed with their reason and content, never lost
+            result.unreadable_reasons[f"input:{bad.reason}"] = result.unreadable_reasons.get(f"input:{bad.reason}", 0) + 1
             removed_out.write({"source": f"{bad.file}:{bad.line}", "reason": f"input:{bad.reason}",
                                "detail": bad.detail, "raw": raw})
         for record, number in zip(records, numbers):

@@ -64,7 +64,7 @@ def curate(inputs: list[str], output, config: CurationConfig, workers: int = 1, 
         phase(lambda: co.rank == 0 and not keep_work and layout.remove_work())
         return finished
     phase(lambda: co.rank == 0 and config.prepared(layout.work))  # indexes a stage needs, built once
-    prepared = phase(lambda: config.prepared(layout.work))  # and found by every rank
+    prepared = phase(lambda: config.prepared(layout.work, build=False))  # and found by every rank
     todo = [i for i in mine if not layout.marker("filter", i).is_file()]
     phase(lambda: run_tasks(filter_shard, [ShardTask(i, inputs[i], prepared, layout) for i in todo], workers,
                             label + "filter", show_progress, total=sum(input_size(inputs[i]) for i in todo)))
@@ -75,12 +75,16 @@ def curate(inputs: list[str], output, config: CurationConfig, workers: int = 1, 
     writes = [WriteTask(i, layout, config, keep_work) for i in mine if not layout.marker("write", i).is_file()]
     phase(lambda: run_tasks(write_shard, writes, workers, label + "write", show_progress, unit="doc",
                             total=sum(json.loads(layout.marker("filter", t.index).read_text())["kept"] for t in writes)))
-    stats = None
-    if co.rank == 0:
+
+    def finish():
+        if co.rank != 0:
+            return None
         filtered = [json.loads(layout.marker("filter", i).read_text()) for i in indices]
         written = [json.loads(layout.marker("write", i).read_text()) for i in indices]
         stats = build_stats(inputs, filtered, written, dedup_seconds, time.perf_counter() - began)
         write_text_atomically(layout.stats, json.dumps(stats, indent=1))
         if not keep_work:
             layout.remove_work()
-    return co.broadcast(stats)
+        return stats
+
+    return co.broadcast(phase(finish))

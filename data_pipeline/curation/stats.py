@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from data_pipeline.curation.document import StageStats
 
 
@@ -24,7 +26,10 @@ def build_stats(inputs: list[str], filtered: list[dict], written: list[dict], de
         if name in stages:
             stages[name].seconds += dedup_seconds
             dedup_seconds = 0.0
-    rows = {"input": {"seen": read, "kept": read - unreadable, "dropped": {"input:unreadable": unreadable}, "seconds": 0}}
+    reasons: Counter = Counter()
+    for f in filtered:  # markers written before reasons were counted give the total alone
+        reasons.update(f.get("unreadable_reasons", {"input:unreadable": f["unreadable"]}))
+    rows = {"input": {"seen": read, "kept": read - unreadable, "dropped": dict(sorted((+reasons).items())), "seconds": 0}}
     rows.update({name: stat.to_dict() for name, stat in stages.items()})
     kept = sum(w["kept"] for w in written)
     removed = sum(f["removed"] for f in filtered) + sum(w["removed"] for w in written)

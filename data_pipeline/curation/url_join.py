@@ -10,21 +10,26 @@ A year of Reddit links is tens of millions of URLs, too many to hold as a Python
 every worker. So the list becomes, once per run, a sorted array of 64-bit URL hashes
 with the numbers beside them (work/url_index.npy); workers memory-map it and look pages
 up by binary search. Two distinct URLs share a hash with probability about n^2 / 2^65
-(1e-5 for 30M URLs); such a pair would merge their records, which is harmless here.
+(1e-5 for 30M URLs); of such a pair (or of a URL listed twice) the first row is found.
 """
 
 from __future__ import annotations
 
 import array
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
 from data_pipeline.curation.document import Document, Stage
+from data_pipeline.readers import InputError
 from data_pipeline.webtext.urls import normalize_url
+
+log = logging.getLogger("curate")
 
 INDEX_DTYPE = np.dtype([("hash", "<u8"), ("score", "<i8"), ("submissions", "<i8"), ("first_created_utc", "<i8")])
 FIELDS = ("score", "submissions", "first_created_utc")
@@ -47,11 +52,11 @@ def build_url_index(urls_file: str) -> np.ndarray:
                 normalized = normalize_url(record["url"])
                 values = tuple(int(record[name]) for name in FIELDS)
             except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{urls_file}:{number}: not a URL-list record {{url, score, submissions, "
+                raise InputError(f"{urls_file}:{number}: not a URL-list record {{url, score, submissions, "
                                  f"first_created_utc}} ({type(error).__name__}: {error}); make the list with "
                                  "tools/reddit_urls.py") from error
             if normalized is None:
-                raise ValueError(f"{urls_file}:{number}: {record['url']!r} is not an http(s) URL")
+                raise InputError(f"{urls_file}:{number}: {record['url']!r} is not an http(s) URL")
             hashes.append(url_hash(normalized))
             for name, value in zip(FIELDS, values):
                 columns[name].append(value)
@@ -79,11 +84,18 @@ class UrlMetadata(Stage):
         self.index: np.ndarray | None = None  # loaded on first use, in the worker
 
     @classmethod
-    def prepare(cls, settings: dict, work: Path) -> dict:
-        """Once per run, before the workers start: the sorted index under `work`, and its path in the settings."""
-        path = work / "url_index.npy"
+    def prepare(cls, settings: dict, work: Path, build: bool = True) -> dict:
+        """Once per run, before the workers start: the sorted index under `work` (one per list), and its
+        path in the settings. With `build` false (ranks but the first) it must be there already."""
+        path = work / f"url_index-{xxhash.xxh3_64_hexdigest(os.path.abspath(settings['urls_file']).encode())}.npy"
         if not path.is_file():
+            if not build:
+                raise FileNotFoundError(f"{path} is missing: the first rank builds it, and every rank must see "
+                                        "the output directory (a shared file system)")
+            began = time.perf_counter()
             index = build_url_index(settings["urls_file"])
+            log.info("url_metadata: %d URLs of %s indexed in %.1f s", len(index), settings["urls_file"],
+                     time.perf_counter() - began)
             partial = path.with_name(path.name + ".partial")
             with open(partial, "wb") as f:
                 np.save(f, index)
@@ -102,7 +114,8 @@ class UrlMetadata(Stage):
         if self.index is None:
             self.index = (np.load(self.index_path, mmap_mode="r") if self.index_path
                           else build_url_index(self.urls_file))
-        candidates = [doc.metadata.get(self.field), *doc.metadata.get("redirected_from", [])]
+        redirected_from = doc.metadata.get("redirected_from")
+        candidates = [doc.metadata.get(self.field), *(redirected_from if isinstance(redirected_from, list) else [])]
         matches = [row for row in map(self._lookup, candidates) if row is not None]
         if not matches:
             # Named after the metadata the page lacks, like the metadata filter's `score_missing`.

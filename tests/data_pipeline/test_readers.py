@@ -78,3 +78,18 @@ def test_a_file_cut_short_is_counted_where_it_ends_even_before_its_first_line(tm
     path.write_bytes(zstandard.ZstdCompressor().compress(lines)[:40])
     kept, _, skipped = read_all(path)
     assert kept == [] and [(s.line, s.reason) for s, _ in skipped] == [(1, "truncated_stream")]
+
+
+@pytest.mark.parametrize("offset", [30, 120, 200, 1500])
+def test_damage_inside_the_first_records_is_counted_not_refused(tmp_path, offset):
+    """A flipped byte in compressed data is damage, not another format: counted, and the run goes on."""
+    from data_pipeline.sample_text import html_page, news_articles, write_web_archive
+
+    pages = [(f"https://news.example.com/{a['id']}", "text/html", html_page(a).encode())
+             for a in list(news_articles())[:10]]
+    data = bytearray(write_web_archive(tmp_path / "whole.warc.gz", pages).read_bytes())
+    data[offset] ^= 0xFF
+    damaged = tmp_path / "damaged.warc.gz"
+    damaged.write_bytes(bytes(data))
+    _, _, skipped = read_all(damaged)
+    assert [s.reason for s, _ in skipped][-1:] == ["truncated_stream"]

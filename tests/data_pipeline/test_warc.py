@@ -186,3 +186,13 @@ def test_http_errors_are_removed_plain_text_is_kept_and_redirects_are_followed(t
     assert "redirected_from" not in records[0]
     assert records[1]["redirected_from"] == ["http://short.example/b", "http://short.example/a"]
     assert records[2]["text"] == plain and articles[3]["text"][:200] in records[1]["text"]
+
+
+def test_several_redirects_to_one_page_are_all_remembered(tmp_path, articles):
+    crawl = write_web_archive(tmp_path / "crawl.warc.gz", [
+        ("http://a.example/x", "text/html", b"", "301 Moved Permanently", [("Location", "https://news.example.com/c")]),
+        ("http://b.example/y", "text/html", b"", "302 Found", [("Location", "https://news.example.com/c")]),
+        ("https://news.example.com/c",) + page(articles[0])[1:],
+    ])
+    [record], _, _ = all_records(crawl)
+    assert record["redirected_from"] == ["http://a.example/x", "http://b.example/y"]

@@ -10,6 +10,7 @@ import pytest
 from data_pipeline.curation.config import CurationConfig, CurationConfigError
 from data_pipeline.curation.document import Document
 from data_pipeline.curation.url_join import UrlMetadata
+from data_pipeline.readers import InputError
 
 
 def url_list(path, rows) -> str:
@@ -54,7 +55,7 @@ def test_an_empty_url_list_keeps_nothing(tmp_path):
 def test_a_bad_url_list_or_a_missing_one_is_refused_naming_it(tmp_path, listed):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(listed).read() + '{"url": "https://x.example/", "score": "many"}\n')
-    with pytest.raises(ValueError, match=rf"{bad}:4: not a URL-list record"):
+    with pytest.raises(InputError, match=rf"{bad}:4: not a URL-list record"):
         UrlMetadata(str(bad))(page("https://x.example/"))
     config = CurationConfig.from_dict({"stages": ["normalize", {"metadata": {"field": "score", "min": 3}}]})
     with pytest.raises(CurationConfigError, match="url_metadata.urls_file: .*absent.jsonl does not exist"):

@@ -92,4 +92,5 @@ def test_pages_are_kept_or_removed_for_the_recipes_reasons(recipe):
     assert removed["https://mirror.example.org/a-copy"]["duplicate_of"] == kept["https://news.example.com/a"]["id"]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["stages"]["url_metadata"]["dropped"] == {"metadata:not_in_url_list": 2}
+    assert stats["stages"]["input"]["dropped"] == {"input:http_status": 2, "input:not_html": 1}
     assert stats["read"] == 9 and stats["kept"] == 3
