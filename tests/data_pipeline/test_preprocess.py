@@ -131,7 +131,6 @@ BAD_LINES = [
     (json.dumps({"text": None}).encode(), "null_text"),
     (json.dumps({"text": 42}).encode(), "not_a_string"),
     (b'["a", "list"]', "not_an_object"),
-    (b"", "malformed_json"),
     (json.dumps({"text": "Second good document."}).encode(), None),
 ]
 
@@ -150,10 +149,35 @@ def test_each_bad_record_is_counted_with_file_and_line(bad_file, tmp_path, gpt2_
     records = summary["skipped"]["records"]
     assert [(r["line"], r["reason"]) for r in records] == expected_skips
     assert all(r["file"] == str(bad_file) and r["detail"] for r in records)
-    assert summary["skipped"]["by_reason"]["malformed_json"] == 2
+    assert summary["skipped"]["by_reason"]["malformed_json"] == 1
     assert summary["skipped"]["total"] + summary["documents"] == len(BAD_LINES)
     assert shard_documents(summary, prefix) == expected_documents(
         gpt2_tokenizer, ["First good document.", "Second good document."])
+
+
+def test_blank_lines_are_skipped_uncounted_and_later_lines_keep_their_numbers(tmp_path, gpt2_tokenizer):
+    lines = [json.dumps({"text": "First."}).encode(), b"", b"   ", b"\t\r", b'{"text": "unterminated',
+             b"", json.dumps({"text": "Second."}).encode(), json.dumps({"text": 7}).encode()]
+    path = tmp_path / "blank.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n\n")
+    summary = preprocess([str(path)], str(tmp_path / "o" / "x"), workers=1, show_progress=False)
+    assert [(r["line"], r["reason"]) for r in summary["skipped"]["records"]] == [(5, "malformed_json"),
+                                                                                (8, "not_a_string")]
+    assert summary["skipped"]["total"] == 2 and summary["documents"] == 2
+    assert shard_documents(summary, str(tmp_path / "o" / "x")) == expected_documents(gpt2_tokenizer,
+                                                                                       ["First.", "Second."])
+
+
+@pytest.mark.parametrize("name,content", [("not-zstd.jsonl.zst", b"plain text, not a zstd frame\n" * 50),
+                                          ("not-gzip.jsonl.gz", b"plain text, not gzip\n" * 50)])
+def test_a_file_that_fails_to_decode_before_its_first_record_is_an_error_naming_it(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=f"cannot decode {path}"):
+        preprocess([str(path)], str(tmp_path / "o" / "x"), workers=1, show_progress=False)
+    result = run_tool("preprocess_data.py", "--input", str(path), "--output-prefix", str(tmp_path / "cli" / "x"),
+                      "--workers", "1", "--quiet")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: cannot decode {path}"), result.stderr
 
 
 def test_strict_fails_at_the_first_bad_record(bad_file, tmp_path):
