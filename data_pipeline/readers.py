@@ -199,8 +199,9 @@ def check_text(value, text_key: str, key_setting: str = "--text-key") -> tuple[s
 
 
 def is_blank(item) -> bool:
-    """A blank jsonl line: no record at all, so it is neither a document nor a bad record."""
-    return isinstance(item, bytes) and not item.strip()
+    """A blank jsonl line (no record at all, so neither a document nor a bad record), or an item the
+    caller took out of the chunk before parsing (None: it accounts for it itself)."""
+    return item is None or (isinstance(item, bytes) and not item.strip())
 
 
 def parse_json_record(raw: bytes):

@@ -21,7 +21,12 @@ from data_pipeline.curation.keys import KeyFiles
 from data_pipeline.curation.layout import Layout
 from data_pipeline.curation.tasks import report
 from data_pipeline.curation.writers import JsonlZstWriter
-from data_pipeline.readers import chunk_records, iter_chunks
+from data_pipeline.curation.url_join import UrlMetadata
+from data_pipeline.readers import Chunk, chunk_records, iter_chunks
+from data_pipeline.warc import WarcItem
+
+
+SOURCE_FIELD = "__curation_source"  # where a survivor's file:line waits in work/ (a record may have its own "source")
 
 
 @dataclass
@@ -68,6 +73,17 @@ def run_stages(doc: Document, stages: list[Stage]) -> Document | str:
     return doc
 
 
+def unlisted_pages(chunk: Chunk, join: UrlMetadata) -> list[tuple[int, WarcItem]]:
+    """Take the web archive pages the URL list does not hold out of `chunk` (set to None) before their
+    HTML is extracted, counted as the join's drops: in a Common Crawl file nearly every page is one."""
+    unlisted = []
+    for offset, item in enumerate(chunk.items):
+        if join.best_match(item.url, item.redirected_from) is None:
+            unlisted.append((chunk.first_record + offset, item))
+            chunk.items[offset] = None
+    return unlisted
+
+
 def filter_shard(task: ShardTask) -> dict:
     """Phase 1 for one input file (in a worker process)."""
     began, config, layout = time.perf_counter(), task.config, task.layout
@@ -78,10 +94,16 @@ def filter_shard(task: ShardTask) -> dict:
     keys = KeyFiles(layout, task.index) if config.deduplicates else None
     if keys is not None:
         stages, labels = [*stages, DedupKeys(config.minhash, keys.add)], [*labels, DedupKeys.name]
+    join_first = stages[0] if stages and isinstance(stages[0], UrlMetadata) else None
     for chunk in iter_chunks(task.path, task.index, config.text_key, whole_records=True):
+        unlisted = unlisted_pages(chunk, join_first) if join_first and chunk.kind == "warc" else []
+        for number, item in unlisted:
+            removed_out.write({config.id_key: item.record_id, "url": item.url, "date": item.date,
+                               **({"redirected_from": item.redirected_from} if item.redirected_from else {}),
+                               "source": f"{task.path}:{number + 1}", "reason": join_first.count_unlisted()})
         records, numbers, skipped = chunk_records(chunk, config.text_key, config.id_key)
-        report(len(records) + len(skipped), chunk.disk_bytes)
-        result.read += len(records) + len(skipped)
+        report(len(records) + len(skipped) + len(unlisted), chunk.disk_bytes)
+        result.read += len(records) + len(skipped) + len(unlisted)
         result.unreadable += len(skipped)
         for bad, raw in skipped:  # unreadable records are removed with their reason and content, never lost
             result.unreadable_reasons[f"input:{bad.reason}"] = result.unreadable_reasons.get(f"input:{bad.reason}", 0) + 1
@@ -93,7 +115,7 @@ def filter_shard(task: ShardTask) -> dict:
             if isinstance(outcome, str):
                 removed_out.write(document_record(doc, config, source=doc.source, reason=outcome))
             else:
-                kept_out.write(document_record(outcome, config, source=doc.source))
+                kept_out.write(document_record(outcome, config, **{SOURCE_FIELD: doc.source}))
     if keys is not None:
         keys.close()
     kept_out.commit()

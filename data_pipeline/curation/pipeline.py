@@ -69,7 +69,8 @@ def curate(inputs: list[str], output, config: CurationConfig, workers: int = 1, 
     phase(lambda: run_tasks(filter_shard, [ShardTask(i, inputs[i], prepared, layout) for i in todo], workers,
                             label + "filter", show_progress, total=sum(input_size(inputs[i]) for i in todo)))
     dedup_began = time.perf_counter()
-    if config.deduplicates:
+    written = all(layout.marker("write", i).is_file() for i in indices)  # e.g. stats.json deleted after the end
+    if config.deduplicates and not written:
         phase(lambda: deduplicate(layout, indices, config, co))
     dedup_seconds = time.perf_counter() - dedup_began
     writes = [WriteTask(i, layout, config, keep_work) for i in mine if not layout.marker("write", i).is_file()]

@@ -9,7 +9,11 @@ with no match is dropped: only pages the list links to belong to WebText.
 A year of Reddit links is tens of millions of URLs, too many to hold as a Python dict in
 every worker. So the list becomes, once per run, a sorted array of 64-bit URL hashes
 with the numbers beside them (work/url_index.npy); workers memory-map it and look pages
-up by binary search. Two distinct URLs share a hash with probability about n^2 / 2^65
+up by binary search. When the join is the first stage, web archive pages are looked up before
+their HTML is extracted, so a Common Crawl file costs extraction only for the listed pages
+(filter_phase.py); the removed record of an unlisted page holds its URL, not its text.
+
+Two distinct URLs share a hash with probability about n^2 / 2^65
 (1e-5 for 30M URLs); of such a pair (or of a URL listed twice) the first row is found.
 """
 
@@ -33,6 +37,7 @@ log = logging.getLogger("curate")
 
 INDEX_DTYPE = np.dtype([("hash", "<u8"), ("score", "<i8"), ("submissions", "<i8"), ("first_created_utc", "<i8")])
 FIELDS = ("score", "submissions", "first_created_utc")
+UNLISTED = "metadata:not_in_url_list"  # named after the metadata a page lacks, like the metadata filter's reasons
 
 
 def url_hash(normalized: str) -> int:
@@ -110,16 +115,24 @@ class UrlMetadata(Stage):
         at = int(np.searchsorted(hashes, np.uint64(url_hash(normalized))))
         return self.index[at] if at < len(hashes) and int(hashes[at]) == url_hash(normalized) else None
 
-    def apply(self, doc: Document) -> Document | str:
+    def best_match(self, url, redirected_from) -> np.void | None:
+        """The highest-karma record of `url` or of a URL that redirected to it, or None."""
         if self.index is None:
             self.index = (np.load(self.index_path, mmap_mode="r") if self.index_path
                           else build_url_index(self.urls_file))
-        redirected_from = doc.metadata.get("redirected_from")
-        candidates = [doc.metadata.get(self.field), *(redirected_from if isinstance(redirected_from, list) else [])]
+        candidates = [url, *(redirected_from if isinstance(redirected_from, list) else [])]
         matches = [row for row in map(self._lookup, candidates) if row is not None]
-        if not matches:
-            # Named after the metadata the page lacks, like the metadata filter's `score_missing`.
-            return "metadata:not_in_url_list"
-        best = max(matches, key=lambda row: int(row["score"]))
+        return max(matches, key=lambda row: int(row["score"])) if matches else None
+
+    def count_unlisted(self) -> str:
+        """Count a page found unlisted before it became a document (its text never extracted); its reason."""
+        self.stats.seen += 1
+        self.stats.dropped[UNLISTED] += 1
+        return UNLISTED
+
+    def apply(self, doc: Document) -> Document | str:
+        best = self.best_match(doc.metadata.get(self.field), doc.metadata.get("redirected_from"))
+        if best is None:
+            return UNLISTED
         doc.metadata.update({name: int(best[name]) for name in FIELDS})
         return doc

@@ -17,7 +17,7 @@ from data_pipeline.curation.config import CurationConfig
 from data_pipeline.curation.dedup_phase import duplicates_of_file
 from data_pipeline.curation.dedup_stages import DropDuplicates
 from data_pipeline.curation.document import Document, Stage
-from data_pipeline.curation.filter_phase import document_record, run_stages
+from data_pipeline.curation.filter_phase import SOURCE_FIELD, document_record, run_stages
 from data_pipeline.curation.keys import KeyStore
 from data_pipeline.curation.layout import Layout
 from data_pipeline.curation.tasks import report
@@ -50,11 +50,11 @@ def survivors(task: WriteTask) -> Iterator[Document]:
     """The documents the filter phase kept, as it kept them, with their keys."""
     layout, config = task.layout, task.config
     if config.deduplicates:
-        keys = np.fromfile(layout.keys(task.index, "doc"), dtype=np.int64).tolist()
+        keys = map(int, np.fromfile(layout.keys(task.index, "doc"), dtype=np.int64))  # 8 bytes a key, not an int object
     else:
         keys = itertools.repeat(-1)  # no dedup: no stage reads the key
     for key, record in zip(keys, read_jsonl(layout.filtered(task.index)), strict=config.deduplicates):
-        text, source = record.pop(config.text_key), record.pop("source")
+        text, source = record.pop(config.text_key), record.pop(SOURCE_FIELD)
         yield Document(text, record[config.id_key], source, record, key)
 
 

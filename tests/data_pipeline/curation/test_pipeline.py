@@ -257,3 +257,21 @@ def test_a_finished_run_leaves_only_its_markers_in_work_unless_asked(curated, co
     assert output_bytes(output) == output_bytes(curated[0])
     again = curate([str(p) for p in corpus], output, CurationConfig.from_dict(CONFIG), show_progress=False)
     assert again == stats and output_bytes(output) == output_bytes(curated[0])  # finished: nothing redone
+
+
+def test_a_records_own_source_field_is_kept(tmp_path, real_documents):
+    rows = [{"id": f"d{i}", "text": d["text"], "source": "common-crawl"} for i, d in enumerate(real_documents[:5])]
+    path = write_lines(tmp_path / "in.jsonl", rows)
+    curate([str(path)], tmp_path / "out", CurationConfig.from_dict({"stages": ["exact_dedup"]}), show_progress=False)
+    assert [r["source"] for r in records(tmp_path / "out" / "documents", "*.jsonl.zst")] == ["common-crawl"] * 5
+
+
+def test_a_finished_run_whose_stats_were_deleted_rebuilds_them_from_its_markers(curated, corpus, tmp_path):
+    output = tmp_path / "out"
+    stats = curate([str(p) for p in corpus], output, CurationConfig.from_dict(CONFIG), show_progress=False)
+    (output / "stats.json").unlink()  # work/ is gone too: nothing to dedup again from
+    again = curate([str(p) for p in corpus], output, CurationConfig.from_dict(CONFIG), show_progress=False)
+    assert {k: v for k, v in again.items() if k != "seconds"} | {"stages": None} == \
+        {k: v for k, v in stats.items() if k != "seconds"} | {"stages": None}
+    assert {name: (row["seen"], row["kept"], row["dropped"]) for name, row in again["stages"].items()} == \
+        {name: (row["seen"], row["kept"], row["dropped"]) for name, row in stats["stages"].items()}

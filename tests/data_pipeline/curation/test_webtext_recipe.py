@@ -90,6 +90,8 @@ def test_pages_are_kept_or_removed_for_the_recipes_reasons(recipe):
         "https://mirror.example.org/a-copy": "exact_dedup:duplicate",
     }
     assert removed["https://mirror.example.org/a-copy"]["duplicate_of"] == kept["https://news.example.com/a"]["id"]
+    # looked up before extraction: an unlisted page is removed with its URL, its HTML never extracted
+    assert "text" not in removed["https://unlinked.example.net/"] and removed["https://unlinked.example.net/"]["id"]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["stages"]["url_metadata"]["dropped"] == {"metadata:not_in_url_list": 2}
     assert stats["stages"]["input"]["dropped"] == {"input:http_status": 2, "input:not_html": 1}
