@@ -3,11 +3,15 @@
 
     python tools/preprocess_data.py --input 'corpus/*.jsonl.zst' --output-prefix data/web \
         --tokenizer gpt2 --workers 16
+    mpiexec -n 4 python tools/preprocess_data.py ... --workers 16   # or srun --mpi=pmi2: one rank per node
 
 Writes data/web_00000.bin/.idx, data/web_00001..., and data/web.json (inputs,
-tokenizer identity, counts, skipped records with their reasons). Re-running the
-same command after an interruption resumes after the last finished shard.
-Exit codes: 0 done, 1 a bad record under --strict, 2 unusable arguments.
+tokenizer identity, counts, skipped records with their reasons). Under mpiexec
+or srun the ranks share the input files and write the same shards, byte for
+byte (the output prefix must be on a file system every node sees). Re-running
+the same command after an interruption, with any number of ranks, resumes
+after the last finished shard. Exit codes: 0 done, 1 a bad record under
+--strict or a failure on another rank, 2 unusable arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.curation.distributed import PeerFailure, world_communicator  # noqa: E402
 from data_pipeline.preprocess import DEFAULT_SHARD_SIZE_TOKENS, OutputError, StrictModeError, preprocess  # noqa: E402
 from data_pipeline.readers import InputError  # noqa: E402
 from data_pipeline.shards import JournalMismatch  # noqa: E402
@@ -46,19 +51,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def fail(error: Exception, exit_code: int, comm) -> int:
+    """Say why, in one write (print's two would interleave with other ranks' lines under mpiexec). Ranks
+    fail together; each waits until all have said why, as `srun --kill-on-bad-exit` ends the others
+    as soon as one exits with an error."""
+    sys.stderr.write(f"error: {error}\n")
+    sys.stderr.flush()
+    if comm is not None:
+        comm.Barrier()
+    return exit_code
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("data_pipeline").setLevel(logging.INFO)
+    comm = None
     try:
+        comm = world_communicator()  # several ranks under mpiexec / srun, else None
         summary = preprocess(args.input, args.output_prefix, args.tokenizer, args.workers, args.text_key,
-                             args.shard_size_tokens, args.strict, show_progress=not args.quiet)
+                             args.shard_size_tokens, args.strict, show_progress=not args.quiet, comm=comm)
     except (InputError, OutputError, JournalMismatch, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except StrictModeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return fail(error, 2, comm)
+    except (StrictModeError, PeerFailure) as error:
+        return fail(error, 1, comm)
+    if comm is not None and comm.Get_rank() != 0:
+        return 0
     skipped = summary["skipped"]
     print(f"{summary['documents']} documents, {summary['tokens']} tokens in {len(summary['shards'])} shards "
           f"({summary['dtype']}); {skipped['total']} records skipped {skipped['by_reason'] or ''}")
