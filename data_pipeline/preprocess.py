@@ -360,12 +360,12 @@ def deal_files(files: TokenFiles, run: Run, world: int) -> list[list[tuple[int, 
     """(input file, first record) to tokenize, per rank: each file not already in the token files, largest
     first to the least loaded rank so that ranks finish together; each rank's share in input order."""
     sizes = [entry["bytes"] for entry in run.header["inputs"]]
+    files.claim(run.header)  # first: a directory of another run is emptied, and none of its files is counted
     todo = []
     for index in range(run.start.file_index, len(run.inputs)):
         first = run.start.record if index == run.start.file_index else 0
         if files.finished(index, first) is None:
             todo.append((index, first))
-    files.claim(run.header)  # after the check: claiming a directory of another run empties it
     loads, dealt = [0] * world, [[] for _ in range(world)]
     for index, first in sorted(todo, key=lambda item: (-sizes[item[0]], item[0])):
         rank = loads.index(min(loads))

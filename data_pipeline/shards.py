@@ -100,7 +100,7 @@ class Journal:
             if lines and lines[0].get("header") != header:
                 raise JournalMismatch(
                     f"{path} belongs to a run with other inputs or settings; use another "
-                    f"--output-prefix, or delete {path} and the shards beside it to start over"
+                    f"--output-prefix, or delete {path}, the shards beside it and PREFIX.work/ to start over"
                 )
             records = [line for line in lines[1:] if "shard" in line]
             journal.shards = _intact_prefix(output_prefix, records)
@@ -202,11 +202,12 @@ class TokenFiles:
     def finished(self, index: int, first_record: int = 0) -> dict | None:
         """The summary of input file `index` if its token files are complete and start at or before `first_record`."""
         marker = self.path(index, "json")
-        if not marker.is_file():
+        try:
+            summary = json.loads(marker.read_text())
+            intact = (self.path(index, "tokens").stat().st_size == summary["token_bytes"]
+                      and self.path(index, "docs").stat().st_size == summary["documents"] * DOCS_DTYPE.itemsize)
+        except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: tokenized again
             return None
-        summary = json.loads(marker.read_text())
-        intact = (self.path(index, "tokens").stat().st_size == summary["token_bytes"]
-                  and self.path(index, "docs").stat().st_size == summary["documents"] * DOCS_DTYPE.itemsize)
         return summary if intact and summary["first_record"] <= first_record else None
 
     def writer(self, index: int, first_record: int, dtype: type[np.integer]) -> "TokenFileWriter":

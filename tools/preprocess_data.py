@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,6 +76,12 @@ def main(argv=None) -> int:
         return fail(error, 2, comm)
     except (StrictModeError, PeerFailure) as error:
         return fail(error, 1, comm)
+    except Exception:  # a bug or the machine (a worker killed, a full disk): the traceback, and no rank left waiting
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm is not None:
+            comm.Abort(1)  # the others may wait in a collective or a barrier; MPI_Finalize would wait for them
+        return 1
     if comm is not None and comm.Get_rank() != 0:
         return 0
     skipped = summary["skipped"]

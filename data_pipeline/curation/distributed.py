@@ -48,7 +48,7 @@ class Coordinator:
             if error is not None:
                 raise error
             return
-        failures = self.comm.allgather(None if error is None else f"rank {self.rank}: {error}")
+        failures = self.comm.allgather(None if error is None else f"rank {self.rank}: {type(error).__name__}: {error}")
         if error is not None:
             raise error
         failed = [f for f in failures if f]

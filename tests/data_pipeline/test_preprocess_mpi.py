@@ -184,6 +184,23 @@ def test_token_files_of_another_run_are_not_used(mixed_corpus, tmp_path):
     assert not stale.root.exists()
 
 
+def test_across_ranks_files_finished_by_another_run_are_tokenized_again(mixed_corpus, tmp_path):
+    """A work directory of another run is emptied before anything in it is counted as done (counting first
+    left its files out of the deal, then emptied the directory, and the plan found no token files)."""
+    inputs, prefix = [str(mixed_corpus)], str(tmp_path / "o" / "c")
+    stale = TokenFiles(prefix)
+    stale.claim({"another": "run"})
+    for suffix, content in (("tokens", b""), ("docs", b""), ("json", json.dumps(
+            {"index": 0, "first_record": 0, "documents": 0, "tokens": 0, "token_bytes": 0, "skipped": []}))):
+        path = stale.path(0, suffix)
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    assert stale.finished(0) is not None  # it looks finished
+    run, _ = open_run(inputs, prefix, load_tokenizer("gpt2"), "text", 10**9)
+    dealt = deal_files(stale, run, 2)
+    assert sorted(item for share in dealt for item in share) == [(i, 0) for i in range(len(run.inputs))]
+    assert [p.name for p in stale.root.iterdir()] == ["header.json"]
+
+
 # ---- real MPI ranks ------------------------------------------------------------------------------
 
 
