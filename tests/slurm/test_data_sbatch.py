@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import zstandard
 
 from data_pipeline.sample_text import write_jsonl
 from tests.conftest import REPO, run_tool
+from tests.slurm.jobs import job, wait_for, wait_until_done
 
 pytestmark = pytest.mark.slow
 
@@ -34,27 +34,6 @@ def submit(script: str, workdir: Path, *args: str, nodes: int = 2, cpus_per_task
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
-
-
-def job(job_id: str) -> dict:
-    text = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    return dict(field.split("=", 1) for field in text.split() if "=" in field)
-
-
-def wait_for(condition, what: str, timeout: float = 300, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def wait_until_done(job_id: str, timeout: float = 400) -> dict:
-    return wait_for(lambda: (state := job(job_id)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
-                                                                       "TIMEOUT", "NODE_FAIL") and state,
-                    f"job {job_id} to end", timeout, interval=0.5)
 
 
 def log_of(workdir: Path, name: str, job_id: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.slurm.jobs import job, wait_for, wait_until_done
 from tests.pretrain.test_trainer import TINY, metrics, shards, train  # noqa: F401 (shards: a fixture)
 
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
@@ -39,28 +40,6 @@ def submit(workdir: Path, shards: str, *settings: str, nodes: int = 2, tasks_per
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
-
-
-def job(job_id: str) -> dict:
-    """scontrol's view of the job: JobState, Reason, Restarts, ExitCode, ..."""
-    text = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    return dict(field.split("=", 1) for field in text.split() if "=" in field)
-
-
-def wait_for(condition, what: str, timeout: float = 300, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def wait_until_done(job_id: str, timeout: float = 400) -> dict:
-    return wait_for(lambda: (state := job(job_id)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
-                                                                       "TIMEOUT", "NODE_FAIL") and state,
-                    f"job {job_id} to end", timeout)
 
 
 def wait_until_requeued(job_id: str, restarts: int) -> None:
