@@ -7,7 +7,6 @@ of their own (dedup_keys in the filter phase, the duplicate removal in the write
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from data_pipeline.curation.filters import (
 )
 from data_pipeline.curation.url_join import UrlMetadata
 from data_pipeline.curation.writers import OUTPUT_FORMATS
+from data_pipeline.tokenizers import sha256_of_file
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (
     Normalize, UrlMetadata, MetadataFilter, UrlFilter, LengthFilter, GopherQualityFilter, GopherRepetitionFilter,
@@ -127,20 +127,12 @@ class CurationConfig:
         list, a word list, a URL list), so editing one between a kill and the resume is noticed."""
         stages = []
         for name, settings in self.stages:
-            digests = {f"{key}_sha256": file_sha256(value)
+            digests = {f"{key}_sha256": sha256_of_file(value)
                        for key, value in settings.items() if key.endswith("_file") and value}
             stages.append((name, {**settings, **digests}))
         return {"stages": stages, "exact_dedup": self.exact_dedup, "text_key": self.text_key,
                 "id_key": self.id_key, "minhash": self.minhash.__dict__ if self.minhash else None,
                 "output_format": self.output_format}
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _stage_entry(entry, position: int) -> tuple[str, dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class ShardResult:
     index: int
     read: int = 0
     unreadable: int = 0
-    unreadable_reasons: dict = field(default_factory=dict)
+    unreadable_reasons: Counter = field(default_factory=Counter)
     """How many records became no document, by reason (http_status, not_html, malformed_json, ...)."""
     kept: int = 0
     removed: int = 0
@@ -106,7 +107,7 @@ def filter_shard(task: ShardTask) -> dict:
         result.read += len(records) + len(skipped) + len(unlisted)
         result.unreadable += len(skipped)
         for bad, raw in skipped:  # unreadable records are removed with their reason and content, never lost
-            result.unreadable_reasons[f"input:{bad.reason}"] = result.unreadable_reasons.get(f"input:{bad.reason}", 0) + 1
+            result.unreadable_reasons[f"input:{bad.reason}"] += 1
             removed_out.write({"source": f"{bad.file}:{bad.line}", "reason": f"input:{bad.reason}",
                                "detail": bad.detail, "raw": raw})
         for record, number in zip(records, numbers):

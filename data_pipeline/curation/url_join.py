@@ -111,9 +111,9 @@ class UrlMetadata(Stage):
         normalized = normalize_url(url) if isinstance(url, str) else None
         if normalized is None:
             return None
-        hashes = self.index["hash"]
-        at = int(np.searchsorted(hashes, np.uint64(url_hash(normalized))))
-        return self.index[at] if at < len(hashes) and int(hashes[at]) == url_hash(normalized) else None
+        hashes, wanted = self.index["hash"], url_hash(normalized)
+        at = int(np.searchsorted(hashes, np.uint64(wanted)))
+        return self.index[at] if at < len(hashes) and int(hashes[at]) == wanted else None
 
     def best_match(self, url, redirected_from) -> np.void | None:
         """The highest-karma record of `url` or of a URL that redirected to it, or None."""
