@@ -45,10 +45,11 @@ from pretrain.parallel.distributed import LaunchError, environment_from_launcher
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import DataError  # noqa: E402
+from pretrain.huggingface import HFFormatError  # noqa: E402
 from pretrain.parallel.layout import LayoutError  # noqa: E402
 from pretrain.trainer import Trainer, TrainingDiverged, plan_run  # noqa: E402
 
-SETUP_ERRORS = (ConfigError, LayoutError, DataError, CheckpointError, LaunchError)
+SETUP_ERRORS = (ConfigError, LayoutError, DataError, CheckpointError, LaunchError, HFFormatError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

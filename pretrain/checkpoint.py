@@ -64,6 +64,17 @@ def restore_random_state(state) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def verify_files(directory: Path, manifest: dict) -> None:
+    """Every file the manifest lists is there with its recorded size, or the error names it."""
+    for name, size in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is missing {name}; it cannot be used")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, the manifest says {size}: "
+                                  "truncated or overwritten; use an older checkpoint")
+
+
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, keep_every: int):
         self.directory = Path(directory)
@@ -126,13 +137,7 @@ class CheckpointManager:
         """The manifest of `tag`, after checking every file and the model shape."""
         directory = self.directory / tag
         manifest = json.loads((directory / MANIFEST).read_text())
-        for name, size in manifest["files"].items():
-            path = directory / name
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {directory} is missing {name}; it cannot be resumed")
-            if path.stat().st_size != size:
-                raise CheckpointError(f"{path} has {path.stat().st_size} bytes, the manifest says {size}: "
-                                      "truncated or overwritten; resume from an older checkpoint")
+        verify_files(directory, manifest)
         if manifest["model"] != expected_model:
             differences = {k: (manifest["model"].get(k), v) for k, v in expected_model.items()
                            if manifest["model"].get(k) != v}

@@ -38,6 +38,11 @@ class ModelSection:
     """Recompute every k-th block in backward: 0 off, 1 every block."""
     partition_method: str = "parameters"
     """How pipeline stages are cut: DeepSpeed's "parameters", "uniform" or "type:Block"."""
+    init_from: str = ""
+    """Start from these weights instead of random ones: a Hugging Face GPT-2 directory, a checkpoint of
+    ours (a run, its checkpoints/ or one step_* directory; any layout), or a file written by
+    tools/convert_checkpoint.py --to fp32. The optimizer starts fresh at step 0. Used only when
+    there is no checkpoint to resume from. The model section must match the weights' shape."""
 
     def gpt_config(self, tensor_parallel_size: int) -> GPTConfig:
         return GPTConfig(

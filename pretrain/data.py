@@ -87,10 +87,11 @@ SPLIT_NAMES = ("train", "validation", "test")
 
 
 def check_splits_have_documents(paths: list[str], split: str, sizes: list[int]) -> None:
-    """Refuse a split that would hold no document of some shard while samples are wanted from it.
+    """Refuse a split that gives some part weight but leaves it no document of some shard.
 
-    megatron-core cuts each shard's documents by `split` and, asked for samples
-    from an empty part, loops forever looking for tokens; say so instead.
+    megatron-core cuts each shard's documents by `split` and builds every part that
+    has weight, even one no sample is drawn from (validation with eval.interval=0);
+    building a part with no tokens loops forever. Say so instead.
     """
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
@@ -102,12 +103,14 @@ def check_splits_have_documents(paths: list[str], split: str, sizes: list[int]) 
     for path in paths:
         documents = len(IndexedDataset(path).document_indices) - 1
         for name, bounds, wanted in zip(SPLIT_NAMES, matrix, sizes):
-            begin, end = bounds or (0.0, 0.0)  # None: a split of weight 0
-            if wanted and int(round(begin * documents)) == int(round(end * documents)):
+            if bounds is None or bounds[0] == bounds[1]:  # a part of weight 0 is not built
+                continue
+            if int(round(bounds[0] * documents)) == int(round(bounds[1] * documents)):
+                use = f"{wanted} {name} samples are needed" if wanted else "megatron-core builds it all the same"
                 raise DataError(
                     f"data.split={split!r} leaves the {name} part of {path} ({documents} documents) empty, and "
-                    f"{wanted} {name} samples are needed; give that part more weight in data.split, use larger "
-                    "shards (--shard-size-tokens), or set eval.interval=0 when the validation part is empty"
+                    f"{use}; give that part more weight in data.split (or none at all, e.g. 100,0,0 without "
+                    "evaluation), or use larger shards (--shard-size-tokens)"
                 )
 
 

@@ -31,12 +31,15 @@ from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.presets import flops_per_token, parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, apply_compile, build_model
+from pretrain.huggingface import is_hf_directory
+from pretrain.inference import load_weights, save_consolidated
 from pretrain.parallel.distributed import (
     bind_device,
     collective_device,
     init_distributed,
     initialize_model_parallel,
     model_parallel_config,
+    on_rank_zero,
     wants_gpu,
 )
 from pretrain.parallel.engine import (
@@ -55,6 +58,7 @@ from pretrain.parallel.reshard import (
     repair_after_universal_load,
 )
 from pretrain.schedule import lr_multiplier
+from pretrain.weights import load_into
 
 log = logging.getLogger("pretrain")
 STOP_FILE = "STOP"  # RUN_DIR/STOP: the kill switch
@@ -79,6 +83,9 @@ class ResumePoint:
     manifest: dict
     reshard: bool
     """Saved with another layout (TP, PP, DP or ZeRO stage): load it through the universal form."""
+    weights_only: bool = False
+    """A step-0 checkpoint on another layout or precision: it has no optimizer history, so only its
+    weights are loaded (any layout, ZeRO stage and precision) and the optimizer starts fresh."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,6 +131,11 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "
                           f"has {tokenizer.vocab_size} tokens; set model.vocab_size={tokenizer.vocab_size}")
+    if config.model.init_from and not Path(config.model.init_from).exists():
+        raise ConfigError(f"model.init_from={config.model.init_from} does not exist; give a Hugging Face GPT-2 "
+                          "directory, a checkpoint of ours or a consolidated weights file")
+    if config.train.max_steps == 0 and not config.data.prefixes:  # saves the initial state only: no data needed
+        return RunPlan(model_config, layout, tokenizer, ([], []))
     return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer))
 
 
@@ -174,14 +186,16 @@ class Trainer:
         self.resume_point = self._find_resume_point()
         self._seed_random_state(topology)
         self.engine = self._build_engine(topology, load_universal=self.resume_point is not None
-                                         and self.resume_point.reshard)
+                                         and self.resume_point.reshard, initial=self._initial_weights())
         from megatron.core import parallel_state
 
         self.data_rank = parallel_state.get_data_parallel_rank()
         # Pinned batches for non-blocking copies; the pipeline engine copies (a pageable clone) itself.
         self.pin_memory = collective_device().type == "cuda" and self.layout.pipeline_parallel_size == 1
-        self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.blend, self.run_dir,
-                                                          self.layout.data_parallel_size)
+        self.train_data = self.valid_data = None  # a run of 0 steps may have no data
+        if self.blend[0]:
+            self.train_data, self.valid_data = build_datasets(config, self.tokenizer, self.blend, self.run_dir,
+                                                              self.layout.data_parallel_size)
         stop_signals.install()  # (again: python -m pretrain did at start) a signal mid-conversion waits for it
         self.resume()
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
@@ -215,10 +229,41 @@ class Trainer:
         log.info("resolved config (also in %s):\n%s", self.run_dir / "config.yaml", resolved.rstrip())
         log.info("%s; model %.1fM parameters", self.layout.describe(), parameter_count(self.model_config) / 1e6)
 
-    def _build_engine(self, topology, load_universal: bool = False):
+    def _initial_weights(self):
+        """Full-size weights to build the model with instead of random ones, or None: model.init_from on
+        a fresh start, or a step-0 checkpoint's own on another layout. A checkpoint of ours is
+        consolidated once, by rank 0, into RUN_DIR; every rank then reads its own slices."""
+        point, source = self.resume_point, self.config.model.init_from
+        if point is not None and point.weights_only:
+            source, setting = str(self.checkpoints.directory / point.tag), f"checkpoint {point.tag}"
+        elif point is None and source:
+            setting = f"model.init_from={source}"
+        else:
+            return None
+        if not is_hf_directory(source) and not Path(source).is_file():
+            consolidated = self.run_dir / ".initial-weights.pt"
+            on_rank_zero(lambda: save_consolidated(load_weights(source, self.run_dir), consolidated),
+                         consolidated.is_file, self.run_dir / ".initial-weights-failed", self.rank,
+                         f"read the weights of {setting}")
+            source = str(consolidated)
+        weights = load_weights(source)
+        differences = {key: (getattr(weights.config, key), getattr(self.model_config, key))
+                       for key in MODEL_SHAPE_KEYS if getattr(weights.config, key) != getattr(self.model_config, key)}
+        if differences:
+            raise ConfigError(f"{setting} holds another model: {differences} (weights, config); set the model "
+                              "section to the weights' shape, e.g. " +
+                              " ".join(f"model.{key}={saved}" for key, (saved, _) in differences.items()))
+        log.info("initial weights: %s", weights.description)
+        return weights
+
+    def _build_engine(self, topology, load_universal: bool = False, initial=None):
         config, layout = self.config, self.layout
         model = build_model(self.model_config, layout, topology, model_parallel_config(layout), config.train.seed,
                             config.model.partition_method)
+        if initial is not None:  # before deepspeed.initialize, which casts, partitions and copies them
+            load_into(model, initial.state, self.model_config)
+            if self.rank == 0:
+                (self.run_dir / ".initial-weights.pt").unlink(missing_ok=True)
         apply_activation_checkpointing(model, config.model.activation_checkpointing)
         apply_compile(model, config.train.compile)
         # lr 0 until the trainer sets the schedule's rate before each step: DeepSpeed's fp16 wrappers
@@ -270,6 +315,9 @@ class Trainer:
         if tag is None:
             return None
         manifest = self.checkpoints.verify(tag, self.model_shape())
+        if manifest["step"] == 0:  # no data consumed, no optimizer history: data, batch and layout are free
+            other = (manifest["layout"], manifest.get("precision")) != (self.layout_record(), self.config.train.precision)
+            return ResumePoint(tag, manifest, reshard=False, weights_only=other)
         saved_batch, batch = manifest["data"]["global_batch_size"], self.layout.global_batch_size
         if saved_batch != batch:
             raise CheckpointError(
@@ -310,6 +358,10 @@ class Trainer:
         """Continue from the resume point, resharding it first if the layout changed."""
         point = self.resume_point
         if point is None:
+            return
+        if point.weights_only:  # loaded into the model before deepspeed.initialize (_initial_weights)
+            log.info("started from the weights of %s (step 0, saved with layout %s, precision %s); the optimizer "
+                     "starts fresh", point.tag, point.manifest["layout"], point.manifest.get("precision"))
             return
         universal = None
         if point.reshard:
@@ -426,6 +478,8 @@ class Trainer:
             stop = self._stop_agreed()
             if stop or self.step % config.checkpoint.interval == 0 or self.step == config.train.max_steps:
                 self.save()
+        if self.step == first and self.resume_point is None and stop is None:
+            self.save()  # a run of 0 steps saves its initial state (tools/convert_checkpoint.py --from hf)
         reason = "finished" if self.step >= config.train.max_steps else stop  # a stop in the last step: done
         if self.rank != 0:  # rank 0 records and reports for all
             return reason

@@ -10,6 +10,9 @@ it whole (`GPT2`):
     L+2      FinalNorm           LayerNorm
     (head)   lm_head(WordEmbedding, x): logits over this rank's slice of the vocabulary
 
+For generation, `GPT2.forward` takes a `KVCache`: the keys and values of the
+tokens already seen, so that each new token costs one position of compute.
+
 Tensor parallelism lives inside the layers (megatron-core's VocabParallelEmbedding,
 ColumnParallelLinear, RowParallelLinear); with a tensor-parallel size of 1 they
 are ordinary layers. Each rank holds `n_head / tp` heads, and a `1 / tp` slice of
@@ -119,8 +122,9 @@ class PositionEmbedding(nn.Module):
         init.normal(f"{index}.position.weight")(self.position.weight)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        # `start`: tokens before this chunk (in a KVCache); 0 in training, where the pipeline passes x alone.
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
         return self.dropout(x + self.position(positions))  # (B, T, C)
 
 
@@ -141,11 +145,18 @@ class CausalSelfAttention(nn.Module):
         )
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv, _ = self.qkv(x)  # (B, T, 3 C / tp)
         q, k, v = qkv.view(B, T, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # 3 x (B, h, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None or cache.start == 0:
+            if cache is not None:
+                cache.extend(k, v)  # the first chunk sees only itself: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            k, v = cache.extend(k, v)  # (B, h, start + T, hd): the cached tokens, then this chunk
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask(T, x.device), dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, self.local_heads * self.head_dim)  # (B, T, C / tp)
         out, _ = self.proj(y)  # (B, T, C), all-reduced over TP
         return self.resid_dropout(out)
@@ -182,14 +193,14 @@ class Block(nn.Module):
         self.mlp = MLP(config, parallel, init, f"{index}.mlp")
         self.checkpoint_activations = False  # set from outside (pretrain/parallel/build.py)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def _forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         if self.checkpoint_activations and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+            return checkpoint(self._forward, x, cache, use_reentrant=False)
+        return self._forward(x, cache)
 
 
 class FinalNorm(nn.Module):
@@ -256,10 +267,85 @@ class GPT2(nn.Module):
     def embedding(self) -> WordEmbedding:
         return self.tied_modules[TIED_EMBEDDING]
 
-    def forward(self, token_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V / tp), or the loss with `labels`. With a `cache`, `token_ids` (B, T) are the
+        tokens after the `cache.length` cached ones: their positions follow them, their attention also
+        sees them, and the cache keeps their keys and values."""
+        start = 0 if cache is None else cache.make_room(token_ids.shape[1])
         x = self.embedding(token_ids)  # (B, T, C)
-        for index in range(1, self.num_layers):
-            x = getattr(self, str(index))(x)
+        x = getattr(self, "1")(x, start)  # + positions start .. start + T - 1
+        for block in range(self.config.n_layer):  # layers 2 .. n_layer + 1
+            x = getattr(self, str(block + 2))(x, None if cache is None else cache.layer(block, start))
+        x = getattr(self, str(self.num_layers - 1))(x)  # FinalNorm
+        if cache is not None:
+            cache.length = start + token_ids.shape[1]
         if labels is None:
             return lm_head(self.embedding, x)  # (B, T, V / tp)
         return head_loss(x, self.embedding, labels)  # the head and the loss in chunks (pretrain/model/loss.py)
+
+
+# ---- generation -------------------------------------------------------------------------
+
+
+class LayerCache:
+    """One block's slice of a KVCache: `start` tokens are cached in `keys` and `values`
+    (B, h, max_length, hd), where h is this rank's heads."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int):
+        self.keys, self.values, self.start = keys, values, start
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new chunk's keys and values (B, h, T, hd); return all of them so far, (B, h, start + T, hd)."""
+        end = self.start + k.shape[2]
+        self.keys[:, :, self.start:end] = k
+        self.values[:, :, self.start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """Which keys each of T new queries may see: every cached one, and the new ones up to itself.
+
+        (T, start + T), True where allowed. SDPA's is_causal would align the triangle to the first
+        key, not the last, so a chunk after cached tokens needs this mask. One query sees everything.
+        """
+        if T == 1:
+            return None
+        return torch.ones(T, self.start + T, dtype=torch.bool, device=device).tril(diagonal=self.start)
+
+
+class KVCache:
+    """Keys and values of the tokens a GPT2 has seen, so that generating a token costs one position.
+
+    Preallocated for `max_length` positions (n_positions at most): `keys` and `values` are each
+    (n_layer, B, h, max_length, hd), where h is this rank's heads. `length` tokens are cached;
+    `GPT2.forward(new_ids, cache=cache)` stores the new tokens' keys and values after them.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_length: int | None = None,
+                 local_heads: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.max_length = config.n_positions if max_length is None else max_length
+        if not 0 < self.max_length <= config.n_positions:
+            raise ValueError(f"a KV cache of {self.max_length} positions: it must hold 1 to n_positions "
+                             f"({config.n_positions}), the most the model's position embedding covers")
+        shape = (config.n_layer, batch_size, local_heads or config.n_head, self.max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model: GPT2, batch_size: int, max_length: int | None = None) -> KVCache:
+        """A cache on the model's device, in its dtype, for its number of heads per rank."""
+        weight = model.embedding.word.weight
+        heads = getattr(model, "2").attn.local_heads
+        return cls(model.config, batch_size, max_length, heads, weight.device, weight.dtype)
+
+    def make_room(self, tokens: int) -> int:
+        """Check that `tokens` more fit; return the position of the first of them."""
+        if self.length + tokens > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions: {self.length} cached + {tokens} "
+                             "new do not fit; make it longer (max_length, at most n_positions) or start a new one")
+        return self.length
+
+    def layer(self, block: int, start: int) -> LayerCache:
+        return LayerCache(self.keys[block], self.values[block], start)

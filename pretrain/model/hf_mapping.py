@@ -58,6 +58,11 @@ def _pairs(config: GPTConfig):
     yield f"{final}.ln_f.bias", "transformer.ln_f.bias", "copy"
 
 
+def canonical_names(config: GPTConfig) -> list[str]:
+    """Every parameter of the model, by canonical name, in layer order."""
+    return [ours for ours, _, _ in _pairs(config)]
+
+
 def _pad_vocab(tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(config.padded_vocab_size - tensor.shape[0], tensor.shape[1])])
 

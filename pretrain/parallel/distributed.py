@@ -3,7 +3,9 @@ topology, set up once and checked to describe the same groups."""
 
 from __future__ import annotations
 
+import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -171,3 +173,32 @@ def model_parallel_config(layout: ParallelLayout, params_dtype: torch.dtype = to
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
     )
+
+
+def on_rank_zero(work, done, failure_marker: Path, rank: int, what: str, poll_seconds: float = 1.0) -> None:
+    """Rank 0 runs `work()` while the other ranks wait on the file system, not in a collective.
+
+    Such work (converting or consolidating a 1.5B checkpoint) can outlast a collective's
+    timeout, so the other ranks poll until `done()` or rank 0's failure marker appears, and
+    meet rank 0 in a barrier only then. A failure on rank 0 is written down first, so that
+    every rank stops with the same error.
+    """
+    from data_pipeline.atomic import write_text_atomically
+    from pretrain.checkpoint import CheckpointError
+
+    if rank == 0:
+        failure_marker.unlink(missing_ok=True)
+    dist.barrier()  # no rank reads a stale failure marker
+    if rank == 0:
+        try:
+            work()
+        except BaseException as error:
+            write_text_atomically(failure_marker, str(error))
+            dist.barrier()
+            raise
+    else:
+        while not done() and not failure_marker.is_file():
+            time.sleep(poll_seconds)
+    dist.barrier()
+    if failure_marker.is_file():
+        raise CheckpointError(f"rank 0 could not {what}: {failure_marker.read_text()}")

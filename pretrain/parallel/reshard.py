@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,11 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from data_pipeline.atomic import write_text_atomically
 from pretrain.checkpoint import CheckpointError
 from pretrain.model.gpt2 import TIED_EMBEDDING, GPTConfig
+from pretrain.parallel.distributed import on_rank_zero
 
 log = logging.getLogger("pretrain")
 
@@ -62,6 +62,20 @@ def universal_checkpoint_info(config: GPTConfig) -> dict:
         # The output head shares the embedding: the first stage's copy is the one kept.
         c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [_WORD_EMBEDDING],
     }
+
+
+def tensor_parallel_split(name: str) -> str:
+    """How a parameter (GPT2's or a pipeline stage's name) is cut over tensor-parallel ranks, by the rules
+    given to DeepSpeed's converter, in its order: "replicated", "rows" (input columns, merged along
+    dim 1), "vocabulary" (rows, then unpadded) or "columns" (output rows, merged along dim 0)."""
+    def matches(patterns):
+        return any(re.match(pattern, name) for pattern in patterns)
+
+    if matches(_REPLICATED):
+        return "replicated"
+    if matches(_ROW_PARALLEL):
+        return "rows"
+    return "vocabulary" if matches([_WORD_EMBEDDING]) else "columns"
 
 
 def checkpoint_client_state(config: GPTConfig) -> dict:
@@ -173,29 +187,9 @@ def convert_to_universal(checkpoint: Path, workers: int | None = None) -> Path:
 
 
 def convert_on_rank_zero(checkpoint: Path, rank: int, poll_seconds: float = 1.0) -> Path:
-    """Rank 0 converts while the others wait on the file system, not in a collective.
-
-    A 1.5B checkpoint can take longer to convert than a collective's timeout, so the
-    other ranks poll for the result (the universal directory, or rank 0's failure
-    marker) and meet rank 0 in a barrier only once it is there. Any failure on rank
-    0 is written down first, so every rank stops with the same error.
-    """
+    """Rank 0 converts the checkpoint to its universal form while the others wait (pretrain.parallel.distributed
+    .on_rank_zero: on the file system, not in a collective that could time out)."""
     checkpoint = Path(checkpoint)
-    marker = _failure_marker(checkpoint)
-    if rank == 0:
-        marker.unlink(missing_ok=True)
-    dist.barrier()  # no rank reads a stale failure marker
-    if rank == 0:
-        try:
-            convert_to_universal(checkpoint)
-        except BaseException as error:
-            write_text_atomically(marker, str(error))
-            dist.barrier()
-            raise
-    else:
-        while not _converted(checkpoint) and not marker.is_file():
-            time.sleep(poll_seconds)
-    dist.barrier()
-    if marker.is_file():
-        raise CheckpointError(f"rank 0 could not convert {checkpoint} for the new layout: {marker.read_text()}")
+    on_rank_zero(lambda: convert_to_universal(checkpoint), lambda: _converted(checkpoint), _failure_marker(checkpoint),
+                 rank, f"convert {checkpoint} for the new layout", poll_seconds)
     return universal_dir(checkpoint)
