@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,7 +40,6 @@ def hf_model_config(hf_config, path: Path) -> GPTConfig:
         "n_inner": hf_config.n_inner not in (None, 4 * hf_config.n_embd),
         "scale_attn_weights": not hf_config.scale_attn_weights,
         "scale_attn_by_inverse_layer_idx": hf_config.scale_attn_by_inverse_layer_idx,
-        "reorder_and_upcast_attn": False,  # a numerical detail of HF's attention, same result
         "add_cross_attention": hf_config.add_cross_attention,
         "tie_word_embeddings": not getattr(hf_config, "tie_word_embeddings", True),
     }
@@ -51,6 +51,21 @@ def hf_model_config(hf_config, path: Path) -> GPTConfig:
     return GPTConfig(n_layer=hf_config.n_layer, n_embd=hf_config.n_embd, n_head=hf_config.n_head,
                      n_positions=hf_config.n_positions, vocab_size=hf_config.vocab_size,
                      padded_vocab_size=hf_config.vocab_size, layer_norm_epsilon=hf_config.layer_norm_epsilon)
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def read_hf_directory(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
@@ -66,9 +81,16 @@ def read_hf_directory(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
         raise HFFormatError(f"{path}/config.json cannot be read: {error}") from None
     config = hf_model_config(hf_config, path)
     try:
-        model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+        with _quiet_transformers():  # its load report and progress bar: what matters is checked below
+            model, info = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise HFFormatError(f"the weights in {path} cannot be loaded: {error}") from None
+    # from_pretrained fills a missing tensor with random values and only reports it: refuse instead.
+    missing = [name for name in info.get("missing_keys", []) if name != "lm_head.weight"]
+    wrong = missing + [str(item) for item in info.get("mismatched_keys", [])]
+    if wrong:
+        raise HFFormatError(f"the weights in {path} lack or mis-shape {len(wrong)} tensor(s) of its config.json: "
+                            f"{', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
     return config, hf_to_ours(model.state_dict(), config)
 
 
@@ -106,11 +128,11 @@ def write_hf_directory(config: GPTConfig, state: dict, output: str | os.PathLike
     model.config.dtype = DTYPES[dtype]
     model.save_pretrained(output, safe_serialization=True)
     if isinstance(tokenizer, GPT2BPETokenizer):
-        _write_bpe_files(tokenizer, output)
+        write_tokenizer_files(tokenizer, output)
     return output
 
 
-def _write_bpe_files(tokenizer: GPT2BPETokenizer, output: Path) -> None:
+def write_tokenizer_files(tokenizer: GPT2BPETokenizer, output: Path) -> None:
     """GPT-2's vocab.json and merges.txt (the encoder.json / vocab.bpe pair under HF's names), and the
     tokenizer.json and tokenizer_config.json that transformers' AutoTokenizer reads first."""
     from transformers import GPT2TokenizerFast

@@ -10,7 +10,6 @@ fp32`). `load_model` builds our GPT2 on them, in one process (tensor-parallel si
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +62,11 @@ def save_consolidated(weights: Weights, output: str | os.PathLike) -> None:
               "source": weights.description, "parameters": parameter_count(weights.config),
               "state_dict": weights.state}
     partial = output.with_name(output.name + ".tmp")
-    torch.save(record, partial)
-    os.replace(partial, output)
+    try:
+        torch.save(record, partial)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _shape(config: GPTConfig) -> dict:
@@ -97,8 +99,9 @@ def single_process_group() -> None:
     from pretrain.parallel.layout import ParallelLayout
 
     if not dist.is_initialized():
-        store = Path(tempfile.mkdtemp(prefix="gpt2-inference-")) / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        from pretrain.parallel.distributed import free_port
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():

@@ -62,6 +62,7 @@ from pretrain.weights import load_into
 
 log = logging.getLogger("pretrain")
 STOP_FILE = "STOP"  # RUN_DIR/STOP: the kill switch
+INITIAL_WEIGHTS = ".initial-weights.pt"  # RUN_DIR/: model.init_from consolidated once, removed after loading
 EXIT_RECORD = "exit.json"  # RUN_DIR/exit.json: why the last clean exit happened (read by slurm/pretrain.sbatch)
 
 
@@ -241,18 +242,22 @@ class Trainer:
         else:
             return None
         if not is_hf_directory(source) and not Path(source).is_file():
-            consolidated = self.run_dir / ".initial-weights.pt"
+            consolidated = self.run_dir / INITIAL_WEIGHTS
             on_rank_zero(lambda: save_consolidated(load_weights(source, self.run_dir), consolidated),
                          consolidated.is_file, self.run_dir / ".initial-weights-failed", self.rank,
-                         f"read the weights of {setting}")
+                         f"read the weights of {setting}", stale=(consolidated,))
             source = str(consolidated)
         weights = load_weights(source)
+        keys = (*MODEL_SHAPE_KEYS, "layer_norm_epsilon")
         differences = {key: (getattr(weights.config, key), getattr(self.model_config, key))
-                       for key in MODEL_SHAPE_KEYS if getattr(weights.config, key) != getattr(self.model_config, key)}
+                       for key in keys if getattr(weights.config, key) != getattr(self.model_config, key)}
         if differences:
             raise ConfigError(f"{setting} holds another model: {differences} (weights, config); set the model "
                               "section to the weights' shape, e.g. " +
                               " ".join(f"model.{key}={saved}" for key, (saved, _) in differences.items()))
+        if load_tokenizer(weights.tokenizer).identity()["sha256"] != self.tokenizer.identity()["sha256"]:
+            log.warning("%s was trained with tokenizer %r, this run reads data.tokenizer=%r: the same vocabulary "
+                        "size, but other tokens", setting, weights.tokenizer, self.config.data.tokenizer)
         log.info("initial weights: %s", weights.description)
         return weights
 
@@ -262,8 +267,9 @@ class Trainer:
                             config.model.partition_method)
         if initial is not None:  # before deepspeed.initialize, which casts, partitions and copies them
             load_into(model, initial.state, self.model_config)
+            dist.barrier()  # every rank has read the consolidated file, if there was one
             if self.rank == 0:
-                (self.run_dir / ".initial-weights.pt").unlink(missing_ok=True)
+                (self.run_dir / INITIAL_WEIGHTS).unlink(missing_ok=True)
         apply_activation_checkpointing(model, config.model.activation_checkpointing)
         apply_compile(model, config.train.compile)
         # lr 0 until the trainer sets the schedule's rate before each step: DeepSpeed's fp16 wrappers
@@ -360,6 +366,8 @@ class Trainer:
         if point is None:
             return
         if point.weights_only:  # loaded into the model before deepspeed.initialize (_initial_weights)
+            if self.rank == 0:
+                self._forget_metrics_after(0)
             log.info("started from the weights of %s (step 0, saved with layout %s, precision %s); the optimizer "
                      "starts fresh", point.tag, point.manifest["layout"], point.manifest.get("precision"))
             return

@@ -15,7 +15,9 @@ Which weights a checkpoint gives:
   * ZeRO-0: the module weights, merged over tensor-parallel ranks by the rules the
     converter is given. In fp32 they are the master weights; in bf16 they are the
     model's bf16 copy (DeepSpeed's converter cannot read a ZeRO-0 bf16 optimizer).
-    At step 0 (ZeRO 0-2) the module weights, which the master weights still equal.
+  * At step 0 in fp32 (ZeRO 0-2): the module weights, which the master weights still
+    equal. A step-0 checkpoint in bf16 or under ZeRO-3 is refused: its fp32 weights
+    are only in optimizer partitions DeepSpeed's converter cannot read before a step.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +35,8 @@ import torch
 from data_pipeline.tokenizers import padded_vocab_size
 from pretrain.checkpoint import LATEST, MANIFEST, CheckpointError, verify_files
 from pretrain.model.gpt2 import GPTConfig
-from pretrain.model.hf_mapping import canonical_name, canonical_names, module_name
-from pretrain.parallel.reshard import UNIVERSAL, tensor_parallel_split
+from pretrain.model.hf_mapping import canonical_name, canonical_names, module_name, pad_vocabulary
+from pretrain.parallel.reshard import UNIVERSAL, run_ds_to_universal, tensor_parallel_split
 
 @dataclass
 class Consolidated:
@@ -96,12 +96,19 @@ def consolidate(path: str | os.PathLike, work_dir: str | os.PathLike | None = No
     manifest = json.loads((directory / MANIFEST).read_text())
     verify_files(directory, manifest)
     config = model_config_of(manifest)
-    # At step 0 the master weights are still the module's (DeepSpeed's converter cannot read an
-    # optimizer that has not stepped); under ZeRO-3 only the optimizer's partitions hold them.
-    if manifest["layout"]["zero_stage"] == 3 or (manifest["layout"]["zero_stage"] >= 1 and manifest["step"] > 0):
+    layout, step = manifest["layout"], manifest["step"]
+    if step == 0 and (layout["zero_stage"] == 3 or manifest.get("precision", "fp32") != "fp32"):
+        raise CheckpointError(
+            f"checkpoint {directory} was saved at step 0 in {manifest.get('precision')} under ZeRO-"
+            f"{layout['zero_stage']}: its fp32 weights are only in optimizer partitions that DeepSpeed's converter "
+            "cannot read before a first step. Start from the weights it was made from (model.init_from), or save "
+            "step-0 checkpoints in fp32 with ZeRO 0-2 (tools/convert_checkpoint.py --from hf does)")
+    # At step 0 (fp32, ZeRO 0-2: checked above) the master weights are still the module's, and
+    # DeepSpeed's converter cannot read an optimizer that has not stepped.
+    if layout["zero_stage"] >= 1 and step > 0:
         state, source = _master_weights(directory, config, work_dir), "fp32 master weights"
     else:
-        state, source = _module_weights(directory, manifest["layout"], config), "module weights"
+        state, source = _module_weights(directory, layout, config), "module weights"
     missing = [name for name in canonical_names(config) if name not in state]
     if missing:
         raise CheckpointError(f"checkpoint {directory} lacks weights for {', '.join(missing[:5])}"
@@ -115,13 +122,7 @@ def _master_weights(directory: Path, config: GPTConfig, work_dir) -> dict:
         return _read_universal(existing, config)
     scratch = Path(tempfile.mkdtemp(prefix="consolidate-", dir=work_dir))
     try:
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory),
-                   "--output_folder", str(scratch / UNIVERSAL), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1"]
-        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        if result.returncode != 0:
-            raise CheckpointError(f"DeepSpeed's ds_to_universal could not merge {directory} (exit "
-                                  f"{result.returncode}):\n{result.stderr[-3000:]}")
+        run_ds_to_universal(directory, scratch / UNIVERSAL, workers=1)
         return _read_universal(scratch / UNIVERSAL, config)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -131,7 +132,7 @@ def _read_universal(universal: Path, config: GPTConfig) -> dict:
     state = {}
     for parameter in sorted((universal / "zero").iterdir()):
         if parameter.is_dir() and (parameter / "fp32.pt").is_file():
-            tensor = torch.load(parameter / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+            tensor = _load(parameter / "fp32.pt")["param"]
             state[canonical_name(parameter.name)] = _unpadded(canonical_name(parameter.name), tensor, config)
     return state
 
@@ -149,14 +150,22 @@ def _module_weights(directory: Path, layout: dict, config: GPTConfig) -> dict:
 def _module_state(directory: Path, layout: dict, tp: int) -> dict:
     """Tensor-parallel rank `tp`'s module state under GPT2's names, from one file or one per pipeline layer."""
     if layout["pipeline_parallel_size"] == 1:
-        return torch.load(directory / f"mp_rank_{tp:02d}_model_states.pt", map_location="cpu",
-                          weights_only=False)["module"]
+        return _load(directory / f"mp_rank_{tp:02d}_model_states.pt")["module"]
     state = {}
     for path in sorted(directory.glob(f"layer_*-model_{tp:02d}-model_states.pt")):
         layer = int(re.match(r"layer_(\d+)-", path.name).group(1))
-        for name, tensor in torch.load(path, map_location="cpu", weights_only=False).items():
+        for name, tensor in _load(path).items():
             state[f"{layer}.{name}"] = tensor
     return state
+
+
+def _load(path: Path):
+    """torch.load of a checkpoint file, or CheckpointError naming it (a damaged file keeps its size)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # pickle, zip and torch each raise their own kinds
+        raise CheckpointError(f"{path} cannot be read ({type(error).__name__}: {error}); the checkpoint is "
+                              "damaged: use another step_* directory") from None
 
 
 def _merge(name: str, parts: list) -> torch.Tensor:
@@ -188,7 +197,7 @@ def load_into(model: torch.nn.Module, state: dict, config: GPTConfig, strict: bo
             if full is None:
                 continue
             if canonical_name(name) == "0.word.weight":  # pad to this layout's vocabulary rows
-                full = torch.cat([full, full.new_zeros(config.padded_vocab_size - full.shape[0], full.shape[1])])
+                full = pad_vocabulary(full, config.padded_vocab_size)
             if getattr(parameter, "tensor_model_parallel", False):
                 full = full.chunk(size, dim=parameter.partition_dim)[rank]
             if full.shape != parameter.shape:

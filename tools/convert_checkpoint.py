@@ -20,8 +20,8 @@ three times the model's fp32 size on disk for a moment.
 
 --from hf runs the trainer for 0 steps on TP x PP local CPU processes: it builds the
 model in that layout, loads the Hugging Face weights into each rank's slices and saves
-a sharded checkpoint at step 0 (a fresh optimizer). Continuing from it works on any
-layout and precision: a step-0 checkpoint on another layout gives only its weights.
+a sharded fp32 checkpoint at step 0 (a fresh optimizer). Continuing from it works on
+any layout and precision: a step-0 checkpoint on another layout gives only its weights.
 
 Outputs appear complete or not at all (written beside, then renamed). Exit codes: 0
 done, 2 unusable arguments or an input that cannot be read (the message names it).
@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.cli import OneLineErrorParser  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain.checkpoint import LATEST, CheckpointError  # noqa: E402
@@ -55,7 +57,7 @@ class UsageError(ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=("hf", "fp32"), help="convert a checkpoint of ours to this format")
     direction.add_argument("--from", dest="source_format", choices=("hf",),
@@ -68,7 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="--from hf: its pipeline stages")
     parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2),
                         help="--from hf: its ZeRO stage (a ZeRO-3 run continues from any of them)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="--from hf: its precision")
     parser.add_argument("--work-dir", help="--to: where ZeRO partitions are merged (default: the output's "
                                            "directory)")
     return parser.parse_args(argv)
@@ -88,6 +89,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError("--checkpoint is for --to; the model to convert is given with --input")
     if output.is_file() or (output.is_dir() and any(output.iterdir())):
         raise UsageError(f"--output {output} already exists; remove it or choose another path")
+    if args.to == "fp32" and output.is_dir():
+        raise UsageError(f"--output {output} is a directory; --to fp32 writes one file, e.g. {output / 'model.pt'}")
 
 
 def to_hf_or_fp32(args: argparse.Namespace) -> str:
@@ -126,11 +129,17 @@ def from_hf_settings(args: argparse.Namespace, checkpoint_dir: Path, run_dir: Pa
     source = Path(args.input)
     if not (source / "config.json").is_file():
         raise HFFormatError(f"--input {source} is not a Hugging Face model directory: it has no config.json")
-    config = hf_model_config(GPT2Config.from_pretrained(source), source)
+    try:
+        hf_config = GPT2Config.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise HFFormatError(f"{source}/config.json cannot be read: {' '.join(str(error).split())}") from None
+    config = hf_model_config(hf_config, source)
     model = [f"model.{key}={getattr(config, key)}" for key in ("n_layer", "n_embd", "n_head", "n_positions",
                                                                "vocab_size")]
     return [*model, f"model.init_from={source.resolve()}", f"data.tokenizer={hf_tokenizer_spec(source, config.vocab_size)}",
-            "data.prefixes=[]", "train.max_steps=0", f"train.precision={args.precision}",
+            # fp32: the exact weights (a bf16 save would keep only a rounded copy outside the optimizer);
+            # the checkpoint continues in any precision.
+            "data.prefixes=[]", "train.max_steps=0", "train.precision=fp32",
             f"parallel.tensor_parallel_size={args.tensor_parallel_size}",
             f"parallel.pipeline_parallel_size={args.pipeline_parallel_size}", f"parallel.zero_stage={args.zero_stage}",
             "parallel.micro_batch_size=1", "parallel.global_batch_size=1", f"checkpoint.dir={checkpoint_dir}",
@@ -151,6 +160,9 @@ def from_hf(args: argparse.Namespace) -> str:
         print(f"building the model on {processes} CPU process(es) and saving it at step 0 ...", file=sys.stderr)
         result = subprocess.run([sys.executable, *launcher, "--set", *settings], cwd=REPO, capture_output=True,
                                 text=True, env=dict(os.environ, PRETRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu"))
+        if result.returncode == 2:  # the trainer's one-line reason: a weight file it cannot read, ...
+            reason = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+            raise UsageError(reason[-1][len("error: "):] if reason else result.stderr.strip()[-500:])
         if result.returncode != 0:
             raise RuntimeError(f"the trainer failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
         if output.is_dir():

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.cli import OneLineErrorParser, load_model_or_explain, positive  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain.evaluation import (  # noqa: E402
@@ -51,20 +53,6 @@ EXAMPLES = """examples:
 """
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse's errors as one line, `error: ...`, exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -216,24 +204,10 @@ def counted(documents: Iterator[Document], limit: int | None, bar) -> Iterator[D
 
 def load(args: argparse.Namespace):
     """The model, or EvaluationError naming what to fix (the checkpoint path, the device)."""
-    import torch
-
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.inference import load_model
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
-    if not Path(args.checkpoint).exists():
-        raise EvaluationError(f"--checkpoint {args.checkpoint} does not exist")
-    if args.quiet:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # "Loading weights" of a Hugging Face directory
     try:
-        return load_model(args.checkpoint, device=args.device)
-    except (CheckpointError, ValueError, OSError) as error:  # HFFormatError is a ValueError
-        message = " ".join(str(error).split())  # one line
-        raise EvaluationError(message if args.checkpoint in message else f"{args.checkpoint}: {message}") from None
+        return load_model_or_explain(args.checkpoint, args.device, args.quiet)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def progress_bar(args, description: str, total: int | None, unit: str):

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.cli import OneLineErrorParser, load_model_or_explain, non_negative, positive  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 EXAMPLES = """examples:
@@ -25,27 +27,6 @@ EXAMPLES = """examples:
       --max-new-tokens 200 --temperature 0.8 --top-p 0.95 --num-samples 4 --seed 7
   python tools/generate.py --checkpoint hf/gpt2 --prompt "Hello" --top-k 40 --device cuda --json | tail -n 1
 """
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse's errors as one line, `error: ...`, exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,18 +85,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def load(args: argparse.Namespace):
     """The model, or ValueError naming what to fix (the checkpoint path, the device)."""
-    import torch
-
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.inference import load_model
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no GPU that torch can use; use --device cpu")
-    try:
-        return load_model(args.checkpoint, device=args.device)
-    except (CheckpointError, ValueError, OSError) as error:  # HFFormatError is a ValueError
-        message = " ".join(str(error).split())  # one line
-        raise ValueError(message if args.checkpoint in message else f"{args.checkpoint}: {message}") from None
+    return load_model_or_explain(args.checkpoint, args.device)
 
 
 def report(args, prompt: str, loaded, generation) -> None:

@@ -46,6 +46,8 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.cli import OneLineErrorParser  # noqa: E402
 warnings.filterwarnings("ignore", module="megatron")  # "Transformer Engine and Apex are not installed"
 
 from data_pipeline.shard_summary import (  # noqa: E402
@@ -64,7 +66,7 @@ class UsageError(ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="*", metavar="PREFIX_OR_SHARD",
                         help="shard prefixes (PREFIX.bin/.idx) or tools/preprocess_data.py output prefixes")
     parser.add_argument("--tokenizer", help="shards: the tokenizer to check against and decode with "

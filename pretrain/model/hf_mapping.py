@@ -63,8 +63,13 @@ def canonical_names(config: GPTConfig) -> list[str]:
     return [ours for ours, _, _ in _pairs(config)]
 
 
+def pad_vocabulary(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """The word embedding with zero rows appended up to `rows` (a layout's padded vocabulary)."""
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], tensor.shape[1])])
+
+
 def _pad_vocab(tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
-    return torch.cat([tensor, tensor.new_zeros(config.padded_vocab_size - tensor.shape[0], tensor.shape[1])])
+    return pad_vocabulary(tensor, config.padded_vocab_size)
 
 
 # kind -> (HF -> ours, ours -> HF)

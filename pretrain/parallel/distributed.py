@@ -175,20 +175,24 @@ def model_parallel_config(layout: ParallelLayout, params_dtype: torch.dtype = to
     )
 
 
-def on_rank_zero(work, done, failure_marker: Path, rank: int, what: str, poll_seconds: float = 1.0) -> None:
+def on_rank_zero(work, done, failure_marker: Path, rank: int, what: str, poll_seconds: float = 1.0,
+                 stale: tuple[Path, ...] = ()) -> None:
     """Rank 0 runs `work()` while the other ranks wait on the file system, not in a collective.
 
     Such work (converting or consolidating a 1.5B checkpoint) can outlast a collective's
     timeout, so the other ranks poll until `done()` or rank 0's failure marker appears, and
     meet rank 0 in a barrier only then. A failure on rank 0 is written down first, so that
-    every rank stops with the same error.
+    every rank stops with the same error. `stale`: files an earlier, interrupted start may have
+    left, which would make `done()` true too early; rank 0 removes them first. The directory
+    must be one every rank sees, as checkpoints need anyway.
     """
     from data_pipeline.atomic import write_text_atomically
     from pretrain.checkpoint import CheckpointError
 
     if rank == 0:
-        failure_marker.unlink(missing_ok=True)
-    dist.barrier()  # no rank reads a stale failure marker
+        for path in (failure_marker, *stale):
+            path.unlink(missing_ok=True)
+    dist.barrier()  # no rank reads a stale failure marker or result
     if rank == 0:
         try:
             work()

@@ -153,12 +153,24 @@ def _failure_marker(checkpoint: Path) -> Path:
     return checkpoint.parent / f".tmp-universal-failed-{checkpoint.name}"
 
 
-def convert_to_universal(checkpoint: Path, workers: int | None = None) -> Path:
-    """Convert one checkpoint directory (rank 0 only); returns its universal form, reusing an earlier one.
+def run_ds_to_universal(checkpoint: Path, output: Path, workers: int) -> None:
+    """DeepSpeed's converter on one checkpoint directory, in a child process: it uses worker processes
+    of its own, which must not be forked from a process holding collective communicators."""
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+               "--output_folder", str(output), "--num_extract_workers", str(workers),
+               "--num_merge_workers", str(max(1, workers // 2))]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if result.returncode != 0:
+        hint = ""
+        if "universal_checkpoint_info" in result.stderr:
+            hint = ("it was saved before checkpoints carried resharding information; resume it once on its own "
+                    "layout, let it save, then change the layout. ")
+        raise CheckpointError(f"merging the partitions of {checkpoint} failed: {hint}DeepSpeed's ds_to_universal "
+                              f"exited {result.returncode}:\n{result.stderr[-3000:]}")
 
-    Runs DeepSpeed's converter in a child process: it uses worker processes of its
-    own, which must not be forked from a process holding collective communicators.
-    """
+
+def convert_to_universal(checkpoint: Path, workers: int | None = None) -> Path:
+    """Convert one checkpoint directory (rank 0 only); returns its universal form, reusing an earlier one."""
     checkpoint = Path(checkpoint)
     target = universal_dir(checkpoint)
     if _converted(checkpoint):
@@ -166,19 +178,9 @@ def convert_to_universal(checkpoint: Path, workers: int | None = None) -> Path:
     partial = _partial_dir(checkpoint)
     shutil.rmtree(partial, ignore_errors=True)
     workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
-               "--output_folder", str(partial / UNIVERSAL), "--num_extract_workers", str(workers),
-               "--num_merge_workers", str(max(1, workers // 2))]
     log.info("resharding %s: converting it to DeepSpeed's universal form with %d workers", checkpoint, workers)
     began = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    if result.returncode != 0:
-        hint = ""
-        if "universal_checkpoint_info" in result.stderr:
-            hint = ("it was saved before checkpoints carried resharding information; resume it once on its own "
-                    "layout, let it save, then change the layout. ")
-        raise CheckpointError(f"converting {checkpoint} for a new layout failed: {hint}DeepSpeed's ds_to_universal "
-                              f"exited {result.returncode}:\n{result.stderr[-3000:]}")
+    run_ds_to_universal(checkpoint, partial / UNIVERSAL, workers)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial / UNIVERSAL, target)  # complete, so never half-read by a later resume
     shutil.rmtree(partial, ignore_errors=True)

@@ -63,9 +63,14 @@ def test_a_damaged_checkpoint_is_named(reference, tmp_path):
     shutil.copytree(reference.directory.parent, copy)
     step = copy / tag_for(2)
     victim = sorted(step.glob("*model_states.pt"))[0]
-    victim.write_bytes(victim.read_bytes()[:100])
+    content = victim.read_bytes()
+    victim.write_bytes(content[:100])
     with pytest.raises(CheckpointError, match=f"{victim.name}.*manifest says"):
         consolidate(copy)
+    victim.write_bytes(b"\0" * len(content))  # damaged in place: the size the manifest records
+    with pytest.raises(CheckpointError, match=f"{victim.name} cannot be read"):
+        consolidate(copy)
+    victim.write_bytes(content)
     (copy / "latest").write_text("step_0000009\n")
     with pytest.raises(CheckpointError, match="step_0000009"):
         consolidate(copy)
@@ -74,3 +79,30 @@ def test_a_damaged_checkpoint_is_named(reference, tmp_path):
         consolidate(tmp_path / "empty")
     manifest = json.loads((step / "manifest.json").read_text())
     assert manifest["step"] == 2
+
+
+def test_the_hugging_face_export_computes_what_our_model_computes(reference, tmp_path, real_documents):
+    """tools/convert_checkpoint.py --to hf on a trained checkpoint: transformers' GPT2LMHeadModel gives our
+    model's logits (fp32, within 1e-4) and the same loss on held-out text."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from pretrain.inference import Weights, build_model
+    from tests.conftest import run_tool
+
+    output = tmp_path / "hf"
+    result = run_tool("convert_checkpoint.py", "--to", "hf", "--checkpoint", str(reference.directory),
+                      "--output", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    hf = GPT2LMHeadModel.from_pretrained(output).eval()
+    ours = build_model(Weights(reference.config, reference.state, "gpt2", "reference"))
+    text = real_documents[-1]["text"]
+    ids = torch.tensor([AutoTokenizer.from_pretrained(output)(text).input_ids[:256]])
+    with torch.no_grad():
+        expected, logits = hf(ids).logits, ours(ids)[..., :50257]
+        hf_loss, our_loss = hf(ids, labels=ids).loss, ours(ids[:, :-1], ids[:, 1:])
+    assert ids.shape[1] == 256 and torch.allclose(logits, expected, rtol=0, atol=1e-4), (logits - expected).abs().max()
+    assert our_loss.item() == pytest.approx(hf_loss.item(), rel=1e-5)
+    saved = load_file(output / "model.safetensors")
+    assert not [name for name in saved if name.endswith((".attn.bias", ".attn.masked_bias"))]
+    assert saved["transformer.wte.weight"].shape == (50257, 128) and hf.config.vocab_size == 50257

@@ -20,7 +20,7 @@ def tiny_hf_model(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from data_pipeline.tokenizers import load_tokenizer
-    from pretrain.huggingface import _write_bpe_files
+    from pretrain.huggingface import write_tokenizer_files
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**TINY_HF))
@@ -30,5 +30,5 @@ def tiny_hf_model(tmp_path_factory):
                 parameter.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
     directory = tmp_path_factory.mktemp("tiny-hf")
     model.save_pretrained(directory)
-    _write_bpe_files(load_tokenizer("gpt2"), directory)
+    write_tokenizer_files(load_tokenizer("gpt2"), directory)
     return directory
