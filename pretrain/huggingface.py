@@ -68,9 +68,9 @@ def _quiet_transformers():
             transformers_logging.enable_progress_bar()
 
 
-def read_hf_directory(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
-    """(our config, canonical fp32 weights with vocab_size rows) of a GPT2LMHeadModel directory."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def read_hf_config(path: str | os.PathLike) -> GPTConfig:
+    """Our config for a Hugging Face GPT-2 directory's config.json, or HFFormatError naming what is wrong."""
+    from transformers import GPT2Config
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -78,8 +78,16 @@ def read_hf_directory(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
     try:
         hf_config = GPT2Config.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise HFFormatError(f"{path}/config.json cannot be read: {error}") from None
-    config = hf_model_config(hf_config, path)
+        raise HFFormatError(f"{path}/config.json cannot be read: {' '.join(str(error).split())}") from None
+    return hf_model_config(hf_config, path)
+
+
+def read_hf_directory(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
+    """(our config, canonical fp32 weights with vocab_size rows) of a GPT2LMHeadModel directory."""
+    from transformers import GPT2LMHeadModel
+
+    path = Path(path)
+    config = read_hf_config(path)
     try:
         with _quiet_transformers():  # its load report and progress bar: what matters is checked below
             model, info = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True)

@@ -13,6 +13,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a run directory, checkpoints/ or step_NNNNNNN directory, a Hugging Face GPT-2 "
+                             "directory, or a consolidated .pt file")
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:

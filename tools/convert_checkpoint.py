@@ -122,18 +122,10 @@ def to_hf_or_fp32(args: argparse.Namespace) -> str:
 
 def from_hf_settings(args: argparse.Namespace, checkpoint_dir: Path, run_dir: Path) -> list[str]:
     """The trainer's settings for a 0-step run that saves the Hugging Face weights in our layout."""
-    from transformers import GPT2Config
-
-    from pretrain.huggingface import hf_model_config, hf_tokenizer_spec
+    from pretrain.huggingface import hf_tokenizer_spec, read_hf_config
 
     source = Path(args.input)
-    if not (source / "config.json").is_file():
-        raise HFFormatError(f"--input {source} is not a Hugging Face model directory: it has no config.json")
-    try:
-        hf_config = GPT2Config.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise HFFormatError(f"{source}/config.json cannot be read: {' '.join(str(error).split())}") from None
-    config = hf_model_config(hf_config, source)
+    config = read_hf_config(source)
     model = [f"model.{key}={getattr(config, key)}" for key in ("n_layer", "n_embd", "n_head", "n_positions",
                                                                "vocab_size")]
     return [*model, f"model.init_from={source.resolve()}", f"data.tokenizer={hf_tokenizer_spec(source, config.vocab_size)}",

@@ -30,7 +30,7 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.cli import OneLineErrorParser, load_model_or_explain, positive  # noqa: E402
+from tools.cli import OneLineErrorParser, add_checkpoint_argument, load_model_or_explain, positive  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain.evaluation import (  # noqa: E402
@@ -58,9 +58,7 @@ TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineErrorParser(description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a run directory, checkpoints/ or step_NNNNNNN directory, a Hugging Face GPT-2 "
-                             "directory, or a consolidated .pt file")
+    add_checkpoint_argument(parser)
     parser.add_argument("--input", nargs="+", default=[], metavar="FILE_OR_PREFIX",
                         help="text to measure perplexity on: shard prefixes, .jsonl(.gz/.zst) or .txt files")
     parser.add_argument("--task", nargs="+", default=[], metavar="TASK.jsonl", help="zero-shot task files")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.cli import OneLineErrorParser, load_model_or_explain, non_negative, positive  # noqa: E402
+from tools.cli import OneLineErrorParser, add_checkpoint_argument, load_model_or_explain, non_negative, positive  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 EXAMPLES = """examples:
@@ -32,9 +32,7 @@ EXAMPLES = """examples:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineErrorParser(description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a run directory, checkpoints/ or step_NNNNNNN directory, a Hugging Face GPT-2 "
-                             "directory, or a consolidated .pt file")
+    add_checkpoint_argument(parser)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="the text to continue; empty starts a new document")
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this UTF-8 file")
