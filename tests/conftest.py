@@ -22,6 +22,21 @@ def real_documents() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def shards(tmp_path_factory, real_documents) -> str:
+    """Real text (news + Wikipedia) as GPT-2 token shards: 3 shards, ~780k tokens. Read-only: shared by
+    every module that trains."""
+    from data_pipeline.preprocess import preprocess
+    from data_pipeline.sample_text import write_jsonl
+
+    directory = tmp_path_factory.mktemp("shards")
+    corpus = write_jsonl(directory / "real.jsonl", real_documents)
+    prefix = str(directory / "real")
+    summary = preprocess([str(corpus)], prefix, "gpt2", workers=2, shard_size_tokens=300_000, show_progress=False)
+    assert len(summary["shards"]) == 3
+    return prefix
+
+
+@pytest.fixture(scope="session")
 def gpt2_tokenizer():
     from data_pipeline.tokenizers import load_tokenizer
 

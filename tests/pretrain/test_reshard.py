@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint import tag_for
-from tests.pretrain.test_trainer import metrics, shards, train  # noqa: F401 (shards: a fixture)
+from tests.pretrain.test_trainer import metrics, train
 
 GLOBAL_BATCH = 8  # configs/gpt2-tiny.yaml
 
@@ -25,7 +25,7 @@ def layout(tp: int, pp: int, dp: int) -> dict:
 SCHEDULE = ("schedule.warmup=2", "schedule.decay_end=8")
 
 
-def run_on(run_dir: Path, shards: str, tp: int, pp: int, dp: int, *settings: str):  # noqa: F811
+def run_on(run_dir: Path, shards: str, tp: int, pp: int, dp: int, *settings: str):
     chosen = layout(tp, pp, dp)
     return train(run_dir, shards, *chosen["settings"], *SCHEDULE, *settings, nproc=chosen["nproc"], timeout=900)
 
@@ -51,7 +51,7 @@ def manifest(run_dir: Path, step: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, shards):  # noqa: F811
+def straight(tmp_path_factory, shards):
     """7 uninterrupted steps on TP=2 PP=2 DP=2 (8 processes), a checkpoint at step 3."""
     run_dir = tmp_path_factory.mktemp("straight_2x2x2")
     result = run_on(run_dir, shards, 2, 2, 2, "train.max_steps=7", "checkpoint.interval=3", "checkpoint.keep_last=5")
@@ -70,7 +70,7 @@ def rewound(straight: Path, destination: Path, step: int) -> Path:
 
 
 @pytest.mark.slow
-def test_resume_on_new_layouts_continues_the_same_curve_and_data(straight, shards, tmp_path):  # noqa: F811
+def test_resume_on_new_layouts_continues_the_same_curve_and_data(straight, shards, tmp_path):
     run_dir = rewound(straight, tmp_path / "run", 3)
 
     first = run_on(run_dir, shards, 1, 1, 2, "train.max_steps=5", "checkpoint.interval=100")
@@ -96,7 +96,7 @@ def test_resume_on_new_layouts_continues_the_same_curve_and_data(straight, shard
     ((2, 2, 1), (1, 1, 2), ["train.precision=bf16"], 1e-4),   # bf16: DeepSpeed's BF16_Optimizer -> ZeRO-1
     ((1, 1, 2), (1, 1, 1), ["parallel.zero_stage=3"], 1e-6),  # ZeRO-3 partitions over 2 ranks -> 1
 ], ids=["bf16-2x2x1-to-1x1x2", "zero3-dp2-to-dp1"])
-def test_resume_on_another_layout_in_bf16_and_under_zero3(tmp_path, shards, source, target, settings,  # noqa: F811
+def test_resume_on_another_layout_in_bf16_and_under_zero3(tmp_path, shards, source, target, settings,
                                                           tolerance):
     straight_run = tmp_path / "straight"
     result = run_on(straight_run, shards, *source, "train.max_steps=5", "checkpoint.interval=2",
@@ -118,7 +118,7 @@ def test_resume_on_another_layout_in_bf16_and_under_zero3(tmp_path, shards, sour
     (["parallel.zero_stage=3"], "cannot convert optimizer state between ZeRO-3 and ZeRO-1/2"),
     (["parallel.zero_stage=0"], "ZeRO-0 checkpoints cannot be resharded"),
 ], ids=["global-batch", "zero-3", "zero-0"])
-def test_a_resume_that_cannot_continue_the_run_is_refused_naming_the_setting(straight, shards, tmp_path,  # noqa: F811
+def test_a_resume_that_cannot_continue_the_run_is_refused_naming_the_setting(straight, shards, tmp_path,
                                                                             settings, message):
     run_dir = rewound(straight, tmp_path / "run", 3)
     result = run_on(run_dir, shards, 1, 1, 1, "train.max_steps=5", *settings)

@@ -11,25 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.preprocess import preprocess
-from data_pipeline.sample_text import write_jsonl
 from pretrain.config import load_config
 from pretrain.schedule import lr_multiplier
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "gpt2-tiny.yaml")
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "consumed_samples"}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, real_documents) -> str:
-    """Real text (news + Wikipedia) as GPT-2 token shards: 3 shards, ~780k tokens."""
-    directory = tmp_path_factory.mktemp("shards")
-    corpus = write_jsonl(directory / "real.jsonl", real_documents)
-    prefix = str(directory / "real")
-    summary = preprocess([str(corpus)], prefix, "gpt2", workers=2, shard_size_tokens=300_000, show_progress=False)
-    assert len(summary["shards"]) == 3
-    return prefix
 
 
 def train(run_dir: Path, shards: str, *settings: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import CheckpointError, tag_for
-from tests.pretrain.test_trainer import shards, train  # noqa: F401 (shards: a fixture)
+from tests.pretrain.test_trainer import train
 
 STEPS = ("train.max_steps=2", "schedule.warmup=1", "train.precision=fp32")
 
@@ -26,7 +26,7 @@ def consolidated(run_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards):  # noqa: F811
+def reference(tmp_path_factory, shards):
     run_dir = tmp_path_factory.mktemp("one-process")
     result = train(run_dir, shards, *STEPS)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -34,11 +34,13 @@ def reference(tmp_path_factory, shards):  # noqa: F811
 
 
 @pytest.mark.slow
+# ZeRO-0's module weights, merged by our own rules, are covered bit for bit by the Hugging Face round trip
+# through a TP=2 x PP=2 checkpoint (tests/tools/test_convert_checkpoint.py); ZeRO-1 with PP and DP by the
+# resharding tests, which go through the same DeepSpeed merge.
 @pytest.mark.parametrize("nproc,settings,source", [
-    (2, ["parallel.tensor_parallel_size=2", "parallel.zero_stage=0"], "module weights"),
     (2, ["parallel.tensor_parallel_size=2", "parallel.zero_stage=3"], "fp32 master weights"),
-], ids=["tp2-zero0", "tp2-zero3"])
-def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(reference, shards, tmp_path, nproc,  # noqa: F811
+], ids=["tp2-zero3"])
+def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(reference, shards, tmp_path, nproc,
                                                                        settings, source):
     result = train(tmp_path, shards, *STEPS, *settings, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]

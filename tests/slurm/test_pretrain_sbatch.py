@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.slurm.jobs import job, wait_for, wait_until_done
-from tests.pretrain.test_trainer import TINY, metrics, shards, train  # noqa: F401 (shards: a fixture)
+from tests.pretrain.test_trainer import TINY, metrics, train
 
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
 STEPS = 12  # the DP=2 runs; the schedule depends on it, so every DP=2 run uses it
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 # ---- helpers ------------------------------------------------------------------------------
 
-def submit(workdir: Path, shards: str, *settings: str, nodes: int = 2, tasks_per_node: int = 1,  # noqa: F811
+def submit(workdir: Path, shards: str, *settings: str, nodes: int = 2, tasks_per_node: int = 1,
            options: tuple[str, ...] = ()) -> str:
     """sbatch slurm/pretrain.sbatch from `workdir` (its logs/ and run/ go there); returns the job id."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def rank_pid(job_id: str, rank: int) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards):  # noqa: F811
+def reference(tmp_path_factory, shards):
     """The uninterrupted DP=2 run, started with python -m pretrain.launch."""
     run_dir = tmp_path_factory.mktemp("reference")
     result = train(run_dir, shards, f"train.max_steps={STEPS}", nproc=2)
@@ -94,7 +94,7 @@ def reference(tmp_path_factory, shards):  # noqa: F811
 
 # ---- tests --------------------------------------------------------------------------------
 
-def test_tp2_pp2_dp2_on_two_nodes_trains_the_local_launch_curve(slurm_cluster, tmp_path, shards):  # noqa: F811
+def test_tp2_pp2_dp2_on_two_nodes_trains_the_local_launch_curve(slurm_cluster, tmp_path, shards):
     layout = ["parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2", "train.max_steps=4"]
     job_id = submit(tmp_path, shards, *layout, tasks_per_node=4)
     local = train(tmp_path / "local", shards, *layout, nproc=8)
@@ -112,7 +112,7 @@ def test_tp2_pp2_dp2_on_two_nodes_trains_the_local_launch_curve(slurm_cluster, t
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
 
-def test_scontrol_requeue_mid_run_saves_and_the_requeued_job_resumes(slurm_cluster, tmp_path, shards,  # noqa: F811
+def test_scontrol_requeue_mid_run_saves_and_the_requeued_job_resumes(slurm_cluster, tmp_path, shards,
                                                                       reference):
     job_id = submit(tmp_path, shards, f"train.max_steps={STEPS}", "checkpoint.interval=100")
     wait_for(lambda: steps_logged(tmp_path / "run") >= 3, "step 3", 300)
@@ -130,7 +130,7 @@ def test_scontrol_requeue_mid_run_saves_and_the_requeued_job_resumes(slurm_clust
     print(f"\nscontrol requeue -> ranks saved and exited in {saved_after:.1f} s (KillWait is 30 s)")
 
 
-def test_time_limit_signal_saves_requeues_and_resumes(slurm_cluster, tmp_path, shards, reference):  # noqa: F811
+def test_time_limit_signal_saves_requeues_and_resumes(slurm_cluster, tmp_path, shards, reference):
     """The time-limit warning mid-run: the run saves and the job requeues itself.
 
     Slurm delivers --signal=B:USR1@N by signalling the batch step, as `scancel --batch --signal=USR1`
@@ -151,7 +151,7 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm_cluster, tmp_path, s
     assert_same_curve(tmp_path / "run", reference)
 
 
-def test_a_rank_killed_mid_step_ends_the_job_naming_it_and_resubmitting_resumes(slurm_cluster, tmp_path,  # noqa: F811
+def test_a_rank_killed_mid_step_ends_the_job_naming_it_and_resubmitting_resumes(slurm_cluster, tmp_path,
                                                                                   shards, reference):
     settings = (f"train.max_steps={STEPS}", "checkpoint.interval=2")
     job_id = submit(tmp_path, shards, *settings)
@@ -178,7 +178,7 @@ def test_a_rank_killed_mid_step_ends_the_job_naming_it_and_resubmitting_resumes(
     print(f"\njob ended {ended_after:.1f} s after rank 1 was SIGKILLed; resumed from {latest}")
 
 
-def test_kill_switch_saves_and_stops_without_requeue_until_removed(slurm_cluster, tmp_path, shards,  # noqa: F811
+def test_kill_switch_saves_and_stops_without_requeue_until_removed(slurm_cluster, tmp_path, shards,
                                                                      reference):
     settings = (f"train.max_steps={STEPS}", "checkpoint.interval=100")
     job_id = submit(tmp_path, shards, *settings)
@@ -208,7 +208,7 @@ def test_kill_switch_saves_and_stops_without_requeue_until_removed(slurm_cluster
     (["data.prefixes=[/nonexistent/web]"], 1, "data.prefixes: neither /nonexistent/web.bin/.idx"),
     (["parallel.pipeline_parallel_size=4"], 3, "world size 6 is not a multiple of parallel.tensor_parallel_size x parallel.pipeline_parallel_size = 1 x 4"),
 ], ids=["heads-not-divisible", "missing-prefix", "world-not-divisible"])
-def test_impossible_config_fails_in_seconds_before_any_rank_starts(slurm_cluster, tmp_path, shards,  # noqa: F811
+def test_impossible_config_fails_in_seconds_before_any_rank_starts(slurm_cluster, tmp_path, shards,
                                                                   settings, tasks_per_node, message):
     began = time.monotonic()
     job_id = submit(tmp_path, shards, *settings, tasks_per_node=tasks_per_node)  # later settings win

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import run_tool
-from tests.pretrain.test_trainer import metrics, shards, train  # noqa: F401 (shards: a fixture)
+from tests.pretrain.test_trainer import metrics, train
 from tests.tools.conftest import TINY_HF
 
 TINY_SHAPE = [f"model.{key}={value}" for key, value in TINY_HF.items()]
@@ -47,7 +47,7 @@ def test_hf_to_a_tp2_pp2_checkpoint_and_back_gives_the_same_tensors(tiny_hf_mode
 
 @pytest.mark.slow
 def test_training_continues_from_the_converted_checkpoint_on_its_layout_and_on_one_process(
-        tp2_pp2_checkpoint, shards, tmp_path):  # noqa: F811
+        tp2_pp2_checkpoint, shards, tmp_path):
     """On its own layout DeepSpeed loads each rank's slices; on one process (another layout, at step 0)
     the trainer loads its weights. Both must train the same model: a slice cut wrongly on the way in
     would show here even if the way out undid it."""
@@ -90,7 +90,7 @@ def test_to_fp32_writes_one_file_of_full_weights(tiny_hf_model, tmp_path):
     (["--from", "hf", "--input", "{hf}", "--output", "{tmp}/out", "--tensor-parallel-size"], "expected one argument"),
 ], ids=["no-checkpoint", "missing-checkpoint", "not-a-checkpoint", "not-gpt2-activation", "heads-not-divisible",
         "output-exists", "hf-weights-missing-a-tensor", "argument-without-value"])
-def test_unusable_arguments_exit_2_with_one_line(tiny_hf_model, tmp_path, arguments, message):
+def test_unusable_arguments_exit_2_with_one_line(tiny_hf_model, tmp_path, capsys, arguments, message):
     from safetensors.torch import load_file, save_file
 
     relu, incomplete = tmp_path / "relu", tmp_path / "incomplete"
@@ -102,7 +102,19 @@ def test_unusable_arguments_exit_2_with_one_line(tiny_hf_model, tmp_path, argume
     del weights["transformer.h.1.mlp.c_fc.weight"]
     save_file(weights, incomplete / "model.safetensors", metadata={"format": "pt"})
     names = {"tmp": tmp_path, "relu": relu, "hf": tiny_hf_model, "incomplete": incomplete}
-    result = run_tool("convert_checkpoint.py", *[argument.format(**names) for argument in arguments])
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message.format(**names) in result.stderr
+    code, stderr = convert(capsys, *[argument.format(**names) for argument in arguments])
+    assert code == 2, stderr[-2000:]
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message.format(**names) in stderr
+
+
+def convert(capsys, *arguments: str) -> tuple[int, str]:
+    """tools/convert_checkpoint.py's main() in this process (the command line itself is run elsewhere)."""
+    from tools import convert_checkpoint
+
+    capsys.readouterr()
+    try:
+        code = convert_checkpoint.main(list(arguments))
+    except SystemExit as exit:  # argparse
+        code = exit.code
+    return code, capsys.readouterr().err
