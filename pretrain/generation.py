@@ -110,7 +110,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """-inf for all but the smallest set of most likely tokens whose probability reaches p, (B, V) -> (B, V).
 
     A token is kept when the tokens more likely than it sum to less than p, so the most
-    likely token is always kept (Hugging Face's TopPLogitsWarper keeps the same set).
+    likely token is always kept (Hugging Face's TopPLogitsWarper keeps the same set, up to the order
+    of tokens tied at the cut-off).
     """
     if p >= 1.0:
         return logits
