@@ -149,18 +149,24 @@ def build_datasets(config: Config, tokenizer: Tokenizer, blend: tuple[list[str],
     return train, (valid if valid_samples else None)
 
 
+def sample_range(step: int, layout: ParallelLayout, data_rank: int) -> range:
+    """The sample numbers data-parallel rank `data_rank` reads for global batch `step`."""
+    per_rank = layout.global_batch_size // layout.data_parallel_size
+    first = step * layout.global_batch_size + data_rank * per_rank
+    return range(first, first + per_rank)
+
+
 def micro_batches(dataset, step: int, layout: ParallelLayout, data_rank: int,
                   pin_memory: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This data-parallel rank's (tokens, labels) micro-batches of global batch `step`.
 
     With `pin_memory` (training on GPUs) they sit in page-locked host memory, so that
     copies to the GPU can be non-blocking and overlap the previous micro-batch's work."""
-    per_rank = layout.global_batch_size // layout.data_parallel_size
-    first = step * layout.global_batch_size + data_rank * per_rank
-    samples = [dataset[index] for index in range(first, first + per_rank)]
+    indices = sample_range(step, layout, data_rank)
+    samples = [dataset[index] for index in indices]
     tokens = torch.stack([sample["tokens"] for sample in samples])  # (per_rank, T)
     labels = torch.stack([sample["labels"] for sample in samples])
     if pin_memory:
         tokens, labels = tokens.pin_memory(), labels.pin_memory()
     size = layout.micro_batch_size
-    return [(tokens[i:i + size], labels[i:i + size]) for i in range(0, per_rank, size)]
+    return [(tokens[i:i + size], labels[i:i + size]) for i in range(0, len(indices), size)]

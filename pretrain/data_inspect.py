@@ -27,7 +27,7 @@ import numpy as np
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from pretrain.config import Config, ConfigError
-from pretrain.data import build_datasets, micro_batches, resolve_blend
+from pretrain.data import build_datasets, micro_batches, resolve_blend, sample_range
 from pretrain.parallel.layout import ParallelLayout
 
 SPLITS = ("train", "valid")
@@ -150,14 +150,9 @@ def samples_at_step(config: Config, step: int, data_rank: int = 0, world_size: i
             train, valid = build_datasets(private, tokenizer, blend, Path(scratch), layout.data_parallel_size)
         dataset = train if split == "train" else valid
         batches = micro_batches(dataset, step, layout, data_rank)
-        per_rank = layout.global_batch_size // layout.data_parallel_size
-        first = step * layout.global_batch_size + data_rank * per_rank  # as micro_batches counts
-        views, sample = [], first
-        for tokens, labels in batches:
-            views.append([])
-            for row_tokens, row_labels in zip(tokens.tolist(), labels.tolist()):
-                views[-1].append(_sequence_view(dataset, sample, row_tokens, row_labels, tokenizer.eod_id))
-                sample += 1
+        samples = iter(sample_range(step, layout, data_rank))  # the numbers micro_batches read, in order
+        views = [[_sequence_view(dataset, next(samples), row_tokens, row_labels, tokenizer.eod_id)
+                  for row_tokens, row_labels in zip(tokens.tolist(), labels.tolist())] for tokens, labels in batches]
     return StepView(split, step, data_rank, layout, views, tokenizer)
 
 
