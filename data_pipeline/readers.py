@@ -46,13 +46,18 @@ class InputError(Exception):
     """An input path that cannot be used at all (missing, unsupported format, undecodable)."""
 
 
-def is_format_error(error: BaseException) -> bool:
-    """An error that says the data is not in the format its suffix claims (rather than damaged in it)."""
+def is_format_error(error: BaseException, path: str) -> bool:
+    """An error that says the data is not in the format its suffix claims (rather than damaged in it).
+
+    A gzip member cut in its first bytes also reads as "Not a gzipped file": in a file that starts as
+    gzip, that is a file cut short, not a file of the wrong format."""
     from data_pipeline.warc import NotAnArchive
 
     message = str(error)
+    if isinstance(error, gzip.BadGzipFile) and "Not a gzipped file" in message:
+        with open(path, "rb") as raw:
+            return raw.read(2) != b"\x1f\x8b"
     return (isinstance(error, NotAnArchive) or type(error).__name__ == "ArchiveLoadFailed"
-            or (isinstance(error, gzip.BadGzipFile) and "Not a gzipped file" in message)
             or (isinstance(error, zstandard.ZstdError) and "Unknown frame descriptor" in message))
 
 
@@ -366,7 +371,7 @@ def _jsonl_chunks(path: str, file_index: int, start_record: int, chunk_bytes: in
         except (EOFError, OSError, zlib.error, zstandard.ZstdError) as error:
             problem = Skipped(path, record + 1, "truncated_stream",
                               f"truncated or corrupt {stream} stream ({error}); the rest of the file is lost")
-            refuse_undecodable(path, problem, record, is_format_error(error))
+            refuse_undecodable(path, problem, record, is_format_error(error, path))
             chunk.stream_errors.append(problem)
         if stream == "zstd" and lines.truncated:
             chunk.stream_errors.append(

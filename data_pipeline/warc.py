@@ -123,7 +123,7 @@ def warc_items(path: str, start_record: int = 0) -> Iterator[tuple[WarcItem | Wa
                 raise TruncatedArchive("the file ends inside a record's header")
         except Exception as error:  # noqa: BLE001 - any failure to parse damaged input is reported, not raised
             damage = WarcDamage(number, f"truncated or corrupt archive ({type(error).__name__}: {error}); "
-                                        "the rest of the file is lost", records_read, is_format_error(error))
+                                        "the rest of the file is lost", records_read, is_format_error(error, path))
         if damage is not None:
             yield damage, raw.tell()
 

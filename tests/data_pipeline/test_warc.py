@@ -140,6 +140,28 @@ def test_a_cut_or_corrupt_archive_reports_where_it_breaks_and_keeps_what_came_be
     assert 0 < len(records) < len(expected) and [s.reason for s, _ in skipped] == ["truncated_stream"]
 
 
+def test_an_archive_cut_in_the_first_bytes_of_a_gzip_member_is_counted_as_cut_not_refused(tmp_path, articles):
+    """One or two bytes of a member's header read as "Not a gzipped file"; after whole members that is a
+    file cut short (counted), not a file in the wrong format (refused). Every member boundary is tried."""
+    import zlib
+
+    whole = write_web_archive(tmp_path / "whole.warc.gz", [page(d) for d in articles[:3]])
+    data, boundaries = whole.read_bytes(), []
+    rest = data
+    while rest:
+        member = zlib.decompressobj(wbits=31)
+        member.decompress(rest)
+        rest = member.unused_data
+        boundaries.append(len(data) - len(rest))
+    assert len(boundaries) == 7  # warcinfo, then a request and a response per page
+    for boundary in boundaries[:-1]:
+        for extra in (1, 2):
+            damaged = tmp_path / "cut.warc.gz"
+            damaged.write_bytes(data[:boundary + extra])
+            records, _, skipped = all_records(damaged)
+            assert [(s.reason, s.line) for s, _ in skipped] == [("truncated_stream", len(records) + 1)]
+
+
 def test_http_transfer_and_content_encodings_are_undone_before_extraction(tmp_path, articles):
     """Crawlers that keep the raw HTTP body store chunked and gzipped pages; trailers after the last chunk
     are not damage."""
