@@ -164,6 +164,12 @@ class EvalSection:
     """Validation loss every this many steps; 0 disables."""
     iterations: int = 10
     """Global batches per validation."""
+    tasks: list = field(default_factory=list)
+    """Zero-shot task files scored with each validation (tools/evaluate.py's formats: lambada,
+    hellaswag, choice; jsonl), divided over the data-parallel ranks; the figures are logged under
+    "tasks" with the validation loss. Needs eval.interval > 0."""
+    task_max_examples: int = 0
+    """Score only the first this many examples of each task; 0 all of them."""
 
 
 @dataclass

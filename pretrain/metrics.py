@@ -31,6 +31,13 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _json_safe(value):
+    """NaN and inf are not JSON: a skipped step's loss (or an infinite perplexity) is written as null."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, console_interval: int, tensorboard: bool, enabled: bool):
         self.enabled, self.console_interval = enabled, console_interval
@@ -44,25 +51,43 @@ class MetricsWriter:
     def write(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        # NaN and inf are not JSON; a skipped step's loss is written as null.
-        metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+        metrics = _json_safe(metrics)
         self._jsonl.write(json.dumps(metrics) + "\n")
         self._jsonl.flush()
         step = metrics["step"]
         if self._board is not None:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._board.add_scalar(f"train/{key}" if not key.startswith("valid_") else f"valid/{key[6:]}",
-                                           value, step)
+            for tag, value in self.scalars(metrics):
+                self._board.add_scalar(tag, value, step)
         if "event" in metrics:
             return  # the trainer logs events itself
         if step % self.console_interval == 0 or "valid_loss" in metrics:
             log.info(self.console_line(metrics))
 
     @staticmethod
+    def scalars(metrics: dict) -> list[tuple[str, float]]:
+        """TensorBoard's (tag, value) pairs: train/*, valid/* and tasks/<task>/<figure>."""
+        pairs = []
+        for key, value in metrics.items():
+            if key == "tasks":
+                pairs += [(f"tasks/{name}/{figure}", number) for name, figures in value.items()
+                          for figure, number in figures.items() if isinstance(number, (int, float))]
+            elif key != "step" and isinstance(value, (int, float)):
+                pairs.append((f"valid/{key[6:]}" if key.startswith("valid_") else
+                              "valid/tasks_seconds" if key == "tasks_seconds" else f"train/{key}", value))
+        return pairs
+
+    @staticmethod
     def console_line(m: dict) -> str:
         if "valid_loss" in m:
-            return f"step {m['step']:>6} | valid loss {m['valid_loss']:.4f} | valid perplexity {m['valid_perplexity']:.2f}"
+            parts = [f"step {m['step']:>6}", f"valid loss {m['valid_loss']:.4f}",
+                     f"valid perplexity {m['valid_perplexity']:.2f}"]
+            for name, figures in m.get("tasks", {}).items():
+                shown = [f"{figure} {figures[figure]:.4f}" for figure in ("acc", "acc_norm", "perplexity")
+                         if figures.get(figure) is not None]
+                parts.append(f"{name} ({figures['examples']} examples): {', '.join(shown)}")
+            if "tasks_seconds" in m:
+                parts.append(f"tasks took {m['tasks_seconds']:.1f} s")
+            return " | ".join(parts)
         loss = "skipped (non-finite)" if m["loss"] is None else f"{m['loss']:.4f}"
         parts = [f"step {m['step']:>6}", f"loss {loss}", f"lr {m['lr']:.3e}",
                  f"grad norm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "grad norm -",

@@ -27,6 +27,7 @@ from pretrain import stop_signals
 from pretrain.checkpoint import CheckpointError, CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_datasets, micro_batches, resolve_blend
+from pretrain.evaluation import EvaluationError
 from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.presets import flops_per_token, parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
@@ -58,6 +59,7 @@ from pretrain.parallel.reshard import (
     repair_after_universal_load,
 )
 from pretrain.schedule import lr_multiplier
+from pretrain.training_tasks import EngineScorer, TrainingTask, evaluate_tasks, read_training_tasks
 from pretrain.weights import load_into
 
 log = logging.getLogger("pretrain")
@@ -101,6 +103,7 @@ class RunPlan:
     layout: ParallelLayout
     tokenizer: Tokenizer
     blend: tuple[list[str], list[float]]
+    tasks: list[TrainingTask]
 
 
 def plan_run(config: Config, world_size: int) -> RunPlan:
@@ -135,9 +138,23 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
     if config.model.init_from and not Path(config.model.init_from).exists():
         raise ConfigError(f"model.init_from={config.model.init_from} does not exist; give a Hugging Face GPT-2 "
                           "directory, a checkpoint of ours or a consolidated weights file")
+    tasks = plan_tasks(config, tokenizer)
     if config.train.max_steps == 0 and not config.data.prefixes:  # saves the initial state only: no data needed
-        return RunPlan(model_config, layout, tokenizer, ([], []))
-    return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer))
+        return RunPlan(model_config, layout, tokenizer, ([], []), tasks)
+    return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer), tasks)
+
+
+def plan_tasks(config: Config, tokenizer: Tokenizer) -> list[TrainingTask]:
+    """eval.tasks read and tokenized, or the ConfigError that names the file (and line)."""
+    section = config.eval
+    if section.tasks and section.interval <= 0:
+        raise ConfigError("eval.tasks are scored every eval.interval steps; set eval.interval > 0")
+    if section.task_max_examples < 0:
+        raise ConfigError(f"eval.task_max_examples={section.task_max_examples} must be at least 0 (0: all)")
+    try:
+        return read_training_tasks(section.tasks, tokenizer, section.task_max_examples)
+    except EvaluationError as error:
+        raise ConfigError(f"eval.tasks: {error}") from None
 
 
 def host_name() -> str:
@@ -180,6 +197,7 @@ class Trainer:
         self.rank = dist.get_rank()
         plan = plan_run(config, dist.get_world_size())
         self.model_config, self.layout, self.tokenizer, self.blend = plan.model_config, plan.layout, plan.tokenizer, plan.blend
+        self.tasks = plan.tasks
         self._log_start(device)
         topology = initialize_model_parallel(self.layout, config.train.distributed_timeout_minutes)
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
@@ -468,11 +486,19 @@ class Trainer:
         }
 
     def evaluate(self) -> dict:
-        """Validation loss and perplexity over the first eval.iterations global batches of the valid split."""
+        """Validation loss and perplexity over the first eval.iterations global batches of the valid split,
+        and the figures of the eval.tasks."""
         losses = [evaluate_loss(self.engine, micro_batches(self.valid_data, batch, self.layout, self.data_rank))
                   for batch in range(self.config.eval.iterations)]
         loss = sum(losses) / len(losses)
-        return {"step": self.step, "valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0))}
+        figures = {"step": self.step, "valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0))}
+        if self.tasks:
+            began = time.perf_counter()
+            scorer = EngineScorer(self.engine, self.layout.micro_batch_size, self.layout.gradient_accumulation_steps,
+                                  self.model_config.n_positions, collective_device())
+            figures["tasks"] = evaluate_tasks(self.tasks, scorer, self.model_config.n_positions)
+            figures["tasks_seconds"] = time.perf_counter() - began
+        return figures
 
     def run(self) -> str:
         """Train to train.max_steps or until a stop reason (signal, kill switch, time budget),

@@ -42,7 +42,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.model.loss import head_loss
+from pretrain.model.loss import head_loss, head_scores
 
 
 @dataclass
@@ -268,8 +268,9 @@ class GPT2(nn.Module):
         return self.tied_modules[TIED_EMBEDDING]
 
     def forward(self, token_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V / tp), or the loss with `labels`. With a `cache`, `token_ids` (B, T) are the
+                cache: KVCache | None = None, scores: bool = False) -> torch.Tensor:
+        """Logits (B, T, V / tp), or the loss with `labels`, or with `scores` too each sequence's
+        log-likelihood of its labels (head_scores). With a `cache`, `token_ids` (B, T) are the
         tokens after the `cache.length` cached ones: their positions follow them, their attention also
         sees them, and the cache keeps their keys and values."""
         start = 0 if cache is None else cache.make_room(token_ids.shape[1])
@@ -282,6 +283,8 @@ class GPT2(nn.Module):
             cache.length = start + token_ids.shape[1]
         if labels is None:
             return lm_head(self.embedding, x)  # (B, T, V / tp)
+        if scores:
+            return head_scores(x, self.embedding, labels)  # (B, 2)
         return head_loss(x, self.embedding, labels)  # the head and the loss in chunks (pretrain/model/loss.py)
 
 

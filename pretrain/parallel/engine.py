@@ -128,3 +128,36 @@ def evaluate_loss(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
     engine.train()
     dist.all_reduce(total, group=engine.mpu.get_data_parallel_group())
     return (total / engine.mpu.get_data_parallel_world_size()).item()
+
+
+def score_batches(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """head_scores of every sequence of these micro-batches (labels IGNORE where nothing is scored):
+    (micro-batches x micro_batch_size, 2) on every rank of this model replica. Nothing is updated.
+
+    Every data-parallel rank must call this equally often with as many micro-batches (ZeRO-3
+    gathers parameters over them in each forward; the pipeline engine starts with a barrier)."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from megatron.core import parallel_state
+
+    if not isinstance(engine, PipelineEngine):
+        engine.eval()
+        with torch.no_grad():
+            scores = torch.cat([engine(token_ids.to(engine.device), labels.to(engine.device), scores=True)
+                                for token_ids, labels in micro_batches])
+        engine.train()
+        return scores
+    from pretrain.parallel.pipeline import pipeline_loss, pipeline_scores
+
+    # The last stage's outputs become the scores, one tensor per micro-batch. The engine also adds each
+    # to its running training loss, a scalar: that starts afresh with the next train_batch.
+    engine.module.loss_fn, training_loss, engine.total_loss = pipeline_scores, engine.total_loss, None
+    try:
+        outputs = engine.eval_batch(iter(micro_batches), reduce_output=None, bcast_loss=False,
+                                    num_micro_batches=len(micro_batches))
+    finally:
+        engine.module.loss_fn, engine.total_loss = pipeline_loss, training_loss
+    rows = len(micro_batches) * micro_batches[0][0].shape[0]
+    scores = torch.cat(outputs).float() if engine.is_last_stage() else torch.empty(rows, 2, device=engine.device)
+    dist.broadcast(scores, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return scores

@@ -22,7 +22,7 @@ from pretrain.model.gpt2 import (
     WordEmbedding,
     layer_classes,
 )
-from pretrain.model.loss import head_loss
+from pretrain.model.loss import head_loss, head_scores
 
 
 def _column_parallel_linear(inputs: int, outputs: int, tensor_parallel_size: int) -> int:
@@ -81,6 +81,12 @@ def head_inputs(embedding: WordEmbedding, x):
 def pipeline_loss(outputs: tuple, labels):
     x, embedding = outputs
     return head_loss(x, embedding, labels)
+
+
+def pipeline_scores(outputs: tuple, labels):
+    """The loss function while zero-shot tasks are scored (pretrain/parallel/engine.py score_batches)."""
+    x, embedding = outputs
+    return head_scores(x, embedding, labels)
 
 
 @functools.cache

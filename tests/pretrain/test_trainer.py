@@ -31,10 +31,48 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# Texts whose last word even a model trained for 4 steps predicts greedily (some of them): lambada's
+# accuracy is then neither 0 nor 1, so the greedy test under every layout counts.
+FREQUENT_WORDS = ["the the the the the the the the the the", "In the middle of the city the", "He said that the",
+                  ", , , , , , , ,", "and the and the and the and the", "of the of the of the of the"]
+
+
 @pytest.fixture(scope="module")
-def single_process_run(tmp_path_factory, shards):
+def task_files(tmp_path_factory, real_documents) -> list[str]:
+    """A lambada and a plain multiple-choice task from real text (one context longer than the window)."""
+    from data_pipeline.sample_text import write_jsonl
+
+    directory = tmp_path_factory.mktemp("tasks")
+    words = [document["text"].split() for document in real_documents]
+    lambada = [" ".join(words[i][:12 + i % 7]) for i in range(10, 20)] + FREQUENT_WORDS
+    choices = [{"context": " ".join(words[40 + e][:15]), "label": e % 4,
+                "choices": [" ".join(words[60 + e + 7 * c][20:20 + n]) for c, n in enumerate((2, 5, 9, 14))]}
+               for e in range(8)]
+    choices.append({"context": " ".join(words[48]), "choices": ["a b", "the end of it"], "label": 1})
+    write_jsonl(directory / "lambada.jsonl", [{"text": text} for text in lambada])
+    write_jsonl(directory / "choice.jsonl", choices)
+    return [str(directory / "lambada.jsonl"), str(directory / "choice.jsonl")]
+
+
+def with_tasks(task_files: list[str]) -> str:
+    return f"eval.tasks=[{','.join(task_files)}]"
+
+
+def assert_task_figures_equal(ours: dict, expected: dict, rel: float = 1e-5) -> None:
+    """{task: {figure: value}}: the same tasks and figures, numbers within `rel`."""
+    assert ours.keys() == expected.keys()
+    for task, figures in expected.items():
+        assert ours[task].keys() == figures.keys(), task
+        for figure, value in figures.items():
+            assert ours[task][figure] == (value if isinstance(value, str) or value is None
+                                          else pytest.approx(value, rel=rel)), (task, figure)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, shards, task_files):
     run_dir = tmp_path_factory.mktemp("single")
-    result = train(run_dir, shards, "train.max_steps=4", "eval.interval=2", "eval.iterations=1", "logging.interval=1")
+    result = train(run_dir, shards, "train.max_steps=4", "eval.interval=2", "eval.iterations=1", "logging.interval=1",
+                   with_tasks(task_files))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
@@ -51,10 +89,38 @@ def test_single_process_run_logs_every_form(single_process_run):
     valid = [row for row in rows if "valid_loss" in row]
     assert [row["step"] for row in valid] == [2, 4]
     assert valid[0]["valid_perplexity"] == pytest.approx(math.exp(valid[0]["valid_loss"]))
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert [sorted(row["tasks"]) for row in valid] == [["choice", "lambada"]] * 2
     saved = load_config(run_dir / "config.yaml")
     assert saved.run.dir == str(run_dir) and saved.train.max_steps == 4
     assert "step      4 | loss" in result.stderr and "tok/s" in result.stderr
+    assert f"lambada ({10 + len(FREQUENT_WORDS)} examples): acc " in result.stderr
+    assert "choice (9 examples): acc " in result.stderr and ", acc_norm " in result.stderr
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_training_validation_and_task_curves(single_process_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events] = (single_process_run[0] / "tensorboard").glob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/lr", "valid/loss", "valid/perplexity", "tasks/lambada/acc",
+            "tasks/lambada/perplexity", "tasks/choice/acc_norm", "valid/tasks_seconds"} <= set(tags)
+    assert [event.step for event in EventAccumulator(str(events)).Reload().Scalars("tasks/choice/acc")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_tasks_scored_in_training_equal_tools_evaluate_on_the_checkpoint(single_process_run, task_files):
+    """The trainer's scoring (padded training-shape batches, the chunked head) against the tool's (logits
+    of the consolidated model) on the same weights: the step-4 checkpoint."""
+    from tests.conftest import run_tool
+
+    run_dir, _ = single_process_run
+    result = run_tool("evaluate.py", "--checkpoint", str(run_dir), "--task", *task_files, "--json", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = json.loads(result.stdout.strip().splitlines()[-1])["tasks"]
+    [trained] = [row["tasks"] for row in metrics(run_dir) if row["step"] == 4 and "tasks" in row]
+    assert_task_figures_equal(trained, {Path(path).name.removesuffix(".jsonl"): expected[path] for path in task_files})
+    assert 0 < trained["lambada"]["acc"] < 1 and 0 < trained["choice"]["acc"] < 1
 
 
 @pytest.mark.slow
@@ -62,13 +128,20 @@ def test_single_process_run_logs_every_form(single_process_run):
     (8, ["parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2", "parallel.zero_stage=1"]),
     (2, ["parallel.zero_stage=3"]),
 ], ids=["tp2pp2dp2-zero1", "dp2-zero3"])
-def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run, nproc, settings):
-    """Same seed and data, another layout: the same global batches, so the same losses (fp32)."""
-    result = train(tmp_path, shards, "train.max_steps=4", *settings, nproc=nproc)
+def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run, task_files, nproc, settings):
+    """Same seed and data, another layout: the same global batches, so the same losses (fp32), and the
+    same validation loss and task figures (the examples divided over data-parallel ranks, scored with
+    the vocabulary split over tensor-parallel ranks, through the pipeline, under ZeRO-3)."""
+    result = train(tmp_path, shards, "train.max_steps=4", "eval.interval=4", "eval.iterations=1",
+                   with_tasks(task_files), *settings, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
-    reference = [row["loss"] for row in metrics(single_process_run[0]) if "loss" in row]
-    losses = [row["loss"] for row in metrics(tmp_path)]
-    assert losses == pytest.approx(reference, rel=1e-5)
+    reference, rows = metrics(single_process_run[0]), metrics(tmp_path)
+    assert [row["loss"] for row in rows if "loss" in row] == pytest.approx(
+        [row["loss"] for row in reference if "loss" in row], rel=1e-5)
+    [expected] = [row for row in reference if row["step"] == 4 and "valid_loss" in row]
+    [validation] = [row for row in rows if "valid_loss" in row]
+    assert validation["valid_loss"] == pytest.approx(expected["valid_loss"], rel=1e-5)
+    assert_task_figures_equal(validation["tasks"], expected["tasks"])
 
 
 @pytest.mark.slow
@@ -106,6 +179,31 @@ def test_impossible_settings_stop_at_start_up_naming_the_setting(tmp_path, shard
     result = train(tmp_path, shards, *settings, nproc=nproc, timeout=300)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(tmp_path, shards, task_files):
+    from pretrain.config import ConfigError
+    from pretrain.trainer import plan_run
+
+    bad = tmp_path / "hellaswag.jsonl"
+    bad.write_text('{"context": "A man", "choices": ["runs", "sits"], "label": 0}\n{"context": "A dog", "label": 1}\n')
+    copy = tmp_path / "lambada.jsonl.gz"
+    copy.write_bytes(__import__("gzip").compress(Path(task_files[0]).read_bytes()))
+    cases = [
+        (["eval.interval=0", with_tasks(task_files)], "eval.tasks are scored every eval.interval steps; set eval.interval > 0"),
+        (["eval.tasks=[/nonexistent/hellaswag.jsonl]"], "eval.tasks: task file not found: /nonexistent/hellaswag.jsonl"),
+        ([with_tasks([str(bad)])], f"eval.tasks: {bad}:2: "),
+        ([with_tasks([task_files[0], str(copy)])], f"eval.tasks: {task_files[0]} and {copy} would both be logged as "
+                                                   "'lambada'"),
+        (["eval.task_max_examples=-1", with_tasks(task_files)], "eval.task_max_examples=-1 must be at least 0"),
+    ]
+    for settings, message in cases:
+        config = load_config(TINY, [f"data.prefixes=[{shards}]", "eval.interval=5", *settings])
+        with pytest.raises(ConfigError) as refused:
+            plan_run(config, world_size=1)
+        assert str(refused.value).startswith(message), (settings, str(refused.value))
+    config = load_config(TINY, [f"data.prefixes=[{shards}]", "eval.task_max_examples=3", with_tasks(task_files)])
+    assert [len(task.task.examples) for task in plan_run(config, world_size=1).tasks] == [3, 3]
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
