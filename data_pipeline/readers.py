@@ -55,8 +55,11 @@ def is_format_error(error: BaseException, path: str) -> bool:
 
     message = str(error)
     if isinstance(error, gzip.BadGzipFile) and "Not a gzipped file" in message:
-        with open(path, "rb") as raw:
-            return raw.read(2) != b"\x1f\x8b"
+        try:
+            with open(path, "rb") as raw:
+                return raw.read(2) != b"\x1f\x8b"
+        except OSError:  # gone meanwhile: report the damage as it was found
+            return False
     return (isinstance(error, NotAnArchive) or type(error).__name__ == "ArchiveLoadFailed"
             or (isinstance(error, zstandard.ZstdError) and "Unknown frame descriptor" in message))
 

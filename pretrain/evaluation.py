@@ -484,6 +484,13 @@ def score_task(task: EncodedTask, loglikelihood: LogLikelihood, window: int, par
     return sums
 
 
+def check_fits(task: EncodedTask, window: int) -> None:
+    """The error (file:line) of the first continuation longer than the window, before any scoring."""
+    for example in task.examples:
+        for continuation in example.continuations:
+            _fitted(task.path, example, continuation, window)
+
+
 def _fitted(path: str, example: EncodedExample, continuation: list[int], window: int) -> Request:
     try:
         return fit_to_window(example.context, continuation, window)

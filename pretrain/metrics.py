@@ -38,6 +38,11 @@ def _json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _figure(name: str, value: float | None, form: str) -> str:
+    """"name value", or "name -" for a figure that is not a finite number (written as null)."""
+    return f"{name} {'-' if value is None else format(value, form)}"
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, console_interval: int, tensorboard: bool, enabled: bool):
         self.enabled, self.console_interval = enabled, console_interval
@@ -79,11 +84,11 @@ class MetricsWriter:
     @staticmethod
     def console_line(m: dict) -> str:
         if "valid_loss" in m:
-            parts = [f"step {m['step']:>6}", f"valid loss {m['valid_loss']:.4f}",
-                     f"valid perplexity {m['valid_perplexity']:.2f}"]
+            parts = [f"step {m['step']:>6}", _figure("valid loss", m["valid_loss"], ".4f"),
+                     _figure("valid perplexity", m["valid_perplexity"], ".2f")]
             for name, figures in m.get("tasks", {}).items():
-                shown = [f"{figure} {figures[figure]:.4f}" for figure in ("acc", "acc_norm", "perplexity")
-                         if figures.get(figure) is not None]
+                shown = [_figure(figure, figures[figure], ".4f") for figure in ("acc", "acc_norm", "perplexity")
+                         if figure in figures]
                 parts.append(f"{name} ({figures['examples']} examples): {', '.join(shown)}")
             if "tasks_seconds" in m:
                 parts.append(f"tasks took {m['tasks_seconds']:.1f} s")

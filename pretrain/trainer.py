@@ -138,21 +138,24 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
     if config.model.init_from and not Path(config.model.init_from).exists():
         raise ConfigError(f"model.init_from={config.model.init_from} does not exist; give a Hugging Face GPT-2 "
                           "directory, a checkpoint of ours or a consolidated weights file")
-    tasks = plan_tasks(config, tokenizer)
+    tasks = plan_tasks(config, tokenizer, model_config.n_positions)
     if config.train.max_steps == 0 and not config.data.prefixes:  # saves the initial state only: no data needed
         return RunPlan(model_config, layout, tokenizer, ([], []), tasks)
     return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer), tasks)
 
 
-def plan_tasks(config: Config, tokenizer: Tokenizer) -> list[TrainingTask]:
+def plan_tasks(config: Config, tokenizer: Tokenizer, window: int) -> list[TrainingTask]:
     """eval.tasks read and tokenized, or the ConfigError that names the file (and line)."""
     section = config.eval
     if section.tasks and section.interval <= 0:
         raise ConfigError("eval.tasks are scored every eval.interval steps; set eval.interval > 0")
+    if section.interval > 0 and section.iterations < 1:
+        raise ConfigError(f"eval.iterations={section.iterations}: validation needs at least one global batch "
+                          "(or set eval.interval=0 to turn validation off)")
     if section.task_max_examples < 0:
         raise ConfigError(f"eval.task_max_examples={section.task_max_examples} must be at least 0 (0: all)")
     try:
-        return read_training_tasks(section.tasks, tokenizer, section.task_max_examples)
+        return read_training_tasks(section.tasks, tokenizer, section.task_max_examples, window)
     except EvaluationError as error:
         raise ConfigError(f"eval.tasks: {error}") from None
 
@@ -495,7 +498,8 @@ class Trainer:
         if self.tasks:
             began = time.perf_counter()
             scorer = EngineScorer(self.engine, self.layout.micro_batch_size, self.layout.gradient_accumulation_steps,
-                                  self.model_config.n_positions, collective_device())
+                                  self.model_config.n_positions, collective_device(),
+                                  fixed_length=self.layout.pipeline_parallel_size > 1 or self.config.train.compile)
             figures["tasks"] = evaluate_tasks(self.tasks, scorer, self.model_config.n_positions)
             figures["tasks_seconds"] = time.perf_counter() - began
         return figures

@@ -3,10 +3,9 @@ steps, on the engine as it is (any tensor, pipeline and data-parallel layout, an
 with the definitions of tools/evaluate.py (pretrain/evaluation.py).
 
 The examples are divided over data-parallel ranks (`score_task`'s parts); each model replica
-scores its share through `EngineScorer`, a LogLikelihood whose forward passes are the training
-shape, (micro_batch_size, n_positions) with unscored positions labelled IGNORE, so that the
-pipeline's activation buffers and compiled blocks see nothing new. The replicas' `Sums` are
-all-reduced, so every rank ends with the whole task's figures.
+scores its share through `EngineScorer`, a LogLikelihood whose forward passes are micro-batches
+of the training's micro_batch_size, with unscored positions labelled IGNORE. The replicas' `Sums`
+are all-reduced, so every rank ends with the whole task's figures.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.evaluation import EncodedTask, EvaluationError, Request, Sums, check_request, encode_task, \
-    read_task, score_task
+from pretrain.evaluation import EncodedTask, EvaluationError, Request, Sums, check_fits, check_request, \
+    encode_task, read_task, score_task
 from pretrain.model.loss import IGNORE
 
 TASK_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".gz", ".zst")
@@ -36,9 +35,9 @@ def task_name(path: str) -> str:
     return next((name[:-len(suffix)] for suffix in TASK_SUFFIXES if name.endswith(suffix)), name)
 
 
-def read_training_tasks(paths: list[str], tokenizer, max_examples: int) -> list[TrainingTask]:
-    """The task files of eval.tasks, read and tokenized once; a bad file raises EvaluationError naming
-    it (and its line), before training starts."""
+def read_training_tasks(paths: list[str], tokenizer, max_examples: int, window: int) -> list[TrainingTask]:
+    """The task files of eval.tasks, read and tokenized once; a bad file, or a continuation longer
+    than the window, raises EvaluationError naming it (and its line), before training starts."""
     tasks, names = [], {}
     for path in paths:
         name = task_name(str(path))
@@ -46,27 +45,33 @@ def read_training_tasks(paths: list[str], tokenizer, max_examples: int) -> list[
             raise EvaluationError(f"{names[name]} and {path} would both be logged as {name!r}; "
                                   "rename one of them")
         names[name] = path
-        tasks.append(TrainingTask(name, encode_task(read_task(str(path), limit=max_examples or None), tokenizer)))
+        task = encode_task(read_task(str(path), limit=max_examples or None), tokenizer)
+        check_fits(task, window)
+        tasks.append(TrainingTask(name, task))
     return tasks
 
 
-def request_row(request: Request, window: int) -> tuple[list[int], list[int]]:
-    """(token ids, labels), `window` long: the model reads context + continuation[:-1] and is scored
-    on the continuation, at the positions that predict it; padding is token 0, labelled IGNORE."""
+def fill_row(ids: torch.Tensor, labels: torch.Tensor, request: Request) -> None:
+    """One request into a row of token ids and labels (IGNORE already): the model reads context +
+    continuation[:-1] and is scored on the continuation, at the positions that predict it."""
     context, continuation = request
-    ids = list(context) + list(continuation[:-1])
-    labels = [IGNORE] * (len(context) - 1) + list(continuation)
-    padding = window - len(ids)
-    return ids + [0] * padding, labels + [IGNORE] * padding
+    tokens = list(context) + list(continuation[:-1])
+    ids[:len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    labels[len(context) - 1:len(tokens)] = torch.tensor(continuation, dtype=torch.long)
 
 
 class EngineScorer:
     """A LogLikelihood on a training engine. Every data-parallel rank must call it once per task,
-    even with no requests: the replicas run equally many forward passes, the short ones padded."""
+    even with no requests: the replicas run equally many forward passes, the short ones padded.
 
-    def __init__(self, engine, micro_batch_size: int, micro_batches_per_call: int, window: int, device):
+    Requests go longest first, `micro_batches_per_call` micro-batches per engine call. Rows are
+    `window` long where the shape must not change (`fixed_length`: a pipeline's activation buffers,
+    compiled blocks), else as long as the call's longest request, rounded up to a multiple of 64."""
+
+    def __init__(self, engine, micro_batch_size: int, micro_batches_per_call: int, window: int, device,
+                 fixed_length: bool):
         self.engine, self.micro_batch_size, self.window = engine, micro_batch_size, window
-        self.per_call, self.device = micro_batches_per_call, device
+        self.per_call, self.device, self.fixed_length = micro_batches_per_call, device, fixed_length
         self.calls = 0
 
     def __call__(self, requests: list[Request]) -> list[tuple[float, bool]]:
@@ -77,18 +82,25 @@ class EngineScorer:
         self.calls += 1
         for context, continuation in requests:
             check_request(context, continuation, self.window)
-        rows = [request_row(request, self.window) for request in requests]
-        count = torch.tensor([-(-len(rows) // self.micro_batch_size)], device=self.device)
+        lengths = [len(context) + len(continuation) - 1 for context, continuation in requests]
+        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
+        count = torch.tensor([-(-len(requests) // self.micro_batch_size)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
-        empty = ([0] * self.window, [IGNORE] * self.window)
-        rows += [empty] * (int(count) * self.micro_batch_size - len(rows))
-        ids = torch.tensor([row[0] for row in rows], dtype=torch.long).view(-1, self.micro_batch_size, self.window)
-        labels = torch.tensor([row[1] for row in rows], dtype=torch.long).view(ids.shape)
-        scores = [score_batches(self.engine, list(zip(ids[start:start + self.per_call],
-                                                      labels[start:start + self.per_call])))
-                  for start in range(0, len(ids), self.per_call)]
-        scores = torch.cat(scores)[:len(requests)].tolist() if scores else []
-        return [(logprob, missed == 0) for logprob, missed in scores]
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for first in range(0, int(count), self.per_call):
+            batches = min(self.per_call, int(count) - first)
+            chosen = order[first * self.micro_batch_size:(first + batches) * self.micro_batch_size]
+            longest = max((lengths[i] for i in chosen), default=1)
+            length = self.window if self.fixed_length else min(self.window, -(-longest // 64) * 64)
+            ids = torch.zeros(batches * self.micro_batch_size, length, dtype=torch.long)
+            labels = torch.full_like(ids, IGNORE)
+            for row, index in enumerate(chosen):
+                fill_row(ids[row], labels[row], requests[index])
+            shape = (batches, self.micro_batch_size, length)
+            scores = score_batches(self.engine, list(zip(ids.view(shape), labels.view(shape)))).tolist()
+            for row, index in enumerate(chosen):
+                results[index] = (scores[row][0], scores[row][1] == 0)
+        return results
 
 
 def evaluate_tasks(tasks: list[TrainingTask], scorer: EngineScorer, window: int) -> dict[str, dict]:

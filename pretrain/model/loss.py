@@ -37,15 +37,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, padding_start: int, chunk_tokens: int, wants_grad: bool):
         from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as ops
+        from megatron.core.tensor_parallel.utils import VocabUtility
 
+        group, rank, world = _tensor_parallel()
+        vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, world)
         tokens = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad else None
         for start in range(0, tokens, chunk_tokens):
             chunk, target = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
-            target_mask, target_1d, predicted, sum_exp, exp_logits = _chunk_logits(chunk, weight, target,
-                                                                                   padding_start)
+            logits = chunk @ weight.t()  # (n, V / tp) in the model's dtype, as F.linear gives
+            logits[:, padding_start:] = float("-inf")  # vocabulary padding takes no part
+            logits, logits_max = ops.calculate_logits_max(logits)  # fp32 from here on
+            _all_reduce(logits_max, dist.ReduceOp.MAX, group, world)
+            target_mask, target_1d, predicted, sum_exp, exp_logits = ops.calculate_predicted_logits(
+                logits, target, logits_max, vocab_start, vocab_end)
+            _all_reduce(predicted, dist.ReduceOp.SUM, group, world)
+            _all_reduce(sum_exp, dist.ReduceOp.SUM, group, world)
             softmax, loss = ops.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
             total += loss.sum()
             if wants_grad:  # d(sum of losses)/d(logits) = softmax - one_hot; the 1 / tokens comes in backward
@@ -58,7 +67,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight  # (n, C)
                 grad_weight.add_(grad_logits.t() @ chunk)  # (V / tp, C), summed in fp32
                 del grad_2d, grad_logits
-            del exp_logits, softmax  # (the logits, in place) before the next chunk's exist: one chunk at a time
+            del logits, exp_logits, softmax  # before the next chunk's logits exist: one chunk at a time
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype, ctx.tokens = weight.dtype, tokens
         return total / tokens
@@ -69,27 +78,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
         scale = grad_output.float() / ctx.tokens  # the mean, and any loss scale or 1 / accumulation steps
         return ((grad_hidden.float() * scale).to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
                 None, None, None, None)
-
-
-def _chunk_logits(chunk: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, padding_start: int) -> tuple:
-    """megatron-core's cross-entropy operands for one chunk of hidden states (n, C), the
-    all-reduces over tensor-parallel ranks done: (target_mask, target_1d, predicted, sum_exp,
-    exp_logits), where predicted is each target's logit minus the row's maximum over the whole
-    vocabulary (0 where the target is the argmax) and sum_exp the softmax's denominator."""
-    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as ops
-    from megatron.core.tensor_parallel.utils import VocabUtility
-
-    group, rank, world = _tensor_parallel()
-    vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, world)
-    logits = chunk @ weight.t()  # (n, V / tp) in the model's dtype, as F.linear gives
-    logits[:, padding_start:] = float("-inf")  # vocabulary padding takes no part
-    logits, logits_max = ops.calculate_logits_max(logits)  # fp32 from here on
-    _all_reduce(logits_max, dist.ReduceOp.MAX, group, world)
-    target_mask, target_1d, predicted, sum_exp, exp_logits = ops.calculate_predicted_logits(
-        logits, target, logits_max, vocab_start, vocab_end)
-    _all_reduce(predicted, dist.ReduceOp.SUM, group, world)
-    _all_reduce(sum_exp, dist.ReduceOp.SUM, group, world)
-    return target_mask, target_1d, predicted, sum_exp, exp_logits
 
 
 def _all_reduce(tensor: torch.Tensor, op, group, world: int) -> None:
@@ -122,22 +110,37 @@ IGNORE = -1
 @torch.no_grad()
 def head_scores(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
     """Per sequence of hidden states x (B, T, C), over the positions whose label is not IGNORE:
-    (B, 2) fp32 of [sum of log p(label), number of positions where the label is not the argmax].
+    (B, 2) fp64 of [sum of log p(label), positions where the label is not the argmax].
 
-    The log-likelihood scoring of zero-shot tasks (pretrain/evaluation.py) with the vocabulary split
-    over tensor-parallel ranks: the same chunked arithmetic as head_loss, so every rank gets the
-    whole figures. A target tied with the maximum counts as the argmax."""
-    weight = embedding.word.weight
+    The log-likelihood scoring of zero-shot tasks (pretrain/evaluation.py's ModelScorer) with the
+    vocabulary split over tensor-parallel ranks; every rank gets the whole figures. The logits are
+    fp32 whatever the model's dtype (bf16 logits tie often), and the argmax is the first index of
+    the maximum, as torch's and the harness's; a NaN logit is never the argmax."""
+    group, rank, world = _tensor_parallel()
+    weight = embedding.word.weight.float()  # (V / tp, C); this rank's slice starts at vocab_start
+    vocab_start = rank * weight.shape[0]
     hidden, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
     chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    logprob = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    logprob = torch.empty(hidden.shape[0], dtype=torch.float64, device=hidden.device)
     missed = torch.empty_like(logprob)
     for start in range(0, hidden.shape[0], chunk_tokens):
-        target = labels[start:start + chunk_tokens]
-        _, _, predicted, sum_exp, exp_logits = _chunk_logits(hidden[start:start + chunk_tokens], weight,
-                                                             target.clamp(min=0), embedding.padding_start)
-        del exp_logits
-        logprob[start:start + chunk_tokens] = predicted - torch.log(sum_exp)
-        missed[start:start + chunk_tokens] = (predicted < 0).float()
-    kept = (labels != IGNORE).float()
+        target = labels[start:start + chunk_tokens].clamp(min=0)
+        logits = hidden[start:start + chunk_tokens].float() @ weight.t()  # (n, V / tp)
+        logits[:, embedding.padding_start:] = float("-inf")  # vocabulary padding takes no part
+        local_max, local_argmax = logits.max(dim=-1)
+        top = local_max.clone()
+        _all_reduce(top, dist.ReduceOp.MAX, group, world)
+        # the first index holding the maximum, over all ranks (a NaN maximum matches nothing: not greedy)
+        first = torch.where(local_max == top, vocab_start + local_argmax, torch.iinfo(torch.long).max)
+        _all_reduce(first, dist.ReduceOp.MIN, group, world)
+        local = target - vocab_start
+        mine = (local >= 0) & (local < weight.shape[0])
+        target_logit = torch.where(mine, logits.gather(1, local.clamp(0, weight.shape[0] - 1)[:, None])[:, 0], 0.0)
+        _all_reduce(target_logit, dist.ReduceOp.SUM, group, world)
+        sum_exp = torch.exp(logits - top[:, None]).sum(dim=-1)
+        _all_reduce(sum_exp, dist.ReduceOp.SUM, group, world)
+        logprob[start:start + chunk_tokens] = (target_logit - top - torch.log(sum_exp)).double()
+        missed[start:start + chunk_tokens] = (first != target).double()
+        del logits
+    kept = (labels != IGNORE).double()
     return torch.stack([(logprob * kept).view(x.shape[:2]).sum(1), (missed * kept).view(x.shape[:2]).sum(1)], dim=1)

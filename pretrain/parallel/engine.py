@@ -148,16 +148,20 @@ def score_batches(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
         return scores
     from pretrain.parallel.pipeline import pipeline_loss, pipeline_scores
 
-    # The last stage's outputs become the scores, one tensor per micro-batch. The engine also adds each
-    # to its running training loss, a scalar: that starts afresh with the next train_batch.
-    engine.module.loss_fn, training_loss, engine.total_loss = pipeline_scores, engine.total_loss, None
+    # The last stage's outputs become the scores, one tensor per micro-batch. The engine would also add
+    # each to its running training loss (a scalar, kept aside), and with DeepSpeed's own monitor on it
+    # would broadcast them as one scalar loss (turned off meanwhile).
+    monitor = engine.monitor.enabled
+    engine.module.loss_fn, training_loss, engine.total_loss, engine.monitor.enabled = \
+        pipeline_scores, engine.total_loss, None, False
     try:
         outputs = engine.eval_batch(iter(micro_batches), reduce_output=None, bcast_loss=False,
                                     num_micro_batches=len(micro_batches))
     finally:
-        engine.module.loss_fn, engine.total_loss = pipeline_loss, training_loss
+        engine.module.loss_fn, engine.total_loss, engine.monitor.enabled = pipeline_loss, training_loss, monitor
     rows = len(micro_batches) * micro_batches[0][0].shape[0]
-    scores = torch.cat(outputs).float() if engine.is_last_stage() else torch.empty(rows, 2, device=engine.device)
+    scores = torch.cat(outputs) if engine.is_last_stage() else torch.empty(rows, 2, dtype=torch.float64,
+                                                                          device=engine.device)
     dist.broadcast(scores, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
     return scores

@@ -51,7 +51,8 @@ def task_files(tmp_path_factory, real_documents) -> list[str]:
     choices.append({"context": " ".join(words[48]), "choices": ["a b", "the end of it"], "label": 1})
     write_jsonl(directory / "lambada.jsonl", [{"text": text} for text in lambada])
     write_jsonl(directory / "choice.jsonl", choices)
-    return [str(directory / "lambada.jsonl"), str(directory / "choice.jsonl")]
+    write_jsonl(directory / "one.jsonl", choices[:1])  # fewer examples than data-parallel ranks
+    return [str(directory / name) for name in ("lambada.jsonl", "choice.jsonl", "one.jsonl")]
 
 
 def with_tasks(task_files: list[str]) -> str:
@@ -89,7 +90,7 @@ def test_single_process_run_logs_every_form(single_process_run):
     valid = [row for row in rows if "valid_loss" in row]
     assert [row["step"] for row in valid] == [2, 4]
     assert valid[0]["valid_perplexity"] == pytest.approx(math.exp(valid[0]["valid_loss"]))
-    assert [sorted(row["tasks"]) for row in valid] == [["choice", "lambada"]] * 2
+    assert [sorted(row["tasks"]) for row in valid] == [["choice", "lambada", "one"]] * 2
     saved = load_config(run_dir / "config.yaml")
     assert saved.run.dir == str(run_dir) and saved.train.max_steps == 4
     assert "step      4 | loss" in result.stderr and "tok/s" in result.stderr
@@ -121,6 +122,7 @@ def test_tasks_scored_in_training_equal_tools_evaluate_on_the_checkpoint(single_
     [trained] = [row["tasks"] for row in metrics(run_dir) if row["step"] == 4 and "tasks" in row]
     assert_task_figures_equal(trained, {Path(path).name.removesuffix(".jsonl"): expected[path] for path in task_files})
     assert 0 < trained["lambada"]["acc"] < 1 and 0 < trained["choice"]["acc"] < 1
+    assert trained["one"]["examples"] == 1
 
 
 @pytest.mark.slow
@@ -132,16 +134,18 @@ def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run
     """Same seed and data, another layout: the same global batches, so the same losses (fp32), and the
     same validation loss and task figures (the examples divided over data-parallel ranks, scored with
     the vocabulary split over tensor-parallel ranks, through the pipeline, under ZeRO-3)."""
-    result = train(tmp_path, shards, "train.max_steps=4", "eval.interval=4", "eval.iterations=1",
+    result = train(tmp_path, shards, "train.max_steps=4", "eval.interval=2", "eval.iterations=1",
                    with_tasks(task_files), *settings, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     reference, rows = metrics(single_process_run[0]), metrics(tmp_path)
+    # training after the step-2 scoring follows the same curve: the scoring left the engine as it was
     assert [row["loss"] for row in rows if "loss" in row] == pytest.approx(
         [row["loss"] for row in reference if "loss" in row], rel=1e-5)
-    [expected] = [row for row in reference if row["step"] == 4 and "valid_loss" in row]
-    [validation] = [row for row in rows if "valid_loss" in row]
-    assert validation["valid_loss"] == pytest.approx(expected["valid_loss"], rel=1e-5)
-    assert_task_figures_equal(validation["tasks"], expected["tasks"])
+    expected, validations = [row for row in reference if "valid_loss" in row], [row for row in rows if "valid_loss" in row]
+    assert [row["step"] for row in validations] == [row["step"] for row in expected] == [2, 4]
+    for validation, reference_row in zip(validations, expected):
+        assert validation["valid_loss"] == pytest.approx(reference_row["valid_loss"], rel=1e-5)
+        assert_task_figures_equal(validation["tasks"], reference_row["tasks"])
 
 
 @pytest.mark.slow
@@ -187,6 +191,8 @@ def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(
 
     bad = tmp_path / "hellaswag.jsonl"
     bad.write_text('{"context": "A man", "choices": ["runs", "sits"], "label": 0}\n{"context": "A dog", "label": 1}\n')
+    long = tmp_path / "long.jsonl"  # a choice of ~300 tokens: more than the 256-token window
+    long.write_text(json.dumps({"context": "A", "choices": ["word " * 300, "no"], "label": 1}) + "\n")
     copy = tmp_path / "lambada.jsonl.gz"
     copy.write_bytes(__import__("gzip").compress(Path(task_files[0]).read_bytes()))
     cases = [
@@ -196,6 +202,9 @@ def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(
         ([with_tasks([task_files[0], str(copy)])], f"eval.tasks: {task_files[0]} and {copy} would both be logged as "
                                                    "'lambada'"),
         (["eval.task_max_examples=-1", with_tasks(task_files)], "eval.task_max_examples=-1 must be at least 0"),
+        ([with_tasks([str(long)])], f"eval.tasks: {long}:1: a continuation of 301 tokens does not fit the "
+                                    "model's 256-token window"),
+        (["eval.iterations=0"], "eval.iterations=0: validation needs at least one global batch"),
     ]
     for settings, message in cases:
         config = load_config(TINY, [f"data.prefixes=[{shards}]", "eval.interval=5", *settings])
@@ -203,7 +212,7 @@ def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(
             plan_run(config, world_size=1)
         assert str(refused.value).startswith(message), (settings, str(refused.value))
     config = load_config(TINY, [f"data.prefixes=[{shards}]", "eval.task_max_examples=3", with_tasks(task_files)])
-    assert [len(task.task.examples) for task in plan_run(config, world_size=1).tasks] == [3, 3]
+    assert [len(task.task.examples) for task in plan_run(config, world_size=1).tasks] == [3, 3, 1]
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
