@@ -100,7 +100,7 @@ class Journal:
             if lines and lines[0].get("header") != header:
                 raise JournalMismatch(
                     f"{path} belongs to a run with other inputs or settings; use another "
-                    f"--output-prefix, or delete {path}, the shards beside it and PREFIX.work/ to start over"
+                    f"--output-prefix, or delete {path}, the shards beside it and {output_prefix}.work/ to start over"
                 )
             records = [line for line in lines[1:] if "shard" in line]
             journal.shards = _intact_prefix(output_prefix, records)

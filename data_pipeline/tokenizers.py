@@ -100,6 +100,12 @@ class Tokenizer:
             self._identity = self._compute_identity()
         return self._identity
 
+    def has_the_files_of(self, other: "Tokenizer") -> bool:
+        """The same kind of tokenizer read from files of the same content, whatever their names (GPT-2's
+        encoder.json and vocab.bpe are a Hugging Face directory's vocab.json and merges.txt)."""
+        return type(self) is type(other) and (sorted(self.identity()["file_sha256"].values())
+                                              == sorted(other.identity()["file_sha256"].values()))
+
     def _compute_identity(self) -> dict:
         hashes = {role: sha256_of_file(path) for role, path in sorted(self.files.items())}
         combined = hashlib.sha256(json.dumps([self.name, hashes]).encode()).hexdigest()

@@ -75,6 +75,17 @@ def verify_files(directory: Path, manifest: dict) -> None:
                                   "truncated or overwritten; use an older checkpoint")
 
 
+def first_unreadable(checkpoint: Path) -> str | None:
+    """Which file of a checkpoint torch cannot open, and why (a file damaged in place keeps its size,
+    which the manifest checks); None if all open. Memory-mapped: nothing is read in full."""
+    for path in sorted(Path(checkpoint).glob("*.pt")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as error:  # pickle, zip and torch each raise their own kinds
+            return f"{path} cannot be read ({type(error).__name__}: {error})"
+    return None
+
+
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, keep_every: int):
         self.directory = Path(directory)
@@ -148,8 +159,15 @@ class CheckpointManager:
         """Load `tag` as saved, or from its universal form (pretrain/parallel/reshard.py) on another layout."""
         directory = self.directory / tag
         where = (universal.parent, universal.name) if universal else (self.directory, tag)
-        load_path, _ = engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        try:
+            load_path, _ = engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        except Exception:  # noqa: BLE001 - a file damaged in place (its size intact) fails inside torch.load
+            damaged = first_unreadable(where[0] / where[1])
+            if damaged:
+                raise CheckpointError(f"{damaged}: the checkpoint is damaged; to resume from an older one, point "
+                                      f"{self.directory / LATEST} at another step_* directory") from None
+            raise
         if load_path is None:
             hint = f" (its universal form {universal}; delete that directory to convert again)" if universal else ""
             raise CheckpointError(f"DeepSpeed could not load {directory}{hint}")

@@ -216,7 +216,9 @@ def _coerce(key: str, value, annotation):
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be a {annotation}, got {value!r}")
+        article = "an" if annotation == "int" else "a"
+        hint = " (a list is written [a, b])" if annotation == "list" else ""
+        raise ConfigError(f"{key} must be {article} {annotation}, got {value!r}{hint}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}={value!r} must be one of {', '.join(CHOICES[key])}")
     return value
@@ -258,8 +260,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """Defaults, then the YAML file, then each override in order."""
     config = Config()
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as error:
+            raise ConfigError(f"the config file {path} cannot be read: {error.strerror}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections")
         _apply(config, loaded)

@@ -73,6 +73,8 @@ def read_hf_config(path: str | os.PathLike) -> GPTConfig:
     from transformers import GPT2Config
 
     path = Path(path)
+    if not path.exists():
+        raise HFFormatError(f"{path} does not exist")
     if not (path / "config.json").is_file():
         raise HFFormatError(f"{path} is not a Hugging Face model directory: it has no config.json")
     try:
@@ -84,6 +86,7 @@ def read_hf_config(path: str | os.PathLike) -> GPTConfig:
 
 def read_hf_directory(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
     """(our config, canonical fp32 weights with vocab_size rows) of a GPT2LMHeadModel directory."""
+    from safetensors import SafetensorError
     from transformers import GPT2LMHeadModel
 
     path = Path(path)
@@ -91,7 +94,7 @@ def read_hf_directory(path: str | os.PathLike) -> tuple[GPTConfig, dict]:
     try:
         with _quiet_transformers():  # its load report and progress bar: what matters is checked below
             model, info = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # the last: a file cut short
         raise HFFormatError(f"the weights in {path} cannot be loaded: {error}") from None
     # from_pretrained fills a missing tensor with random values and only reports it: refuse instead.
     missing = [name for name in info.get("missing_keys", []) if name != "lm_head.weight"]

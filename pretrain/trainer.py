@@ -206,6 +206,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
                                              config.checkpoint.keep_last, config.checkpoint.keep_every)
         self.resume_point = self._find_resume_point()
+        self._record_start()
         self._seed_random_state(topology)
         self.engine = self._build_engine(topology, load_universal=self.resume_point is not None
                                          and self.resume_point.reshard, initial=self._initial_weights())
@@ -239,10 +240,7 @@ class Trainer:
         dist.all_gather_object(placement, (host_name(), device))
         if self.rank != 0:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / EXIT_RECORD).unlink(missing_ok=True)
         resolved = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
-        (self.run_dir / "config.yaml").write_text(resolved)
         hosts = sorted({host for host, _ in placement})
         log.info("git commit %s; %d ranks on %d node(s): %s", git_commit(), len(placement), len(hosts),
                  ", ".join(hosts))
@@ -250,6 +248,14 @@ class Trainer:
             log.info("rank %d: %s, %s", rank, host, where)
         log.info("resolved config (also in %s):\n%s", self.run_dir / "config.yaml", resolved.rstrip())
         log.info("%s; model %.1fM parameters", self.layout.describe(), parameter_count(self.model_config) / 1e6)
+
+    def _record_start(self) -> None:
+        """RUN_DIR/config.yaml for this start, and no exit record yet; only once the checkpoint to resume
+        from is accepted, so that a start refused for it leaves the run directory as it was."""
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / EXIT_RECORD).unlink(missing_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _initial_weights(self):
         """Full-size weights to build the model with instead of random ones, or None: model.init_from on
@@ -276,7 +282,7 @@ class Trainer:
             raise ConfigError(f"{setting} holds another model: {differences} (weights, config); set the model "
                               "section to the weights' shape, e.g. " +
                               " ".join(f"model.{key}={saved}" for key, (saved, _) in differences.items()))
-        if load_tokenizer(weights.tokenizer).identity()["sha256"] != self.tokenizer.identity()["sha256"]:
+        if not load_tokenizer(weights.tokenizer).has_the_files_of(self.tokenizer):
             log.warning("%s was trained with tokenizer %r, this run reads data.tokenizer=%r: the same vocabulary "
                         "size, but other tokens", setting, weights.tokenizer, self.config.data.tokenizer)
         log.info("initial weights: %s", weights.description)
@@ -385,6 +391,8 @@ class Trainer:
         """Continue from the resume point, resharding it first if the layout changed."""
         point = self.resume_point
         if point is None:
+            if self.rank == 0:  # said aloud: a misspelt checkpoint.dir or run.dir would otherwise go unnoticed
+                log.info("no checkpoint in %s: starting at step 0", self.checkpoints.directory)
             return
         if point.weights_only:  # loaded into the model before deepspeed.initialize (_initial_weights)
             if self.rank == 0:

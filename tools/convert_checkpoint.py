@@ -110,6 +110,7 @@ def to_hf_or_fp32(args: argparse.Namespace) -> str:
     partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         write_hf_directory(weights.config, weights.state, partial, tokenizer, args.dtype)
+        as_umask_allows(partial)
         if output.is_dir():
             output.rmdir()  # empty (checked above)
         os.replace(partial, output)
@@ -120,15 +121,24 @@ def to_hf_or_fp32(args: argparse.Namespace) -> str:
     return f"wrote {output}: GPT2LMHeadModel, {args.dtype}{note}"
 
 
+def as_umask_allows(directory: Path) -> None:
+    """The permissions a plain mkdir and open would give, for a tree written in a mkdtemp directory
+    (private, 0700): others on a shared cluster can read a model that is published."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def from_hf_settings(args: argparse.Namespace, checkpoint_dir: Path, run_dir: Path) -> list[str]:
     """The trainer's settings for a 0-step run that saves the Hugging Face weights in our layout."""
     from pretrain.huggingface import hf_tokenizer_spec, read_hf_config
 
-    source = Path(args.input)
+    source = Path(args.input).resolve()  # the trainer runs from the repository root
     config = read_hf_config(source)
     model = [f"model.{key}={getattr(config, key)}" for key in ("n_layer", "n_embd", "n_head", "n_positions",
                                                                "vocab_size")]
-    return [*model, f"model.init_from={source.resolve()}", f"data.tokenizer={hf_tokenizer_spec(source, config.vocab_size)}",
+    return [*model, f"model.init_from={source}", f"data.tokenizer={hf_tokenizer_spec(source, config.vocab_size)}",
             # fp32: the exact weights (a bf16 save would keep only a rounded copy outside the optimizer);
             # the checkpoint continues in any precision.
             "data.prefixes=[]", "train.max_steps=0", "train.precision=fp32",

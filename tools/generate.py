@@ -11,6 +11,7 @@ arguments, checkpoint or prompt.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import sys
@@ -57,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="print one JSON object (prompt, samples as text and token ids, tokens_per_second, ...) "
                              "instead of the samples")
     args = parser.parse_args(argv)
-    if not args.greedy and not args.temperature > 0:
-        parser.error(f"argument --temperature: {args.temperature} must be > 0 (or use --greedy)")
+    if not args.greedy and not 0 < args.temperature < math.inf:
+        parser.error(f"argument --temperature: {args.temperature} must be > 0 and finite (or use --greedy)")
     if not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: {args.top_p} must be in (0, 1]")
     return args

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, first_unreadable
 from pretrain.model.gpt2 import TIED_EMBEDDING, GPTConfig
 from pretrain.parallel.distributed import on_rank_zero
 
@@ -153,17 +153,6 @@ def _failure_marker(checkpoint: Path) -> Path:
     return checkpoint.parent / f".tmp-universal-failed-{checkpoint.name}"
 
 
-def _first_unreadable(checkpoint: Path) -> str | None:
-    """Which file of a checkpoint torch cannot open, and why (a file damaged in place keeps its size,
-    which the manifest checks); None if all open. Memory-mapped: nothing is read in full."""
-    for path in sorted(Path(checkpoint).glob("*.pt")):
-        try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as error:  # pickle, zip and torch each raise their own kinds
-            return f"{path} cannot be read ({type(error).__name__}: {error})"
-    return None
-
-
 def run_ds_to_universal(checkpoint: Path, output: Path, workers: int) -> None:
     """DeepSpeed's converter on one checkpoint directory, in a child process: it uses worker processes
     of its own, which must not be forked from a process holding collective communicators."""
@@ -172,7 +161,7 @@ def run_ds_to_universal(checkpoint: Path, output: Path, workers: int) -> None:
                "--num_merge_workers", str(max(1, workers // 2))]
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if result.returncode != 0:
-        damaged = _first_unreadable(checkpoint)
+        damaged = first_unreadable(checkpoint)
         if damaged:
             raise CheckpointError(f"{damaged}; the checkpoint is damaged: use another step_* directory")
         hint = ""

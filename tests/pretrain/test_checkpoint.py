@@ -166,21 +166,32 @@ def test_a_kill_mid_save_leaves_the_previous_checkpoint_and_the_rerun_continues_
 @pytest.mark.parametrize("damage,message", [
     ("truncate", "has 100 bytes, the manifest says"),
     ("delete", "is missing mp_rank_00_model_states.pt"),
+    ("overwrite", "mp_rank_00_model_states.pt cannot be read (RuntimeError: PytorchStreamReader failed"),
     ("shape", "holds a different model; (checkpoint, config): {'n_layer': (4, 2)}"),
 ])
 def test_a_damaged_or_incompatible_checkpoint_is_an_error_naming_it(finished_copy, shards, damage, message):
+    """Refused at start-up, naming the file or setting; the run directory stays as it was (its config.yaml,
+    and the exit record that slurm/pretrain.sbatch reads)."""
     latest = finished_copy / "checkpoints" / "step_0000006"
     settings = [f"train.max_steps={STEPS + 2}"]
+    states = latest / "mp_rank_00_model_states.pt"
     if damage == "truncate":
-        with open(latest / "mp_rank_00_model_states.pt", "r+b") as f:
+        with open(states, "r+b") as f:
             f.truncate(100)
     elif damage == "delete":
-        (latest / "mp_rank_00_model_states.pt").unlink()
+        states.unlink()
+    elif damage == "overwrite":  # damaged in place: the size the manifest records is still right
+        with open(states, "r+b") as f:
+            f.seek(-5000, os.SEEK_END)
+            f.write(bytes(5000))
     else:
         settings.append("model.n_layer=2")
+    before = {name: (finished_copy / name).read_text() for name in ("config.yaml", "exit.json")}
     result = train(finished_copy, shards, *settings, timeout=300)
-    assert result.returncode == 2
-    assert message in result.stderr
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and result.stderr.count("Traceback") == 0
+    if damage != "overwrite":  # refused before the start is recorded
+        assert {name: (finished_copy / name).read_text() for name in before} == before
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def test_deepspeed_passthrough_merges_keys():
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=1", "unknown setting 'optim.lrr'; known under optim.: lr, betas"),
     ("modle.n_layer=2", "unknown setting 'modle'"),
-    ("train.max_steps=ten", "train.max_steps must be a int, got 'ten'"),
+    ("train.max_steps=ten", "train.max_steps must be an int, got 'ten'"),
     ("train.precision=fp8", "train.precision='fp8' must be one of bf16, fp16, fp32"),
     ("optim=3", "optim is a section"),
     ("optim.lr", "must look like section.key=value"),
@@ -44,6 +44,15 @@ def test_deepspeed_passthrough_merges_keys():
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(").replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_a_list_given_as_a_string_and_a_missing_config_file_are_named(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["eval.tasks=hellaswag.jsonl"])
+    assert str(refused.value) == "eval.tasks must be a list, got 'hellaswag.jsonl' (a list is written [a, b])"
+    with pytest.raises(ConfigError) as refused:
+        load_config(tmp_path / "nope.yaml")
+    assert str(refused.value) == f"the config file {tmp_path / 'nope.yaml'} cannot be read: No such file or directory"
 
 
 def test_override_values_are_yaml():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import run_tool
+from tests.conftest import REPO, run_tool
 from tests.pretrain.test_trainer import metrics, train
 from tests.tools.conftest import TINY_HF
 
@@ -17,9 +20,12 @@ TINY_SHAPE = [f"model.{key}={value}" for key, value in TINY_HF.items()]
 
 @pytest.fixture(scope="module")
 def tp2_pp2_checkpoint(tiny_hf_model, tmp_path_factory):
+    """Converted with paths relative to the user's directory (the trainer it starts runs elsewhere)."""
     output = tmp_path_factory.mktemp("converted") / "ckpt"
-    result = run_tool("convert_checkpoint.py", "--from", "hf", "--input", str(tiny_hf_model), "--output", str(output),
-                      "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2", timeout=900)
+    shutil.copytree(tiny_hf_model, output.parent / "hf")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--from", "hf", "--input",
+                             "hf", "--output", "ckpt", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"],
+                            cwd=output.parent, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return output
 
@@ -38,6 +44,10 @@ def test_hf_to_a_tp2_pp2_checkpoint_and_back_gives_the_same_tensors(tiny_hf_mode
     result = run_tool("convert_checkpoint.py", "--to", "hf", "--checkpoint", str(tp2_pp2_checkpoint),
                       "--output", str(back))
     assert result.returncode == 0, result.stderr[-3000:]
+    umask = os.umask(0)
+    os.umask(umask)  # published for others to read, as far as the user's umask allows
+    assert [path.stat().st_mode & 0o777 for path in (back, back / "model.safetensors")] == [0o777 & ~umask,
+                                                                                        0o666 & ~umask]
     original, returned = load_file(tiny_hf_model / "model.safetensors"), load_file(back / "model.safetensors")
     assert returned.keys() == original.keys()
     assert all(torch.equal(returned[name], original[name]) for name in original)
@@ -59,6 +69,7 @@ def test_training_continues_from_the_converted_checkpoint_on_its_layout_and_on_o
         result = train(tmp_path / name, shards, *TINY_SHAPE, *layout, "train.max_steps=2", nproc=nproc, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("started from the weights of step_0000000" in result.stderr) == (nproc == 1)
+        assert "other tokens" not in result.stderr  # the HF directory's tokenizer files are GPT-2's own
         losses[name] = [row["loss"] for row in metrics(tmp_path / name) if "loss" in row]
     assert len(losses["one"]) == 2
     assert losses["tp2-pp2"] == pytest.approx(losses["one"], rel=1e-5)
@@ -88,8 +99,9 @@ def test_to_fp32_writes_one_file_of_full_weights(tiny_hf_model, tmp_path):
     (["--to", "fp32", "--checkpoint", "{incomplete}", "--output", "{tmp}/w.pt"],
      "lack or mis-shape 1 tensor(s) of its config.json: transformer.h.1.mlp.c_fc.weight"),
     (["--from", "hf", "--input", "{hf}", "--output", "{tmp}/out", "--tensor-parallel-size"], "expected one argument"),
+    (["--to", "fp32", "--checkpoint", "{cut}", "--output", "{tmp}/w.pt"], "the weights in {cut} cannot be loaded: "),
 ], ids=["no-checkpoint", "missing-checkpoint", "not-a-checkpoint", "not-gpt2-activation", "heads-not-divisible",
-        "output-exists", "hf-weights-missing-a-tensor", "argument-without-value"])
+        "output-exists", "hf-weights-missing-a-tensor", "argument-without-value", "hf-weights-cut-short"])
 def test_unusable_arguments_exit_2_with_one_line(tiny_hf_model, tmp_path, capsys, arguments, message):
     from safetensors.torch import load_file, save_file
 
@@ -101,7 +113,10 @@ def test_unusable_arguments_exit_2_with_one_line(tiny_hf_model, tmp_path, capsys
     weights = load_file(incomplete / "model.safetensors")
     del weights["transformer.h.1.mlp.c_fc.weight"]
     save_file(weights, incomplete / "model.safetensors", metadata={"format": "pt"})
-    names = {"tmp": tmp_path, "relu": relu, "hf": tiny_hf_model, "incomplete": incomplete}
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_hf_model, cut)
+    (cut / "model.safetensors").write_bytes((tiny_hf_model / "model.safetensors").read_bytes()[:100_000])
+    names = {"tmp": tmp_path, "relu": relu, "hf": tiny_hf_model, "incomplete": incomplete, "cut": cut}
     code, stderr = convert(capsys, *[argument.format(**names) for argument in arguments])
     assert code == 2, stderr[-2000:]
     assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr

@@ -259,7 +259,7 @@ def test_cli_prints_each_sample_in_process(tiny_hf_model, loaded, capsys):
     (["--checkpoint", "{model}", "--prompt", "a", "--prompt-file", "b"], "error: argument --prompt-file: not allowed"),
     (["--checkpoint", "{model}", "--prompt", "a", "--max-new-tokens", "-5"], "error: argument --max-new-tokens: -5"),
     (["--checkpoint", "{model}", "--prompt", "a", "--num-samples", "0"], "error: argument --num-samples: 0"),
-    (["--checkpoint", "{model}", "--prompt", "a", "--temperature", "0"], "error: argument --temperature: 0.0 must"),
+    (["--checkpoint", "{model}", "--prompt", "a", "--temperature", "inf"], "error: argument --temperature: inf must"),
     (["--checkpoint", "{model}", "--prompt", "a", "--top-p", "1.5"], "error: argument --top-p: 1.5 must be in"),
     (["--checkpoint", "{model}", "--prompt", "a", "--top-p", "0"], "error: argument --top-p: 0.0 must be in"),
     (["--checkpoint", "{missing}", "--prompt", "a"], "error: --checkpoint {missing} does not exist"),
