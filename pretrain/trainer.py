@@ -508,7 +508,7 @@ class Trainer:
             scorer = EngineScorer(self.engine, self.layout.micro_batch_size, self.layout.gradient_accumulation_steps,
                                   self.model_config.n_positions, collective_device(),
                                   fixed_length=self.layout.pipeline_parallel_size > 1 or self.config.train.compile)
-            figures["tasks"] = evaluate_tasks(self.tasks, scorer, self.model_config.n_positions)
+            figures["tasks"] = evaluate_tasks(self.tasks, scorer)
             figures["tasks_seconds"] = time.perf_counter() - began
         return figures
 

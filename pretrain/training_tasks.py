@@ -20,9 +20,6 @@ from pretrain.evaluation import EncodedTask, EvaluationError, Request, Sums, che
     encode_task, read_task, score_task
 from pretrain.model.loss import IGNORE
 
-TASK_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".gz", ".zst")
-
-
 @dataclass
 class TrainingTask:
     name: str
@@ -31,8 +28,12 @@ class TrainingTask:
 
 
 def task_name(path: str) -> str:
+    """The name without the jsonl suffix that read_task requires (the longest that matches)."""
+    from data_pipeline.readers import JSONL_SUFFIXES
+
     name = Path(path).name
-    return next((name[:-len(suffix)] for suffix in TASK_SUFFIXES if name.endswith(suffix)), name)
+    suffixes = sorted(JSONL_SUFFIXES, key=len, reverse=True)
+    return next((name[:-len(suffix)] for suffix in suffixes if name.endswith(suffix)), name)
 
 
 def read_training_tasks(paths: list[str], tokenizer, max_examples: int, window: int) -> list[TrainingTask]:
@@ -103,7 +104,7 @@ class EngineScorer:
         return results
 
 
-def evaluate_tasks(tasks: list[TrainingTask], scorer: EngineScorer, window: int) -> dict[str, dict]:
+def evaluate_tasks(tasks: list[TrainingTask], scorer: EngineScorer) -> dict[str, dict]:
     """{task name: figures (tools/evaluate.py's)}, the same on every rank."""
     from megatron.core import parallel_state
 
@@ -113,7 +114,7 @@ def evaluate_tasks(tasks: list[TrainingTask], scorer: EngineScorer, window: int)
     for training_task in tasks:
         task = training_task.task
         scorer.calls = 0
-        sums = score_task(task, scorer, window, part=part, examples_per_call=max(1, len(task.examples)))
+        sums = score_task(task, scorer, scorer.window, part=part, examples_per_call=max(1, len(task.examples)))
         if scorer.calls == 0:  # fewer examples than data-parallel ranks: this one still takes part
             scorer([])
         totals = torch.tensor(sums.as_list(), dtype=torch.float64, device=scorer.device)

@@ -116,9 +116,11 @@ def head_scores(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: 
     vocabulary split over tensor-parallel ranks; every rank gets the whole figures. The logits are
     fp32 whatever the model's dtype (bf16 logits tie often), and the argmax is the first index of
     the maximum, as torch's and the harness's; a NaN logit is never the argmax."""
+    from megatron.core.tensor_parallel.utils import VocabUtility
+
     group, rank, world = _tensor_parallel()
-    weight = embedding.word.weight.float()  # (V / tp, C); this rank's slice starts at vocab_start
-    vocab_start = rank * weight.shape[0]
+    weight = embedding.word.weight.float()  # (V / tp, C): this rank's slice of the vocabulary
+    vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, world)
     hidden, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
     chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
     logprob = torch.empty(hidden.shape[0], dtype=torch.float64, device=hidden.device)
