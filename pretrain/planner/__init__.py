@@ -1,0 +1,1 @@
+"""Layout planning: per-GPU memory and step time of a training run, before it is submitted."""

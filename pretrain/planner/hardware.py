@@ -1,0 +1,72 @@
+"""The machines a plan is for: accelerators by name, and a cluster of them.
+
+Figures are the vendors' data sheets (dense bf16 tensor-core peak, without sparsity; NVLink
+bandwidth per direction, which is what one GPU can send while it receives as much).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    memory_gib: float
+    bf16_tflops: float
+    """Dense bf16 peak, TFLOP/s: what MFU is measured against."""
+    intra_node_gbytes: float
+    """GB/s one GPU sends to its node's peers (NVLink per direction; PCIe where there is none)."""
+    memory_gbytes: float
+    """HBM bandwidth, GB/s: bounds the optimizer step, which reads and writes every state once."""
+
+
+ACCELERATORS = {
+    # H100 SXM5 80GB: 989 TFLOP/s bf16 dense, NVLink 4 900 GB/s bidirectional, HBM3 3.35 TB/s.
+    "h100": Accelerator("H100 SXM 80GB", 80.0, 989.0, 450.0, 3350.0),
+    # H200 SXM 141GB: the H100's compute with HBM3e, 4.8 TB/s.
+    "h200": Accelerator("H200 SXM 141GB", 141.0, 989.0, 450.0, 4800.0),
+    # A100 SXM4 80GB / 40GB: 312 TFLOP/s bf16 dense, NVLink 3 600 GB/s bidirectional.
+    "a100": Accelerator("A100 SXM 80GB", 80.0, 312.0, 300.0, 2039.0),
+    "a100-40gb": Accelerator("A100 SXM 40GB", 40.0, 312.0, 300.0, 1555.0),
+    # L40S: 362 TFLOP/s bf16 dense, no NVLink: PCIe 4.0 x16, 32 GB/s per direction.
+    "l40s": Accelerator("L40S 48GB", 48.0, 362.0, 32.0, 864.0),
+    # B200: 2.25 PFLOP/s bf16 dense, NVLink 5 1.8 TB/s bidirectional.
+    "b200": Accelerator("B200 180GB", 180.0, 2250.0, 900.0, 8000.0),
+}
+
+
+def accelerator(name: str) -> Accelerator:
+    try:
+        return ACCELERATORS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown GPU {name!r}; known: {', '.join(ACCELERATORS)}") from None
+
+
+def peak_tflops_by_device_name(device_name: str) -> float | None:
+    """Dense bf16 peak of a device as torch names it ("NVIDIA H100 80GB HBM3"), for MFU; None if unknown."""
+    upper = device_name.upper()
+    for key, spec in ACCELERATORS.items():
+        if key.split("-")[0].upper() in upper:
+            return spec.bf16_tflops
+    return None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu: Accelerator
+    inter_node_gbits: float = 400.0
+    """Network bandwidth per GPU, Gbit/s per direction (one 400G InfiniBand NDR port per GPU on
+    DGX H100-class nodes)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def bandwidth_gbytes(self, group_size: int, spans_nodes: bool) -> float:
+        """GB/s per GPU in a collective over `group_size` ranks: NVLink inside a node, the network across."""
+        if group_size <= 1:
+            return float("inf")
+        return self.inter_node_gbits / 8 if spans_nodes else self.gpu.intra_node_gbytes

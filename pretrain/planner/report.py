@@ -1,0 +1,126 @@
+"""What tools/plan.py prints: the ranked layouts of a preset, or the check of one run config."""
+
+from __future__ import annotations
+
+import json
+
+from pretrain.planner.hardware import Cluster
+from pretrain.planner.memory import GIB, RunShape, estimate_memory
+from pretrain.planner.search import (
+    Candidate, Plan, describe, evaluate, plan_layouts, refusal, usable_gib, why_recommended,
+)
+from pretrain.planner.targets import default_batch_tokens, known_targets, target_model
+
+HEADER = (f"{'#':>3} {'TP':>3} {'PP':>3} {'DP':>5} {'ZeRO':>4} {'micro':>5} {'accum':>5} {'AC':>2} "
+          f"{'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} {'total':>7} "
+          f"{'step s':>8} {'tokens/s':>11} {'MFU':>6}")
+
+
+def row(index: int, candidate: Candidate) -> str:
+    layout, gib = candidate.layout, candidate.memory.gib()
+    memory = " ".join(f"{gib[name]:>7.2f}" for name in ("parameters", "gradients", "optimizer", "activations",
+                                                        "buffers", "total"))
+    return (f"{index:>3} {layout.tensor_parallel_size:>3} {layout.pipeline_parallel_size:>3} "
+            f"{layout.data_parallel_size:>5} {layout.zero_stage:>4} {layout.micro_batch_size:>5} "
+            f"{layout.gradient_accumulation_steps:>5} {candidate.run.activation_checkpointing:>2} {memory} "
+            f"{candidate.time.seconds:>8.3f} {candidate.time.tokens_per_second:>11,.0f} {candidate.time.mfu:>6.1%}")
+
+
+def cluster_dict(cluster: Cluster) -> dict:
+    return {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "gpu": cluster.gpu.name,
+            "gpu_memory_gib": cluster.gpu.memory_gib, "usable_gib": usable_gib(cluster),
+            "inter_node_gbits": cluster.inter_node_gbits}
+
+
+def search(args, cluster: Cluster) -> int:
+    if args.preset not in known_targets():
+        raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(known_targets())}")
+    model = target_model(args.preset, 1, args.sequence)
+    batch_tokens = args.global_batch_tokens or default_batch_tokens(args.preset)
+    global_batch = max(1, round(batch_tokens / model.n_positions))
+    plan = plan_layouts(lambda tp: target_model(args.preset, tp, args.sequence), cluster, global_batch,
+                        args.precision, args.efficiency, args.gradient_dtype)
+    too_big = sum(not c.fits for c in plan.ranked)
+    if args.json:
+        print(json.dumps({
+            "preset": args.preset, "model": {"n_layer": model.n_layer, "n_embd": model.n_embd,
+                                             "n_head": model.n_head, "sequence": model.n_positions},
+            "cluster": cluster_dict(cluster), "global_batch_size": global_batch,
+            "global_batch_tokens": global_batch * model.n_positions, "precision": args.precision,
+            "recommended": plan.recommended.to_dict() if plan.recommended else None,
+            "reason": why_recommended(plan), "layouts": [c.to_dict() for c in plan.ranked],
+            "refused": [{"count": count, "example": plan.examples[kind]} for kind, count in plan.refused.most_common()]
+            + ([{"count": too_big, "example": "memory over the device"}] if too_big else []),
+        }))
+        return 0 if plan.recommended else 1
+    print(f"{args.preset}: {model.n_layer} layers, {model.n_embd} wide, {model.n_head} heads, sequence "
+          f"{model.n_positions}; global batch {global_batch} sequences = {global_batch * model.n_positions:,} tokens")
+    print(f"{cluster.nodes} node(s) x {cluster.gpus_per_node} {cluster.gpu.name} = {cluster.world_size} GPUs; "
+          f"{usable_gib(cluster):.1f} GiB usable per GPU; {args.precision}")
+    print_plan(plan, args.top, too_big)
+    return 0 if plan.recommended else 1
+
+
+def print_plan(plan: Plan, top: int, too_big: int) -> None:
+    fitting = [c for c in plan.ranked if c.fits]
+    print(f"\n{len(fitting)} layouts fit; the fastest {min(top, len(fitting))} (memory in GiB per GPU, at the "
+          "peak stage):")
+    print(HEADER)
+    for index, candidate in enumerate(fitting[:top], 1):
+        print(row(index, candidate))
+    best = plan.recommended
+    if best is not None:
+        print(f"\nrecommended: {describe(best)}\n  why: {why_recommended(plan)}")
+        print(f"  train with: --set {' '.join(best.settings())}")
+    else:
+        print(f"\n{why_recommended(plan)}")
+    print("\nrefused:")
+    if too_big:
+        print(f"  {too_big:>6} x memory over the device ({usable_gib(plan.cluster):.1f} GiB usable)")
+    for kind, count in plan.refused.most_common():
+        print(f"  {count:>6} x {plan.examples[kind]}")
+
+
+def run_from_config(config, cluster: Cluster) -> RunShape:
+    from pretrain.parallel.layout import ParallelLayout
+    from pretrain.planner.memory import REDUCE_BUCKET_SIZE
+
+    parallel = config.parallel
+    layout = ParallelLayout(cluster.world_size, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                            parallel.zero_stage, parallel.micro_batch_size, parallel.global_batch_size)
+    bucket = config.deepspeed.get("zero_optimization", {}).get("reduce_bucket_size", REDUCE_BUCKET_SIZE)
+    return RunShape(config.model.gpt_config(parallel.tensor_parallel_size), layout, config.train.precision,
+                    config.train.gradient_dtype, config.model.activation_checkpointing,
+                    config.model.partition_method, int(bucket))
+
+
+def check_config(args, cluster: Cluster) -> int:
+    from pretrain.config import load_config
+
+    config = load_config(args.config, args.set)
+    run = run_from_config(config, cluster)
+    reason = refusal(run, cluster)
+    if reason:
+        print(f"error: the trainer would refuse this run on {cluster.world_size} GPUs: {reason}")
+        return 2
+    candidate = evaluate(run, cluster, args.efficiency)
+    stages = estimate_memory(run)
+    if args.json:
+        print(json.dumps({"config": args.config, "settings": args.set, "cluster": cluster_dict(cluster),
+                          **candidate.to_dict(), "stages": [{"stage": s.stage, "moment": s.moment, **s.gib()}
+                                                            for s in stages]}))
+        return 0 if candidate.fits else 1
+    print(f"{args.config}: {describe(candidate)}, on {cluster.world_size} x {cluster.gpu.name}")
+    print(f"memory per GPU, GiB (usable {usable_gib(cluster):.1f}):")
+    for stage in stages:
+        gib = stage.gib()
+        print(f"  stage {stage.stage}: parameters {gib['parameters']:.2f}, gradients {gib['gradients']:.2f}, "
+              f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f}, buffers "
+              f"{gib['buffers']:.2f}: total {gib['total']:.2f} (peak at the {stage.moment})")
+    time = candidate.time
+    parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.3f}" for name, seconds in time.parts().items() if seconds)
+    print(f"step {time.seconds:.3f} s ({parts}); {time.tokens_per_second:,.0f} tokens/s, MFU {time.mfu:.1%} "
+          f"(at --efficiency {args.efficiency})")
+    verdict = "fits" if candidate.fits else "does NOT fit"
+    print(f"{verdict}: peak {candidate.memory.total / GIB:.2f} GiB of {usable_gib(cluster):.1f} usable")
+    return 0 if candidate.fits else 1

@@ -1,0 +1,147 @@
+"""Estimated step time of a layout on a cluster, by part.
+
+Compute counts the trainer's own FLOPs (pretrain/model/presets.py flops_per_token: 6N plus
+12 L C T for attention), at an assumed fraction of the GPU's dense bf16 peak. Nothing here is
+measured on a GPU yet: the fraction is set from published end-to-end figures (llm.c's GPT-2
+1.5B: about 48% MFU on H100; Megatron-LM's 1.7B: 41%), and every communication term states its
+formula. Communication is assumed not to overlap compute: DeepSpeed's ZeRO-1/2 default is
+overlap_comm=false, and Megatron-style tensor parallelism without sequence parallelism waits
+for each all-reduce.
+
+Collective times on the ring algorithm (Patarasuk and Yuan 2009; NCCL's "bus bandwidth"):
+    all-reduce of B bytes over n ranks        2 (n - 1) / n x B / bandwidth
+    reduce-scatter or all-gather              (n - 1) / n x B / bandwidth
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.model.gpt2 import Block
+from pretrain.model.presets import flops_per_token
+from pretrain.planner.hardware import Cluster
+from pretrain.planner.memory import RunShape, stage_layers, stage_parameters
+
+# Fraction of dense bf16 peak the matmuls reach (assumption; see the module docstring).
+COMPUTE_EFFICIENCY = 0.5
+# Eager PyTorch launches about 60 kernels per block for a forward and backward, at ~5 us
+# each: a fixed cost per block and micro-batch that small micro-batches pay many times.
+LAUNCH_SECONDS_PER_BLOCK = 60 * 5e-6
+
+
+def all_reduce_seconds(size_bytes: float, ranks: int, bandwidth_gbytes: float) -> float:
+    return 0.0 if ranks <= 1 else 2 * (ranks - 1) / ranks * size_bytes / (bandwidth_gbytes * 1e9)
+
+
+def gather_seconds(size_bytes: float, ranks: int, bandwidth_gbytes: float) -> float:
+    """A reduce-scatter or an all-gather."""
+    return 0.0 if ranks <= 1 else (ranks - 1) / ranks * size_bytes / (bandwidth_gbytes * 1e9)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute: float
+    """Forward, backward and recomputation of the slowest stage, all micro-batches."""
+    pipeline_bubble: float
+    """Idle time of the 1F1B schedule: (stages - 1) micro-batch slots."""
+    tensor_parallel: float
+    pipeline_transfers: float
+    data_parallel: float
+    optimizer: float
+    tokens_per_step: int
+    flops_per_token: int
+    world_size: int
+    peak_tflops: float
+
+    @property
+    def seconds(self) -> float:
+        return (self.compute + self.pipeline_bubble + self.tensor_parallel + self.pipeline_transfers
+                + self.data_parallel + self.optimizer)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_per_step / self.seconds
+
+    @property
+    def mfu(self) -> float:
+        return self.tokens_per_second * self.flops_per_token / (self.world_size * self.peak_tflops * 1e12)
+
+    def parts(self) -> dict:
+        names = ("compute", "pipeline_bubble", "tensor_parallel", "pipeline_transfers", "data_parallel", "optimizer")
+        return {name: getattr(self, name) for name in names}
+
+
+def _stage_flops_per_token(run: RunShape, layers: list[type], all_stages: list[list[type]]) -> float:
+    """Training FLOPs per token of one stage, whole (before TP splits it): the trainer's own count
+    (flops_per_token) shared out in proportion to 6 x the stage's parameters plus 12 C T per block,
+    plus a forward again (a third of a block's training FLOPs) for each recomputed block."""
+    model, T = run.model, run.sequence
+    C = model.n_embd
+    attention = 12 * C * T
+
+    def raw(stage_layers_: list[type]) -> float:
+        return 6 * stage_parameters(run, stage_layers_) + attention * sum(cls is Block for cls in stage_layers_)
+
+    share = flops_per_token(model, T) * raw(layers) / sum(raw(stage) for stage in all_stages)
+    blocks = sum(cls is Block for cls in layers)
+    every = run.activation_checkpointing
+    recomputed = blocks if every == 1 else (-(-blocks // every) if every > 1 else 0)
+    block = 6 * (12 * C * C + 13 * C) + attention
+    return share + recomputed * block / 3
+
+
+def step_time(run: RunShape, cluster: Cluster, efficiency: float = COMPUTE_EFFICIENCY) -> StepTime:
+    layout, model = run.layout, run.model
+    tp, pp, dp = layout.tensor_parallel_size, layout.pipeline_parallel_size, layout.data_parallel_size
+    micro_batches, gpn = layout.gradient_accumulation_steps, cluster.gpus_per_node
+    tokens_micro = layout.micro_batch_size * run.sequence
+    stages = stage_layers(run)
+    gpu = cluster.gpu
+    flops_second = gpu.bf16_tflops * 1e12 * efficiency
+    slowest = max(stages, key=lambda layers: _stage_flops_per_token(run, layers, stages))
+    blocks = sum(cls is Block for cls in slowest)
+    per_micro = (_stage_flops_per_token(run, slowest, stages) * tokens_micro / tp / flops_second
+                 + blocks * LAUNCH_SECONDS_PER_BLOCK)
+    # Tensor parallel: 2 all-reduces of the (tokens, C) activations in forward and 2 in backward per
+    # block (Shoeybi et al. 2019, figure 3), 2 more for a recomputed forward; 2 for embedding and head.
+    tp_bandwidth = cluster.bandwidth_gbytes(tp, spans_nodes=tp > gpn)
+    recomputed = blocks if run.activation_checkpointing else 0
+    tp_per_micro = (4 * blocks + 2 * recomputed + 2) * all_reduce_seconds(
+        tokens_micro * model.n_embd * run.weight_bytes, tp, tp_bandwidth)
+    # Pipeline: each micro-batch sends its activations forward and their gradient back per boundary.
+    pp_bandwidth = cluster.bandwidth_gbytes(pp, spans_nodes=tp * dp * pp > gpn)
+    pp_per_micro = 2 * tokens_micro * model.n_embd * run.weight_bytes / (pp_bandwidth * 1e9) if pp > 1 else 0.0
+    slots = micro_batches + pp - 1  # 1F1B: the last micro-batch leaves the first stage pp - 1 slots late
+    # Data parallel: ranks tp apart, within a node while tp x dp fits one.
+    dp_bandwidth = cluster.bandwidth_gbytes(dp, spans_nodes=tp * dp > gpn)
+    parameters = max(stage_parameters(run, layers) for layers in stages)
+    return StepTime(
+        compute=micro_batches * per_micro, pipeline_bubble=(pp - 1) * (per_micro + tp_per_micro),
+        tensor_parallel=micro_batches * tp_per_micro, pipeline_transfers=slots * pp_per_micro,
+        data_parallel=data_parallel_seconds(run, parameters, dp, dp_bandwidth),
+        # Adam reads and writes fp32 master weights, two moments and the gradient, and writes the
+        # model-dtype weights: about 36 bytes per parameter it owns, at HBM bandwidth.
+        optimizer=36 * parameters / (dp if layout.zero_stage else 1) / (gpu.memory_gbytes * 1e9),
+        tokens_per_step=layout.global_batch_size * run.sequence,
+        flops_per_token=flops_per_token(model, run.sequence), world_size=layout.world_size,
+        peak_tflops=gpu.bf16_tflops)
+
+
+def data_parallel_seconds(run: RunShape, parameters: int, dp: int, bandwidth: float) -> float:
+    """Gradient reduction and weight gathering per optimizer step (ZeRO paper, Rajbhandari et al.
+    2020, section 7: ZeRO-1/2 move the volume of one all-reduce, ZeRO-3 1.5 times that)."""
+    grad_bytes = 4 if run.precision == "fp32" or run.gradient_dtype == "fp32" else 2
+    weights = parameters * run.weight_bytes
+    micro_batches = run.layout.gradient_accumulation_steps
+    kind, stage = run.optimizer, run.layout.zero_stage
+    if stage == 0 or kind == "bf16_optimizer":  # all-reduce the gradients (then gather the updated slices)
+        gather = gather_seconds(weights, dp, bandwidth) if stage else 0.0
+        return all_reduce_seconds(parameters * grad_bytes, dp, bandwidth) + gather
+    if stage == 1:
+        return gather_seconds(parameters * grad_bytes, dp, bandwidth) + gather_seconds(weights, dp, bandwidth)
+    if stage == 2:  # gradients are reduce-scattered as backward produces them, every micro-batch
+        return micro_batches * gather_seconds(parameters * grad_bytes, dp, bandwidth) + gather_seconds(
+            weights, dp, bandwidth)
+    # ZeRO-3: weights gathered for forward and again for backward, gradients reduce-scattered, per micro-batch.
+    return micro_batches * (2 * gather_seconds(weights, dp, bandwidth)
+                            + gather_seconds(parameters * grad_bytes, dp, bandwidth))

@@ -1,0 +1,221 @@
+"""The layout planner: its refusals are the trainer's, its numbers follow their formulas, and its memory
+model predicts the peak memory real runs of this trainer reach (the slow test at the end)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.model.presets import model_config, parameter_count
+from pretrain.parallel.layout import ParallelLayout
+from pretrain.planner.hardware import Cluster, accelerator
+from pretrain.planner.measure import CASES, compare
+from pretrain.planner.memory import RunShape, estimate_memory, peak_memory, stage_layers, stage_parameters
+from pretrain.planner.search import plan_layouts, refusal
+from pretrain.planner.targets import target_model
+from pretrain.planner.timing import step_time
+from tests.conftest import REPO
+
+H100_NODES = Cluster(8, 8, accelerator("h100"))
+
+
+def run_shape(preset: str, world: int, tp=1, pp=1, zero=1, micro=1, global_batch=64, **kwargs) -> RunShape:
+    model = target_model(preset, tp)
+    return RunShape(model, ParallelLayout(world, tp, pp, zero, micro, global_batch), **kwargs)
+
+
+def plan_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/plan.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+# ---- the model's arithmetic -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pp", [1, 2, 4, 8])
+def test_stages_hold_the_whole_model_with_the_tied_head_on_the_last(pp):
+    run = run_shape("gpt2-1.5b", 64, pp=pp)
+    stages = stage_layers(run)
+    assert len(stages) == pp and all(stages)
+    total = sum(stage_parameters(run, layers) for layers in stages)
+    embedding = run.model.padded_vocab_size * run.model.n_embd
+    assert total == parameter_count(run.model, include_padding=True) + (embedding if pp > 1 else 0)
+
+
+def test_bytes_per_parameter_follow_each_optimizer_path():
+    """Mixed precision with ZeRO-1 over 8 ranks (BF16_Optimizer): 2 bytes of bf16 weights, 4 of fp32
+    gradients for the whole model, 12 / 8 of master weights and moments; fp32 without ZeRO: 4 + 4 + 8."""
+    mixed = estimate_memory(run_shape("gpt2-1.5b", 8, zero=1, global_batch=8))[0]
+    P = mixed.parts["local_parameters"]
+    assert (mixed.parameters, mixed.optimizer) == (2 * P, 12 * P // 8)
+    assert mixed.gradients >= 4 * P and mixed.parts["optimizer_path"] == "bf16_optimizer"
+    plain = estimate_memory(run_shape("gpt2-1.5b", 8, zero=0, global_batch=8, precision="fp32"))[0]
+    assert (plain.parameters, plain.optimizer) == (4 * P, 8 * P)
+    zero3 = estimate_memory(run_shape("gpt2-1.5b", 8, zero=3, global_batch=8))[0]
+    assert zero3.parameters == 2 * P // 8 and zero3.optimizer == 12 * P // 8
+
+
+def test_activation_checkpointing_and_tensor_parallelism_shrink_activations():
+    base = peak_memory(run_shape("gpt2-1.5b", 8, micro=8, global_batch=64))
+    checkpointed = peak_memory(run_shape("gpt2-1.5b", 8, micro=8, global_batch=64, activation_checkpointing=1))
+    assert checkpointed.activations < base.activations / 4
+    split = peak_memory(run_shape("gpt2-1.5b", 25, tp=25, micro=8, global_batch=8))  # 25 heads: TP 25 is valid
+    assert split.activations < base.activations / 2  # layer-norm inputs and outputs stay whole
+
+
+def test_the_first_pipeline_stage_holds_a_micro_batch_per_stage_in_flight():
+    run = run_shape("gpt2-1.5b", 64, pp=4, zero=1, micro=1, global_batch=256)
+    in_flight = [estimate.parts["micro_batches_in_flight"] for estimate in estimate_memory(run)]
+    assert in_flight == [4, 3, 2, 1]
+
+
+def test_step_time_parts_follow_their_formulas():
+    run = run_shape("gpt2-1.5b", 64, pp=4, micro=2, global_batch=512)
+    time = step_time(run, H100_NODES)
+    micro_batches = run.layout.gradient_accumulation_steps
+    per_slot = time.compute / micro_batches + time.tensor_parallel / micro_batches
+    assert time.pipeline_bubble == pytest.approx(3 * per_slot)  # (stages - 1) slots of the 1F1B schedule
+    assert 0 < time.mfu < 0.5  # never above the assumed efficiency of the matmuls
+    alone = step_time(run_shape("gpt2-1.5b", 1, global_batch=8, micro=8), Cluster(1, 1, accelerator("h100")))
+    assert alone.data_parallel == 0 and alone.pipeline_bubble == 0 and alone.tensor_parallel == 0
+
+
+def test_compute_time_counts_the_trainers_own_flops():
+    from pretrain.model.presets import flops_per_token
+    from pretrain.planner.timing import COMPUTE_EFFICIENCY, LAUNCH_SECONDS_PER_BLOCK
+
+    run = run_shape("gpt2-1.5b", 8, micro=4, global_batch=64)
+    time = step_time(run, Cluster(1, 8, accelerator("h100")))
+    tokens = 64 * run.sequence
+    expected = flops_per_token(run.model, run.sequence) * tokens / (8 * 989e12 * COMPUTE_EFFICIENCY)
+    launches = run.layout.gradient_accumulation_steps * run.model.n_layer * LAUNCH_SECONDS_PER_BLOCK
+    assert time.compute == pytest.approx(expected + launches, rel=1e-9)
+    checkpointed = step_time(run_shape("gpt2-1.5b", 8, micro=4, global_batch=64, activation_checkpointing=1),
+                             Cluster(1, 8, accelerator("h100")))
+    assert 1.25 < checkpointed.compute / time.compute < 1.34  # a block's forward again: about a third more
+
+
+def test_data_parallel_scales_weakly_across_nodes():
+    """More nodes, the same batch per GPU (llm.c's 128 sequences): tokens/s grows, by less than the node
+    count: the gradients cross the network instead of NVLink."""
+    def tokens_per_second(nodes: int) -> float:
+        world = nodes * 8
+        return step_time(run_shape("gpt2-1.5b", world, micro=8, global_batch=128 * world),
+                         Cluster(nodes, 8, accelerator("h100"))).tokens_per_second
+
+    one, eight = tokens_per_second(1), tokens_per_second(8)
+    assert 4 * one < eight < 8 * one
+
+
+# ---- refusals are the trainer's ---------------------------------------------------------------------------
+
+def test_gpt2_xl_heads_allow_tensor_parallel_1_5_or_25_only():
+    cluster = Cluster(5, 8, accelerator("h100"))  # 40 GPUs: a multiple of 2, 4, 5 and 8
+    for tp in (1, 5):
+        assert refusal(run_shape("gpt2-1.5b", 40, tp=tp, global_batch=40), cluster) is None
+    for tp in (2, 4, 8):
+        reason = refusal(RunShape(model_config("gpt2-1.5b", tp), ParallelLayout(40, tp, 1, 1, 1, 40)), cluster)
+        assert f"parallel.tensor_parallel_size={tp} does not divide the model's 25 attention heads; " \
+               "choose one of 1, 5, 25" in reason
+
+
+@pytest.mark.parametrize("shape, words", [
+    (dict(pp=2, zero=2), "cannot be combined with pipeline parallelism"),
+    (dict(pp=2, zero=3), "cannot be combined with pipeline parallelism"),
+    (dict(micro=3, global_batch=64), "is not a multiple of parallel.micro_batch_size"),
+    (dict(zero=0), "needs parallel.zero_stage >= 1"),
+])
+def test_impossible_layouts_are_refused_with_the_trainers_reason(shape, words):
+    assert words in refusal(run_shape("gpt2-124m", 8, **shape), Cluster(1, 8, accelerator("h100")))
+
+
+def test_a_model_too_big_for_the_gpus_gets_no_recommendation():
+    small = Cluster(1, 1, accelerator("h100"))
+    plan = plan_layouts(lambda tp: target_model("gpt3-175b", tp), small, 8)
+    assert plan.ranked and plan.recommended is None and not any(c.fits for c in plan.ranked)
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xl_plan() -> dict:
+    done = plan_tool("--preset", "gpt2-1.5b", "--nodes", "8", "--gpus-per-node", "8", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_json_ranks_every_layout_that_runs_with_memory_per_gpu(xl_plan):
+    layouts = xl_plan["layouts"]
+    fitting = [layout for layout in layouts if layout["fits"]]
+    assert fitting and xl_plan["recommended"] == fitting[0]
+    speeds = [layout["tokens_per_second"] for layout in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    for layout in layouts:
+        memory = layout["memory_gib"]
+        parts = ("parameters", "gradients", "optimizer", "activations", "buffers")
+        assert memory["total"] == pytest.approx(sum(memory[part] for part in parts))
+        assert layout["fits"] == (memory["total"] <= xl_plan["cluster"]["usable_gib"])
+        assert layout["tensor_parallel_size"] == 1  # 25 heads on 8-GPU nodes: TP 5 and 25 cannot divide 64 GPUs
+    examples = " | ".join(refused["example"] for refused in xl_plan["refused"])
+    assert "does not divide the model's 25 attention heads; choose one of 1, 5, 25" in examples
+    assert "cannot be combined with pipeline parallelism" in examples
+
+
+def test_the_recommendation_trains_as_printed(xl_plan, shards, tmp_path):
+    """The --set line the planner prints is accepted by the trainer's own check for that many ranks."""
+    settings = xl_plan["recommended"]["settings"]
+    done = subprocess.run([sys.executable, "-m", "pretrain", "--config", "configs/gpt2-1.5b.yaml", "--check",
+                           "--world-size", "64", "--set", f"run.dir={tmp_path}", f"data.prefixes=[{shards}]",
+                           *settings],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ok: 64 ranks" in done.stdout
+
+
+def test_check_mode_predicts_one_config_and_says_whether_it_fits():
+    fits = plan_tool("--config", "configs/gpt2-124m.yaml", "--nodes", "1", "--gpus-per-node", "8")
+    assert fits.returncode == 0, fits.stderr
+    assert "stage 0: parameters" in fits.stdout and "fits: peak" in fits.stdout
+    too_big = plan_tool("--config", "configs/gpt2-124m.yaml", "--set", "parallel.micro_batch_size=128",
+                        "parallel.global_batch_size=1024",
+                        "--gpu", "a100-40gb", "--nodes", "1", "--gpus-per-node", "8")
+    assert too_big.returncode == 1 and "does NOT fit" in too_big.stdout
+    refused = plan_tool("--config", "configs/gpt2-1.5b.yaml", "--set", "parallel.tensor_parallel_size=4")
+    assert refused.returncode == 2
+    assert "parallel.tensor_parallel_size=4 does not divide the model's 25 attention heads" in refused.stdout
+
+
+def test_bad_arguments_are_one_line_errors():
+    for args, words in ((["--preset", "gpt2-huge"], "--preset 'gpt2-huge' is not one of"),
+                        (["--preset", "gpt2-124m", "--set", "a=1"], "--set goes with --config"),
+                        (["--preset", "gpt2-124m", "--efficiency", "2"], "--efficiency 2.0 must be in (0, 1]"),
+                        (["--config", "no/such.yaml"], "cannot be read")):
+        done = plan_tool(*args)
+        assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
+
+
+def test_paper_scale_needs_tensor_and_pipeline_parallelism():
+    done = plan_tool("--preset", "gpt3-175b", "--nodes", "128", "--gpus-per-node", "8", "--json")
+    plan = json.loads(done.stdout)
+    best = plan["recommended"]
+    assert done.returncode == 0 and best is not None
+    assert best["tensor_parallel_size"] > 1 and best["pipeline_parallel_size"] > 1
+    assert best["tensor_parallel_size"] <= 8  # within a node
+    assert best["memory_gib"]["total"] <= plan["cluster"]["usable_gib"]
+
+
+# ---- predicted against measured ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def baselines() -> dict:
+    return {}  # (ranks, precision) -> measured process baseline, shared by the cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_predicted_peak_memory_is_within_20_percent_of_a_real_run(case, shards, tmp_path_factory, baselines):
+    result = compare(case, shards, tmp_path_factory.mktemp("plan"), baselines)
+    assert abs(result["error"]) <= 0.20, result
+    assert result["model_gib"] > result["baseline_gib"] / 2, "the case must exercise the model, not the baseline"
