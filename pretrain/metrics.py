@@ -13,15 +13,11 @@ import torch
 
 log = logging.getLogger("pretrain")
 
-# bf16 dense peak TFLOP/s by device-name fragment (vendor data sheets), for MFU.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
 def device_peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for fragment, peak in PEAK_BF16_TFLOPS.items() if fragment in name), None)
+    """Dense bf16 peak of this GPU, for MFU (the planner's table of data-sheet figures); None if unknown."""
+    from pretrain.planner.hardware import peak_tflops_by_device_name
+
+    return peak_tflops_by_device_name(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def memory_gib() -> float:

@@ -29,6 +29,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.data import build_datasets, micro_batches, resolve_blend
 from pretrain.evaluation import EvaluationError
 from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
+from pretrain.model.gpt2 import GPTConfig
 from pretrain.model.presets import flops_per_token, parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, apply_compile, build_model
@@ -106,10 +107,10 @@ class RunPlan:
     tasks: list[TrainingTask]
 
 
-def plan_run(config: Config, world_size: int) -> RunPlan:
-    """Validate the settings that can be checked without processes (layout against the
-    model and world size, precision, tokenizer, data prefixes); raise the one-line error
-    that names the setting. `python -m pretrain --check` runs only this."""
+def check_settings(config: Config, world_size: int, on_gpu: bool | None = None) -> tuple[GPTConfig, ParallelLayout]:
+    """The checks of the model, layout, precision and DeepSpeed settings alone (no files read):
+    the model and layout, or the one-line error that names the setting. tools/plan.py --config
+    runs these for the GPUs it plans for (`on_gpu`; default: this machine)."""
     tp = config.parallel.tensor_parallel_size
     model_config = config.model.gpt_config(tp)
     layout = ParallelLayout(
@@ -125,8 +126,16 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
         raise ConfigError("train.compile=true is tested with parallel.zero_stage <= 2 and "
                           "parallel.tensor_parallel_size=1 only (ZeRO-3 gathers parameters inside the blocks; "
                           "megatron-core's tensor-parallel layers communicate in backward); set train.compile=false")
-    if config.train.precision == "fp16" and not wants_gpu():
+    if config.train.precision == "fp16" and not (wants_gpu() if on_gpu is None else on_gpu):
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
+    return model_config, layout
+
+
+def plan_run(config: Config, world_size: int) -> RunPlan:
+    """Validate the settings that can be checked without processes (layout against the
+    model and world size, precision, tokenizer, data prefixes); raise the one-line error
+    that names the setting. `python -m pretrain --check` runs only this."""
+    model_config, layout = check_settings(config, world_size)
     if config.train.distributed_timeout_minutes <= 0:
         raise ConfigError(f"train.distributed_timeout_minutes={config.train.distributed_timeout_minutes} must be positive")
     if config.train.exit_after_minutes < 0:

@@ -29,10 +29,13 @@ communication by stated formulas (pretrain/planner/timing.py); it has not been m
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Planning needs no accelerator; DeepSpeed would otherwise probe for one and say so on stdout.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from tools.cli import OneLineErrorParser, positive  # noqa: E402
 
@@ -66,6 +69,15 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.set and not args.config:
         parser.error("--set goes with --config")
+    if args.config:
+        search_only = [flag for flag, given in (("--precision", args.precision != "bf16"),
+                                                 ("--gradient-dtype", args.gradient_dtype != "fp32"),
+                                                 ("--sequence", args.sequence), ("--top", args.top != 10),
+                                                 ("--global-batch-tokens", args.global_batch_tokens)) if given]
+        if search_only:
+            parser.error(f"{', '.join(search_only)} go(es) with --preset; with --config, set the run's own keys "
+                         "with --set (train.precision, train.gradient_dtype, model.n_positions, "
+                         "parallel.global_batch_size)")
     if not 0 < args.efficiency <= 1:
         parser.error(f"--efficiency {args.efficiency} must be in (0, 1]")
     if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:

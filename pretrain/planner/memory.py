@@ -5,10 +5,11 @@ loss head in loss.py) and the DeepSpeed optimizer the engine picks for the setti
 (DeepSpeedEngine._do_optimizer_sanity_check, DeepSpeed 0.19):
 
     ZeRO-0, fp32            torch's AdamW as it is: fp32 weights, gradients, two moments
-    ZeRO-0, bf16            FP16_Optimizer / BF16_Optimizer: bf16 weights and gradients, fp32
-                            master weights and moments, whole on every rank
-    ZeRO-1, bf16 + fp32     BF16_Optimizer: bf16 weights, an fp32 gradient buffer for the whole
-      gradients             local model, master weights and moments split over data parallel
+    ZeRO-0, bf16            FP16_UnfusedOptimizer (torch's AdamW is not a fused optimizer): bf16
+                            weights and gradients, fp32 master weights and moments, whole
+    ZeRO-1, bf16 + fp32     BF16_Optimizer: bf16 weights, a gradient buffer for the whole local
+      gradients; or ZeRO-0  model (fp32, or bf16 at ZeRO-0), master weights and moments split
+      with a pipeline, bf16 over data parallel
     ZeRO-1/2 otherwise      DeepSpeedZeroOptimizer: master weights and moments split; ZeRO-2 also
                             splits the gradients; a reduce bucket of reduce_bucket_size elements
     ZeRO-3                  DeepSpeedZeroOptimizer_Stage3: weights split as well (gathered layer by
@@ -35,9 +36,12 @@ from pretrain.parallel.layout import ParallelLayout
 from pretrain.parallel.pipeline import layer_parameter_counts
 
 GIB = 2**30
+# The class DeepSpeed wraps the optimizer in, for each path (checked in tests/pretrain/test_numerics.py).
+DEEPSPEED_CLASSES = {"torch": "SkipNonFiniteAdamW", "mixed_whole": "FP16_UnfusedOptimizer",
+                     "bf16_optimizer": "BF16_Optimizer", "zero12": "DeepSpeedZeroOptimizer",
+                     "zero3": "DeepSpeedZeroOptimizer_Stage3"}
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py), in elements; the trainer keeps them.
 REDUCE_BUCKET_SIZE = 500_000_000
-ALLREDUCE_BUCKET_SIZE = 500_000_000
 STAGE3_PREFETCH_BUCKET_SIZE = 50_000_000
 
 
@@ -64,10 +68,12 @@ class RunShape:
     @property
     def optimizer(self) -> str:
         """The DeepSpeed optimizer path (see the module docstring)."""
-        stage = self.layout.zero_stage
+        stage, bf16 = self.layout.zero_stage, self.precision == "bf16"
         if stage == 0:
-            return "torch" if self.precision == "fp32" else "mixed_whole"
-        if stage == 1 and self.precision == "bf16" and self.gradient_dtype == "fp32":
+            if not bf16:
+                return "torch"
+            return "bf16_optimizer" if self.layout.pipeline_parallel_size > 1 else "mixed_whole"
+        if stage == 1 and bf16 and self.gradient_dtype == "fp32":
             return "bf16_optimizer"
         return "zero3" if stage == 3 else "zero12"
 
@@ -151,23 +157,29 @@ def block_activation_bytes(run: RunShape, tokens: int) -> int:
     return tokens * (4 * C * w + 13 * C // tp * w + run.model.n_head // tp * 4)
 
 
-def loss_head_bytes(run: RunShape, tokens: int) -> tuple[int, int]:
+def loss_head_bytes(run: RunShape, tokens: int, resident: bool = False) -> tuple[int, int]:
     """(kept until backward, peak while a chunk is computed) for the loss head of loss.py.
 
     Kept: the gradient for the hidden states (model dtype) and an fp32 gradient for this rank's
-    embedding slice, both computed in forward. The chunk: its logits in the model dtype, their
-    fp32 copy (the same tensor in fp32) worked on in place, the gradient cast back to the model
-    dtype, and the product grad_logits.T @ chunk before it is added to the fp32 gradient.
+    embedding slice, both computed in forward. The chunk: its logits in the model dtype, then
+    their fp32 copy, worked on in place into the softmax, which is cast back to the model dtype
+    as the logits' gradient (fp32 + model dtype at once), and the product grad_logits.T @ chunk
+    before it is added to the fp32 gradient. On a CPU (`resident`), oneDNN computes that bf16
+    product into an fp32 buffer from a contiguous copy of the transposed gradient (measured: 110
+    MiB at the peak for a 37 MiB (50304, 384) bf16 result).
     """
     C, w = run.model.n_embd, run.weight_bytes
     vocab = run.model.padded_vocab_size // run.layout.tensor_parallel_size
     kept = tokens * C * w + vocab * C * 4
     chunk = min(tokens, max(1, CHUNK_ELEMENTS // vocab))
-    per_logit = 4 if w == 4 else w + 4 + w
-    return kept, chunk * vocab * per_logit + vocab * C * w
+    per_logit = 4 if w == 4 else 4 + w
+    product = vocab * C * w
+    if resident and w == 2:
+        product += vocab * C * 4 + chunk * vocab * w
+    return kept, chunk * vocab * per_logit + product
 
 
-def activation_bytes(run: RunShape, layers: list[type], stage: int) -> dict:
+def activation_bytes(run: RunShape, layers: list[type], stage: int, resident: bool = False) -> dict:
     """What a stage's forward and backward hold besides weights and gradients, in bytes:
     `saved` for every in-flight micro-batch, the loss head's `loss_chunk` (last stage, at the
     loss), and a `recomputed_block`'s full set in backward under activation checkpointing."""
@@ -182,7 +194,7 @@ def activation_bytes(run: RunShape, layers: list[type], stage: int) -> dict:
     per_micro = (blocks - checkpointed) * full_block + checkpointed * tokens * model.n_embd * w
     if WordEmbedding in layers[:1]:
         per_micro += tokens * 8  # token ids, int64
-    kept, chunk = loss_head_bytes(run, tokens) if FinalNorm in layers else (0, 0)
+    kept, chunk = loss_head_bytes(run, tokens, resident) if FinalNorm in layers else (0, 0)
     if FinalNorm in layers:
         per_micro += tokens * model.n_embd * w + kept  # final norm input, loss head
     if layout.pipeline_parallel_size > 1:
@@ -205,18 +217,23 @@ def optimizer_bytes(run: RunShape, P: int, bucket: int, biggest_layer: int) -> d
     the one temporary per tensor of torch's foreach Adam (the square root of the second moment)."""
     dp, w, stage = run.layout.data_parallel_size, run.weight_bytes, run.layout.zero_stage
     kind = run.optimizer
-    if kind == "torch":
-        flatten = 4 * min(P, ALLREDUCE_BUCKET_SIZE) if dp > 1 else 0  # gradients flattened for the all-reduce
-        return dict(weights=4 * P, optimizer=8 * P, held_gradients=0, accumulated=4 * P, bucket=0,
-                    step=4 * P + flatten)
+    if kind == "torch":  # (the flat copy the gradients are all-reduced in is freed before the step)
+        return dict(weights=4 * P, optimizer=8 * P, held_gradients=0, accumulated=4 * P, bucket=0, step=4 * P)
     if kind == "mixed_whole":
         return dict(weights=2 * P, optimizer=12 * P, held_gradients=0, accumulated=2 * P, bucket=0, step=8 * P)
-    if kind == "bf16_optimizer":
-        return dict(weights=2 * P, optimizer=12 * P // dp, held_gradients=4 * P, accumulated=0, bucket=0,
-                    step=4 * P // dp)
-    if kind == "zero12":  # ZeRO-1 stages the fp32 accumulator in the bucket; ZeRO-2 the model dtype
+    if kind == "bf16_optimizer":  # the step reads an fp32 copy of a bf16 gradient partition
+        gradients = 4 if run.gradient_dtype == "fp32" else 2
+        return dict(weights=2 * P, optimizer=12 * P // dp, held_gradients=gradients * P, accumulated=0, bucket=0,
+                    step=4 * P // dp if gradients == 4 else 8 * P // dp)
+    if kind == "zero12":
+        # ZeRO-1 keeps the gradients whole in param.grad (model dtype: bf16 accumulation reaches this
+        # path only with bf16 gradients); ZeRO-2 reduces them into its partition, in fp32 when
+        # train.gradient_dtype is. The bucket stages gradients in the model dtype.
+        # When the bucket is reduced it is copied flat, and once more into fp32 for an fp32 reduction.
+        accumulation = 4 if run.gradient_dtype == "fp32" else w
+        flat = min(bucket, P) * (w + (4 if w < 4 and run.gradient_dtype == "fp32" else 0))
         return dict(weights=w * P, optimizer=12 * P // dp, held_gradients=0,
-                    accumulated=w * P // dp if stage == 2 else w * P, bucket=bucket * (w if stage == 2 else 4),
+                    accumulated=accumulation * P // dp if stage == 2 else w * P, bucket=bucket * w + flat,
                     step=8 * P // dp)
     # ZeRO-3: weights split too, gathered for each layer's forward and backward while the next
     # prefetch bucket's worth arrives; an fp32 gradient partition and the reduce bucket from start-up on.
@@ -243,7 +260,7 @@ def estimate_stage(run: RunShape, stage: int, resident: bool = False) -> MemoryE
     bucket = min(run.reduce_bucket_size, P) if resident else run.reduce_bucket_size
     counts = layer_parameter_counts(run.model, run.layout.tensor_parallel_size)
     path = optimizer_bytes(run, P, bucket, max(counts[cls] for cls in layers))
-    act = activation_bytes(run, layers, stage)
+    act = activation_bytes(run, layers, stage, resident)
     several = run.layout.gradient_accumulation_steps > 1
     accumulated = path["accumulated"] if several else 0
     backward_activations = act["recomputed_block"] + (0 if resident else act["saved"])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from pretrain.planner.hardware import Cluster
 from pretrain.planner.memory import GIB, RunShape, estimate_memory
 from pretrain.planner.search import (
-    Candidate, Plan, describe, evaluate, plan_layouts, refusal, usable_gib, why_recommended,
+    Candidate, Plan, describe, evaluate, plan_layouts, usable_gib, why_recommended,
 )
 from pretrain.planner.targets import default_batch_tokens, known_targets, target_model
 
@@ -82,26 +83,27 @@ def print_plan(plan: Plan, top: int, too_big: int) -> None:
 
 
 def run_from_config(config, cluster: Cluster) -> RunShape:
-    from pretrain.parallel.layout import ParallelLayout
+    """The run a config describes on `cluster`, after the trainer's own checks of its settings
+    (pretrain.trainer.check_settings, for GPUs); a ConfigError or LayoutError names the setting."""
     from pretrain.planner.memory import REDUCE_BUCKET_SIZE
+    from pretrain.trainer import check_settings
 
-    parallel = config.parallel
-    layout = ParallelLayout(cluster.world_size, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
-                            parallel.zero_stage, parallel.micro_batch_size, parallel.global_batch_size)
+    model, layout = check_settings(config, cluster.world_size, on_gpu=True)
     bucket = config.deepspeed.get("zero_optimization", {}).get("reduce_bucket_size", REDUCE_BUCKET_SIZE)
-    return RunShape(config.model.gpt_config(parallel.tensor_parallel_size), layout, config.train.precision,
-                    config.train.gradient_dtype, config.model.activation_checkpointing,
-                    config.model.partition_method, int(bucket))
+    return RunShape(model, layout, config.train.precision, config.train.gradient_dtype,
+                    config.model.activation_checkpointing, config.model.partition_method, int(bucket))
 
 
 def check_config(args, cluster: Cluster) -> int:
     from pretrain.config import load_config
+    from pretrain.parallel.layout import LayoutError
+    from pretrain.planner.timing import spans_nodes
 
     config = load_config(args.config, args.set)
-    run = run_from_config(config, cluster)
-    reason = refusal(run, cluster)
-    if reason:
-        print(f"error: the trainer would refuse this run on {cluster.world_size} GPUs: {reason}")
+    try:
+        run = run_from_config(config, cluster)
+    except (ValueError, LayoutError) as error:  # ConfigError is a ValueError
+        print(f"error: the trainer would refuse this run on {cluster.world_size} GPUs: {error}", file=sys.stderr)
         return 2
     candidate = evaluate(run, cluster, args.efficiency)
     stages = estimate_memory(run)
@@ -111,6 +113,9 @@ def check_config(args, cluster: Cluster) -> int:
                                                             for s in stages]}))
         return 0 if candidate.fits else 1
     print(f"{args.config}: {describe(candidate)}, on {cluster.world_size} x {cluster.gpu.name}")
+    if spans_nodes(run.layout.tensor_parallel_size, cluster.gpus_per_node):
+        print(f"note: tensor-parallel groups of {run.layout.tensor_parallel_size} cross the nodes of "
+              f"{cluster.gpus_per_node} GPUs; their all-reduces, every layer, go over the network")
     print(f"memory per GPU, GiB (usable {usable_gib(cluster):.1f}):")
     for stage in stages:
         gib = stage.gib()

@@ -66,19 +66,13 @@ def evaluate(run: RunShape, cluster: Cluster, efficiency: float = COMPUTE_EFFICI
     return Candidate(run, memory, step_time(run, cluster, efficiency), memory.total / GIB <= usable_gib(cluster))
 
 
-def refusal(run: RunShape, cluster: Cluster) -> str | None:
-    """Why this layout cannot run (the trainer's own checks first), or None."""
+def refusal(run: RunShape) -> str | None:
+    """Why the trainer would refuse this layout (its own checks), or None."""
     try:
         run.layout.validate(run.model)
     except LayoutError as error:
         return str(error)
-    reason = gradient_dtype_refusal(run.precision, run.gradient_dtype, run.layout.zero_stage)
-    if reason:
-        return reason
-    if run.layout.tensor_parallel_size > cluster.gpus_per_node:
-        return (f"parallel.tensor_parallel_size={run.layout.tensor_parallel_size} spans nodes of "
-                f"{cluster.gpus_per_node} GPUs: tensor parallelism all-reduces every layer, over the network then")
-    return None
+    return gradient_dtype_refusal(run.precision, run.gradient_dtype, run.layout.zero_stage)
 
 
 def _divisors(n: int) -> list[int]:
@@ -130,7 +124,7 @@ def plan_layouts(model_for_tp, cluster: Cluster, global_batch_size: int, precisi
                  efficiency: float = COMPUTE_EFFICIENCY, gradient_dtype: str = "fp32") -> Plan:
     ranked, refused, examples = [], Counter(), {}
     for run in candidate_runs(model_for_tp, cluster, global_batch_size, precision, gradient_dtype):
-        reason = refusal(run, cluster)
+        reason = refusal(run)
         if reason:
             kind = _reason_kind(reason)
             refused[kind] += 1

@@ -71,7 +71,7 @@ class StepTime:
         return {name: getattr(self, name) for name in names}
 
 
-def _stage_flops_per_token(run: RunShape, layers: list[type], all_stages: list[list[type]]) -> float:
+def _stage_flops_per_token(run: RunShape, index: int, all_stages: list[list[type]]) -> float:
     """Training FLOPs per token of one stage, whole (before TP splits it): the trainer's own count
     (flops_per_token) shared out in proportion to 6 x the stage's parameters plus 12 C T per block,
     plus a forward again (a third of a block's training FLOPs) for each recomputed block."""
@@ -79,15 +79,25 @@ def _stage_flops_per_token(run: RunShape, layers: list[type], all_stages: list[l
     C = model.n_embd
     attention = 12 * C * T
 
-    def raw(stage_layers_: list[type]) -> float:
-        return 6 * stage_parameters(run, stage_layers_) + attention * sum(cls is Block for cls in stage_layers_)
-
-    share = flops_per_token(model, T) * raw(layers) / sum(raw(stage) for stage in all_stages)
-    blocks = sum(cls is Block for cls in layers)
-    every = run.activation_checkpointing
-    recomputed = blocks if every == 1 else (-(-blocks // every) if every > 1 else 0)
     block = 6 * (12 * C * C + 13 * C) + attention
-    return share + recomputed * block / 3
+    head = 6 * model.padded_vocab_size * C  # the tied embedding's matmul; its lookup on stage 0 costs none
+
+    def raw(index: int) -> float:
+        return sum(cls is Block for cls in all_stages[index]) * block + (head if index == len(all_stages) - 1 else 0)
+
+    share = flops_per_token(model, T) * raw(index) / sum(raw(i) for i in range(len(all_stages)))
+    return share + recomputed_blocks(run, all_stages[index]) * block / 3
+
+
+def recomputed_blocks(run: RunShape, layers: list[type]) -> int:
+    """Blocks of a stage that activation checkpointing runs forward twice (every k-th, counted from 0)."""
+    blocks, every = sum(cls is Block for cls in layers), run.activation_checkpointing
+    return blocks if every == 1 else (-(-blocks // every) if every > 1 else 0)
+
+
+def spans_nodes(extent: int, gpus_per_node: int) -> bool:
+    """Whether a group whose ranks fill blocks of `extent` consecutive ranks crosses a node boundary."""
+    return extent > gpus_per_node or gpus_per_node % extent != 0
 
 
 def step_time(run: RunShape, cluster: Cluster, efficiency: float = COMPUTE_EFFICIENCY) -> StepTime:
@@ -98,22 +108,23 @@ def step_time(run: RunShape, cluster: Cluster, efficiency: float = COMPUTE_EFFIC
     stages = stage_layers(run)
     gpu = cluster.gpu
     flops_second = gpu.bf16_tflops * 1e12 * efficiency
-    slowest = max(stages, key=lambda layers: _stage_flops_per_token(run, layers, stages))
+    index = max(range(pp), key=lambda i: _stage_flops_per_token(run, i, stages))
+    slowest = stages[index]
     blocks = sum(cls is Block for cls in slowest)
-    per_micro = (_stage_flops_per_token(run, slowest, stages) * tokens_micro / tp / flops_second
+    per_micro = (_stage_flops_per_token(run, index, stages) * tokens_micro / tp / flops_second
                  + blocks * LAUNCH_SECONDS_PER_BLOCK)
     # Tensor parallel: 2 all-reduces of the (tokens, C) activations in forward and 2 in backward per
     # block (Shoeybi et al. 2019, figure 3), 2 more for a recomputed forward; 2 for embedding and head.
-    tp_bandwidth = cluster.bandwidth_gbytes(tp, spans_nodes=tp > gpn)
-    recomputed = blocks if run.activation_checkpointing else 0
+    tp_bandwidth = cluster.bandwidth_gbytes(tp, spans_nodes=spans_nodes(tp, gpn))
+    recomputed = recomputed_blocks(run, slowest)
     tp_per_micro = (4 * blocks + 2 * recomputed + 2) * all_reduce_seconds(
         tokens_micro * model.n_embd * run.weight_bytes, tp, tp_bandwidth)
     # Pipeline: each micro-batch sends its activations forward and their gradient back per boundary.
-    pp_bandwidth = cluster.bandwidth_gbytes(pp, spans_nodes=tp * dp * pp > gpn)
+    pp_bandwidth = cluster.bandwidth_gbytes(pp, spans_nodes=spans_nodes(tp * dp * pp, gpn))
     pp_per_micro = 2 * tokens_micro * model.n_embd * run.weight_bytes / (pp_bandwidth * 1e9) if pp > 1 else 0.0
     slots = micro_batches + pp - 1  # 1F1B: the last micro-batch leaves the first stage pp - 1 slots late
-    # Data parallel: ranks tp apart, within a node while tp x dp fits one.
-    dp_bandwidth = cluster.bandwidth_gbytes(dp, spans_nodes=tp * dp > gpn)
+    # Data parallel: ranks tp apart (megatron-core's order: tensor, then data, then pipeline).
+    dp_bandwidth = cluster.bandwidth_gbytes(dp, spans_nodes=spans_nodes(tp * dp, gpn))
     parameters = max(stage_parameters(run, layers) for layers in stages)
     return StepTime(
         compute=micro_batches * per_micro, pipeline_bubble=(pp - 1) * (per_micro + tp_per_micro),
@@ -128,8 +139,10 @@ def step_time(run: RunShape, cluster: Cluster, efficiency: float = COMPUTE_EFFIC
 
 
 def data_parallel_seconds(run: RunShape, parameters: int, dp: int, bandwidth: float) -> float:
-    """Gradient reduction and weight gathering per optimizer step (ZeRO paper, Rajbhandari et al.
-    2020, section 7: ZeRO-1/2 move the volume of one all-reduce, ZeRO-3 1.5 times that)."""
+    """Gradient reduction and weight gathering per optimizer step. The ZeRO paper (Rajbhandari et al.
+    2020, section 7) has ZeRO-1/2 reduce-scatter the gradients; DeepSpeed 0.19 all-reduces each
+    bucket instead (use_multi_rank_bucket_allreduce, on by default), then all-gathers the updated
+    weights. ZeRO-3 gathers the weights for forward and for backward and reduce-scatters the gradients."""
     grad_bytes = 4 if run.precision == "fp32" or run.gradient_dtype == "fp32" else 2
     weights = parameters * run.weight_bytes
     micro_batches = run.layout.gradient_accumulation_steps
@@ -138,9 +151,9 @@ def data_parallel_seconds(run: RunShape, parameters: int, dp: int, bandwidth: fl
         gather = gather_seconds(weights, dp, bandwidth) if stage else 0.0
         return all_reduce_seconds(parameters * grad_bytes, dp, bandwidth) + gather
     if stage == 1:
-        return gather_seconds(parameters * grad_bytes, dp, bandwidth) + gather_seconds(weights, dp, bandwidth)
-    if stage == 2:  # gradients are reduce-scattered as backward produces them, every micro-batch
-        return micro_batches * gather_seconds(parameters * grad_bytes, dp, bandwidth) + gather_seconds(
+        return all_reduce_seconds(parameters * grad_bytes, dp, bandwidth) + gather_seconds(weights, dp, bandwidth)
+    if stage == 2:  # gradients are reduced as backward produces them, every micro-batch
+        return micro_batches * all_reduce_seconds(parameters * grad_bytes, dp, bandwidth) + gather_seconds(
             weights, dp, bandwidth)
     # ZeRO-3: weights gathered for forward and again for backward, gradients reduce-scattered, per micro-batch.
     return micro_batches * (2 * gather_seconds(weights, dp, bandwidth)

@@ -13,6 +13,7 @@ from pretrain.model.gpt2 import GPT2, GPTConfig
 from pretrain.parallel.distributed import free_port, model_parallel_config
 from pretrain.parallel.engine import deepspeed_config, loss_scale
 from pretrain.parallel.layout import ParallelLayout
+from pretrain.planner.memory import DEEPSPEED_CLASSES, RunShape
 
 MICRO_BATCHES = 64
 
@@ -154,6 +155,9 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_everywhere_deciding_on
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     for case in CASES:
         wrapper, record = ranks[0][case]
+        precision, gradient_dtype, zero_stage = case  # the planner's memory model knows which wrapper it gets
+        shape = RunShape(GPTConfig(), ParallelLayout(2, zero_stage=zero_stage), precision, gradient_dtype)
+        assert DEEPSPEED_CLASSES[shape.optimizer] == wrapper, case
         for rank_results in ranks:
             steps = rank_results[case][1]
             assert [skipped for skipped, *_ in steps] == [False, True, False], (case, wrapper)
