@@ -229,9 +229,10 @@ def optimizer_bytes(run: RunShape, P: int, bucket: int, biggest_layer: int) -> d
         # ZeRO-1 keeps the gradients whole in param.grad (model dtype: bf16 accumulation reaches this
         # path only with bf16 gradients); ZeRO-2 reduces them into its partition, in fp32 when
         # train.gradient_dtype is. The bucket stages gradients in the model dtype.
-        # When the bucket is reduced it is copied flat, and once more into fp32 for an fp32 reduction.
+        # The bucket is reduced in place (average_tensor), through an fp32 copy when the reduction is
+        # in fp32 and the gradients are not (engine.py sets communication_data_type = gradient_dtype).
         accumulation = 4 if run.gradient_dtype == "fp32" else w
-        flat = min(bucket, P) * (w + (4 if w < 4 and run.gradient_dtype == "fp32" else 0))
+        flat = min(bucket, P) * 4 if w < 4 and run.gradient_dtype == "fp32" else 0
         return dict(weights=w * P, optimizer=12 * P // dp, held_gradients=0,
                     accumulated=accumulation * P // dp if stage == 2 else w * P, bucket=bucket * w + flat,
                     step=8 * P // dp)
@@ -264,10 +265,14 @@ def estimate_stage(run: RunShape, stage: int, resident: bool = False) -> MemoryE
     several = run.layout.gradient_accumulation_steps > 1
     accumulated = path["accumulated"] if several else 0
     backward_activations = act["recomputed_block"] + (0 if resident else act["saved"])
+    moved = run.optimizer == "zero12" and run.layout.pipeline_parallel_size == 1
     moments = {
         "forward": (accumulated, act["saved"] + act["loss_chunk"]),
         "backward": (accumulated, path["bucket"] + backward_activations),
-        "optimizer step": (path["accumulated"] + path["step"], path["bucket"] if resident else 0),
+        # ZeRO-1/2 have moved the gradients into the bucket and their partition by then, except under
+        # a pipeline, whose engine reduces them after backward (reduce_gradients(pipeline_parallel=True))
+        # and leaves param.grad until the step. On a CPU the bucket's pages stay resident.
+        "optimizer step": ((0 if moved else path["accumulated"]) + path["step"], path["bucket"] if resident else 0),
     }
     moment = max(moments, key=lambda name: sum(moments[name]))
     gradients, transient = moments[moment]
