@@ -265,6 +265,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 loaded = yaml.safe_load(f) or {}
         except OSError as error:
             raise ConfigError(f"the config file {path} cannot be read: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ConfigError(f"the config file {path} is not valid YAML{at}: "
+                              f"{getattr(error, 'problem', None) or error}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections")
         _apply(config, loaded)

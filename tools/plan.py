@@ -29,6 +29,7 @@ communication by stated formulas (pretrain/planner/timing.py); it has not been m
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -80,8 +81,16 @@ def parse_args(argv=None):
                          "parallel.global_batch_size)")
     if not 0 < args.efficiency <= 1:
         parser.error(f"--efficiency {args.efficiency} must be in (0, 1]")
-    if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
-        parser.error(f"--gpu-memory-gib {args.gpu_memory_gib} must be positive")
+    from pretrain.planner.search import CONTEXT_GIB, FRAGMENTATION
+
+    smallest = CONTEXT_GIB / (1 - FRAGMENTATION)
+    if args.gpu_memory_gib is not None and not (math.isfinite(args.gpu_memory_gib) and args.gpu_memory_gib > smallest):
+        parser.error(f"--gpu-memory-gib {args.gpu_memory_gib} must be a number above {smallest:.2f} "
+                     f"(the planner keeps {CONTEXT_GIB:g} GiB for the CUDA context and {FRAGMENTATION:.0%} headroom)")
+    if not (math.isfinite(args.interconnect_gbps) and args.interconnect_gbps > 0):
+        parser.error(f"--interconnect-gbps {args.interconnect_gbps} must be a positive number")
+    if not math.isfinite(args.efficiency):
+        parser.error(f"--efficiency {args.efficiency} must be in (0, 1]")
     return args
 
 

@@ -15,6 +15,8 @@ class Accelerator:
     memory_gib: float
     bf16_tflops: float
     """Dense bf16 peak, TFLOP/s: what MFU is measured against."""
+    fp32_tflops: float
+    """fp32 peak without tensor cores (torch leaves TF32 off for matmuls by default), TFLOP/s."""
     intra_node_gbytes: float
     """GB/s one GPU sends to its node's peers (NVLink per direction; PCIe where there is none)."""
     memory_gbytes: float
@@ -22,17 +24,17 @@ class Accelerator:
 
 
 ACCELERATORS = {
-    # H100 SXM5 80GB: 989 TFLOP/s bf16 dense, NVLink 4 900 GB/s bidirectional, HBM3 3.35 TB/s.
-    "h100": Accelerator("H100 SXM 80GB", 80.0, 989.0, 450.0, 3350.0),
+    # H100 SXM5 80GB: 989 TFLOP/s bf16 dense, 67 fp32, NVLink 4 900 GB/s bidirectional, HBM3 3.35 TB/s.
+    "h100": Accelerator("H100 SXM 80GB", 80.0, 989.0, 67.0, 450.0, 3350.0),
     # H200 SXM 141GB: the H100's compute with HBM3e, 4.8 TB/s.
-    "h200": Accelerator("H200 SXM 141GB", 141.0, 989.0, 450.0, 4800.0),
-    # A100 SXM4 80GB / 40GB: 312 TFLOP/s bf16 dense, NVLink 3 600 GB/s bidirectional.
-    "a100": Accelerator("A100 SXM 80GB", 80.0, 312.0, 300.0, 2039.0),
-    "a100-40gb": Accelerator("A100 SXM 40GB", 40.0, 312.0, 300.0, 1555.0),
-    # L40S: 362 TFLOP/s bf16 dense, no NVLink: PCIe 4.0 x16, 32 GB/s per direction.
-    "l40s": Accelerator("L40S 48GB", 48.0, 362.0, 32.0, 864.0),
-    # B200: 2.25 PFLOP/s bf16 dense, NVLink 5 1.8 TB/s bidirectional.
-    "b200": Accelerator("B200 180GB", 180.0, 2250.0, 900.0, 8000.0),
+    "h200": Accelerator("H200 SXM 141GB", 141.0, 989.0, 67.0, 450.0, 4800.0),
+    # A100 SXM4 80GB / 40GB: 312 TFLOP/s bf16 dense, 19.5 fp32, NVLink 3 600 GB/s bidirectional.
+    "a100": Accelerator("A100 SXM 80GB", 80.0, 312.0, 19.5, 300.0, 2039.0),
+    "a100-40gb": Accelerator("A100 SXM 40GB", 40.0, 312.0, 19.5, 300.0, 1555.0),
+    # L40S: 362 TFLOP/s bf16 dense, 91.6 fp32, no NVLink: PCIe 4.0 x16, 32 GB/s per direction.
+    "l40s": Accelerator("L40S 48GB", 48.0, 362.0, 91.6, 32.0, 864.0),
+    # B200: 2.25 PFLOP/s bf16 dense, 75 fp32, NVLink 5 1.8 TB/s bidirectional.
+    "b200": Accelerator("B200 180GB", 180.0, 2250.0, 75.0, 900.0, 8000.0),
 }
 
 

@@ -10,11 +10,11 @@ from pretrain.planner.memory import GIB, RunShape, estimate_memory
 from pretrain.planner.search import (
     Candidate, Plan, describe, evaluate, plan_layouts, usable_gib, why_recommended,
 )
-from pretrain.planner.targets import default_batch_tokens, known_targets, target_model
+from pretrain.planner.targets import default_batch_tokens, known_targets, model_settings, target_model
 
 HEADER = (f"{'#':>3} {'TP':>3} {'PP':>3} {'DP':>5} {'ZeRO':>4} {'micro':>5} {'accum':>5} {'AC':>2} "
           f"{'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'buffers':>7} {'total':>7} "
-          f"{'step s':>8} {'tokens/s':>11} {'MFU':>6}")
+          f"{'peak at':>8} {'step s':>8} {'tokens/s':>11} {'MFU':>6}")
 
 
 def row(index: int, candidate: Candidate) -> str:
@@ -24,7 +24,7 @@ def row(index: int, candidate: Candidate) -> str:
     return (f"{index:>3} {layout.tensor_parallel_size:>3} {layout.pipeline_parallel_size:>3} "
             f"{layout.data_parallel_size:>5} {layout.zero_stage:>4} {layout.micro_batch_size:>5} "
             f"{layout.gradient_accumulation_steps:>5} {candidate.run.activation_checkpointing:>2} {memory} "
-            f"{candidate.time.seconds:>8.3f} {candidate.time.tokens_per_second:>11,.0f} {candidate.time.mfu:>6.1%}")
+            f"{candidate.memory.moment.split()[-1]:>8} {candidate.time.seconds:>8.3f} {candidate.time.tokens_per_second:>11,.0f} {candidate.time.mfu:>6.1%}")
 
 
 def cluster_dict(cluster: Cluster) -> dict:
@@ -38,48 +38,65 @@ def search(args, cluster: Cluster) -> int:
         raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(known_targets())}")
     model = target_model(args.preset, 1, args.sequence)
     batch_tokens = args.global_batch_tokens or default_batch_tokens(args.preset)
-    global_batch = max(1, round(batch_tokens / model.n_positions))
+    if batch_tokens % model.n_positions:
+        raise ValueError(f"--global-batch-tokens {batch_tokens} is not a whole number of {model.n_positions}-token "
+                         f"sequences; use a multiple of {model.n_positions}")
+    global_batch = batch_tokens // model.n_positions
     plan = plan_layouts(lambda tp: target_model(args.preset, tp, args.sequence), cluster, global_batch,
                         args.precision, args.efficiency, args.gradient_dtype)
     too_big = sum(not c.fits for c in plan.ranked)
+    extra = [f"train.precision={args.precision}", *model_settings(args.preset, model)]
     if args.json:
         print(json.dumps({
             "preset": args.preset, "model": {"n_layer": model.n_layer, "n_embd": model.n_embd,
                                              "n_head": model.n_head, "sequence": model.n_positions},
             "cluster": cluster_dict(cluster), "global_batch_size": global_batch,
             "global_batch_tokens": global_batch * model.n_positions, "precision": args.precision,
-            "recommended": plan.recommended.to_dict() if plan.recommended else None,
-            "reason": why_recommended(plan), "layouts": [c.to_dict() for c in plan.ranked],
+            "recommended": plan.recommended.to_dict(extra) if plan.recommended else None,
+            "reason": why_recommended(plan), "layouts": [c.to_dict(extra) for c in plan.ranked],
             "refused": [{"count": count, "example": plan.examples[kind]} for kind, count in plan.refused.most_common()]
             + ([{"count": too_big, "example": "memory over the device"}] if too_big else []),
         }))
         return 0 if plan.recommended else 1
+    own_context = target_model(args.preset, 1).n_positions
+    context = "" if model.n_positions == own_context else f" (the preset's context is {own_context})"
     print(f"{args.preset}: {model.n_layer} layers, {model.n_embd} wide, {model.n_head} heads, sequence "
-          f"{model.n_positions}; global batch {global_batch} sequences = {global_batch * model.n_positions:,} tokens")
-    print(f"{cluster.nodes} node(s) x {cluster.gpus_per_node} {cluster.gpu.name} = {cluster.world_size} GPUs; "
+          f"{model.n_positions}{context}; global batch {global_batch} sequences = "
+          f"{global_batch * model.n_positions:,} tokens")
+    print(f"{cluster.nodes} node(s) x {cluster.gpus_per_node} {gpu_name(cluster)} = {cluster.world_size} GPUs; "
           f"{usable_gib(cluster):.1f} GiB usable per GPU; {args.precision}")
-    print_plan(plan, args.top, too_big)
+    print_plan(plan, args.top, too_big, extra)
     return 0 if plan.recommended else 1
 
 
-def print_plan(plan: Plan, top: int, too_big: int) -> None:
+def gpu_name(cluster: Cluster) -> str:
+    from pretrain.planner.hardware import ACCELERATORS
+
+    stock = any(spec == cluster.gpu for spec in ACCELERATORS.values())
+    return cluster.gpu.name if stock else f"{cluster.gpu.name} (as {cluster.gpu.memory_gib:g} GiB)"
+
+
+def print_plan(plan: Plan, top: int, too_big: int, extra: list[str]) -> None:
     fitting = [c for c in plan.ranked if c.fits]
-    print(f"\n{len(fitting)} layouts fit; the fastest {min(top, len(fitting))} (memory in GiB per GPU, at the "
-          "peak stage):")
-    print(HEADER)
-    for index, candidate in enumerate(fitting[:top], 1):
-        print(row(index, candidate))
     best = plan.recommended
-    if best is not None:
+    if fitting:
+        print(f"\n{len(fitting)} layouts fit; the fastest {min(top, len(fitting))} (memory in GiB per GPU at the "
+              "peak stage, and when the peak comes):")
+        print(HEADER)
+        for index, candidate in enumerate(fitting[:top], 1):
+            print(row(index, candidate))
         print(f"\nrecommended: {describe(best)}\n  why: {why_recommended(plan)}")
-        print(f"  train with: --set {' '.join(best.settings())}")
+        print(f"  train with: --set {' '.join(best.settings(extra))}")
     else:
         print(f"\n{why_recommended(plan)}")
-    print("\nrefused:")
+    if not too_big and not plan.refused:
+        print("\nrefused: none")
+        return
+    print("\nrefused (each line counts a kind of refusal and quotes one of them):")
     if too_big:
         print(f"  {too_big:>6} x memory over the device ({usable_gib(plan.cluster):.1f} GiB usable)")
     for kind, count in plan.refused.most_common():
-        print(f"  {count:>6} x {plan.examples[kind]}")
+        print(f"  {count:>6} x e.g. {plan.examples[kind]}")
 
 
 def run_from_config(config, cluster: Cluster) -> RunShape:

@@ -32,17 +32,17 @@ class Candidate:
     def layout(self) -> ParallelLayout:
         return self.run.layout
 
-    def settings(self) -> list[str]:
-        """The trainer's --set overrides for this layout."""
+    def settings(self, extra: list[str] = ()) -> list[str]:
+        """The trainer's --set overrides for this layout, then `extra` (the model and precision planned)."""
         layout = self.layout
         return [f"parallel.tensor_parallel_size={layout.tensor_parallel_size}",
                 f"parallel.pipeline_parallel_size={layout.pipeline_parallel_size}",
                 f"parallel.zero_stage={layout.zero_stage}", f"parallel.micro_batch_size={layout.micro_batch_size}",
                 f"parallel.global_batch_size={layout.global_batch_size}",
                 f"model.activation_checkpointing={self.run.activation_checkpointing}",
-                f"train.gradient_dtype={self.run.gradient_dtype}"]
+                f"train.gradient_dtype={self.run.gradient_dtype}", *extra]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, extra: list[str] = ()) -> dict:
         layout = self.layout
         return {
             "tensor_parallel_size": layout.tensor_parallel_size, "pipeline_parallel_size": layout.pipeline_parallel_size,
@@ -53,7 +53,7 @@ class Candidate:
             "fits": self.fits, "memory_gib": self.memory.gib(), "peak_stage": self.memory.stage,
             "peak_moment": self.memory.moment, "optimizer_path": self.run.optimizer,
             "step_seconds": self.time.seconds, "step_seconds_by_part": self.time.parts(),
-            "tokens_per_second": self.time.tokens_per_second, "mfu": self.time.mfu, "settings": self.settings(),
+            "tokens_per_second": self.time.tokens_per_second, "mfu": self.time.mfu, "settings": self.settings(extra),
         }
 
 
@@ -96,7 +96,7 @@ def candidate_runs(model_for_tp, cluster: Cluster, global_batch_size: int, preci
             if pp > model.n_layer:
                 continue
             dp = world // (tp * pp)
-            for zero in (0, 1, 2, 3):
+            for zero in (0, 1, 2, 3) if dp > 1 else (0, 1):  # without data parallelism ZeRO-2/3 split nothing
                 micro = 1
                 while micro * dp <= global_batch_size:
                     for checkpointing in (0, 1):
@@ -154,7 +154,8 @@ def why_recommended(plan: Plan) -> str:
     runner_up = next((c for c in fitting[1:] if dataclasses.astuple(c.layout) != dataclasses.astuple(layout)), None)
     if runner_up is not None:
         gap = best.time.tokens_per_second / runner_up.time.tokens_per_second - 1
-        reasons.append(f"{gap:.1%} ahead of the next ({describe(runner_up)})")
+        reasons.append(f"{gap:.1%} ahead of the next ({describe(runner_up)})" if gap >= 0.001 else
+                       f"as fast as the next ({describe(runner_up)}) and no larger in memory")
     return "; ".join(reasons)
 
 

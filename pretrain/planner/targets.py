@@ -40,11 +40,31 @@ def target_model(name: str, tensor_parallel_size: int, sequence: int | None = No
     return model_config(name, tensor_parallel_size, **overrides)
 
 
+# GPT-2's batch (Radford et al. 2019, section 2.3): 512 sequences.
+GPT2_BATCH_SEQUENCES = 512
+
+
 def default_batch_tokens(name: str) -> int:
-    """The batch the preset was trained with, in tokens."""
+    """The batch the preset trains with, in tokens: its own parallel.global_batch_size where its
+    YAML sets one, else GPT-2's 512 sequences (GPT-3's batches for the gpt3-* targets)."""
     if name in GPT3:
         return GPT3[name][3] * GPT3_CONTEXT
+    import yaml
+
     from pretrain.config import load_config
 
-    config = load_config(preset_path(name))
-    return config.parallel.global_batch_size * config.model.n_positions
+    path = preset_path(name)
+    written = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    config = load_config(path)
+    sequences = (written.get("parallel") or {}).get("global_batch_size", GPT2_BATCH_SEQUENCES)
+    return int(sequences) * config.model.n_positions
+
+
+def model_settings(name: str, model: GPTConfig) -> list[str]:
+    """--set keys that give a config the planned model: all of them for a GPT-3 target (no YAML
+    of its own), the context when it differs from the preset's."""
+    if name in GPT3:
+        return [f"model.n_layer={model.n_layer}", f"model.n_embd={model.n_embd}", f"model.n_head={model.n_head}",
+                f"model.n_positions={model.n_positions}"]
+    own = model_config(name).n_positions
+    return [f"model.n_positions={model.n_positions}"] if model.n_positions != own else []

@@ -52,6 +52,7 @@ class StepTime:
     flops_per_token: int
     world_size: int
     peak_tflops: float
+    """The precision's peak (dense bf16, or fp32 for fp32 runs): MFU is measured against it."""
 
     @property
     def seconds(self) -> float:
@@ -107,7 +108,8 @@ def step_time(run: RunShape, cluster: Cluster, efficiency: float = COMPUTE_EFFIC
     tokens_micro = layout.micro_batch_size * run.sequence
     stages = stage_layers(run)
     gpu = cluster.gpu
-    flops_second = gpu.bf16_tflops * 1e12 * efficiency
+    peak = gpu.fp32_tflops if run.precision == "fp32" else gpu.bf16_tflops
+    flops_second = peak * 1e12 * efficiency
     index = max(range(pp), key=lambda i: _stage_flops_per_token(run, i, stages))
     slowest = stages[index]
     blocks = sum(cls is Block for cls in slowest)
@@ -135,7 +137,7 @@ def step_time(run: RunShape, cluster: Cluster, efficiency: float = COMPUTE_EFFIC
         optimizer=36 * parameters / (dp if layout.zero_stage else 1) / (gpu.memory_gbytes * 1e9),
         tokens_per_step=layout.global_batch_size * run.sequence,
         flops_per_token=flops_per_token(model, run.sequence), world_size=layout.world_size,
-        peak_tflops=gpu.bf16_tflops)
+        peak_tflops=peak)
 
 
 def data_parallel_seconds(run: RunShape, parameters: int, dp: int, bandwidth: float) -> float:
