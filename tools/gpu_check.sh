@@ -29,6 +29,8 @@
 #   bench 90/150   tools/bench_model.py, ours vs transformers' GPT2LMHeadModel, bf16: gpt2-124m, gpt2-1.5b
 #   train 90+90    python -m pretrain, gpt2-124m on NCCL with one rank: steps 1-10 and a checkpoint, then
 #                  the same command with train.max_steps=20, which must resume from step_0000010
+#   plan 40        tools/plan.py --config with the same settings: its predicted peak memory against the
+#                  run's torch.cuda.max_memory_allocated (memory_gib), within 20%
 # At the end ONE summary table, also written to $OUT/gpu_check.md when $OUT is set (the device tool
 # returns $OUT's files), with the logs, the benchmark JSON and metrics.jsonl beside it.
 #
@@ -356,6 +358,35 @@ stage_train() {
         record "resume 11-20" FAIL "metrics.jsonl steps are $(json_lines_steps "$run_dir/metrics.jsonl"), not 1..20"
     else
         record "resume 11-20" PASS "resumed from step_0000010; $(train_figures "$run_dir" 20 $(( global * sequence )))"
+    fi
+    stage_plan "$config" "$run_dir" "${settings[@]}"
+}
+
+stage_plan() {  # CONFIG RUN_DIR SETTINGS...: tools/plan.py's predicted peak against the run's max_memory_allocated
+    local config=$1 run_dir=$2
+    shift 2
+    if [[ ! -f $run_dir/metrics.jsonl ]]; then
+        record "plan vs measured" SKIP "no metrics.jsonl from the training stage"
+        return
+    fi
+    run_stage "$WORK/logs/plan.log" 40 "$PYTHON" tools/plan.py --config "$config" --nodes 1 --gpus-per-node 1 \
+        --gpu h100 --json --set "$@"
+    local verdict
+    verdict=$("$PYTHON" - "$WORK/logs/plan.log" "$run_dir/metrics.jsonl" "$ON_GPU" <<'PY' 2>&1
+import json, sys
+plan = next(json.loads(line) for line in open(sys.argv[1]) if line.startswith("{"))
+measured = max(json.loads(line).get("memory_gib") or 0 for line in open(sys.argv[2]))
+predicted = plan["memory_gib"]["total"]
+error = predicted / measured - 1
+where = "max_memory_allocated" if sys.argv[3] == "1" else "CPU resident set (dry run: not comparable)"
+print(f"{'PASS' if abs(error) <= 0.2 or sys.argv[3] != '1' else 'FAIL'} predicted {predicted:.2f} GiB "
+      f"({plan['peak_moment']}), measured {measured:.2f} GiB ({where}): {error:+.1%}")
+PY
+)
+    if (( STAGE_RC != 0 )); then
+        record "plan vs measured" FAIL "tools/plan.py --config: $STAGE_NOTE"
+    else
+        record "plan vs measured" "${verdict%% *}" "${verdict#* }"
     fi
 }
 

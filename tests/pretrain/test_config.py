@@ -60,3 +60,11 @@ def test_override_values_are_yaml():
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML leaves 1e-3 a string; floats accept it
     assert parse_override("a.b=true") == {"a": {"b": True}}
     assert parse_override("a=x=y") == {"a": "x=y"}
+
+
+def test_a_config_file_that_is_not_yaml_is_named_with_its_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  n_layer: [1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_config(broken)
+    assert str(refused.value).startswith(f"the config file {broken} is not valid YAML at line 3")

@@ -187,6 +187,14 @@ def test_the_recommendation_trains_as_printed(xl_plan, shards, tmp_path):
     assert "ok: 64 ranks" in done.stdout
 
 
+def test_the_printed_settings_carry_the_planned_model_and_precision():
+    done = plan_tool("--preset", "gpt3-1.3b", "--nodes", "1", "--gpus-per-node", "8", "--precision", "fp32", "--json")
+    settings = json.loads(done.stdout)["recommended"]["settings"]
+    for key in ("train.precision=fp32", "model.n_layer=24", "model.n_embd=2048", "model.n_head=16",
+                "model.n_positions=2048"):
+        assert key in settings
+
+
 def test_check_mode_predicts_one_config_and_says_whether_it_fits():
     fits = plan_tool("--config", "configs/gpt2-124m.yaml", "--nodes", "1", "--gpus-per-node", "8")
     assert fits.returncode == 0, fits.stderr
@@ -204,7 +212,11 @@ def test_bad_arguments_are_one_line_errors():
     for args, words in ((["--preset", "gpt2-huge"], "--preset 'gpt2-huge' is not one of"),
                         (["--preset", "gpt2-124m", "--set", "a=1"], "--set goes with --config"),
                         (["--preset", "gpt2-124m", "--efficiency", "2"], "--efficiency 2.0 must be in (0, 1]"),
-                        (["--config", "no/such.yaml"], "cannot be read")):
+                        (["--config", "no/such.yaml"], "cannot be read"),
+                        (["--preset", "gpt2-124m", "--global-batch-tokens", "1500"],
+                         "--global-batch-tokens 1500 is not a whole number of 1024-token sequences"),
+                        (["--preset", "gpt2-124m", "--interconnect-gbps", "0"], "must be a positive number"),
+                        (["--config", "configs/gpt2-124m.yaml", "--precision", "fp32"], "--precision go(es) with --preset")):
         done = plan_tool(*args)
         assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
 
