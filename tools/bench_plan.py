@@ -38,9 +38,10 @@ def main(argv=None) -> int:
         if not args.json:
             print("| case | ranks | settings | baseline GiB | model GiB | predicted GiB | measured GiB | error |")
             print("|---|---|---|---|---|---|---|---|")
+        baselines: dict = {}  # measured once per rank count and precision, as in the test
         for case in chosen:
             began = time.monotonic()
-            result = compare(case, shards, Path(work))
+            result = compare(case, shards, Path(work), baselines)
             if args.json:
                 print(json.dumps(result), flush=True)
                 continue

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ def predicted_bytes(config_path: str, settings: list[str], world_size: int) -> i
 
 def measured_gib(case: Case, settings: list[str], shards: str, run_dir: Path, timeout: int = 900) -> float:
     """Rank 0's peak memory_gib over STEPS steps of `python -m pretrain` on `shards`."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # a checkpoint left there would be resumed, not trained from
     launcher = ["-m", "pretrain.launch", "--nproc", str(case.nproc)] if case.nproc > 1 else ["-m", "pretrain"]
     command = [sys.executable, *launcher, "--config", case.config, "--set", f"data.prefixes=[{shards}]",
                f"run.dir={run_dir}", "data.split=90,10,0", "eval.interval=0", f"train.max_steps={STEPS}",
