@@ -246,7 +246,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML (a list is written [a, b])") from None
     nested: dict = {}
     cursor = nested
     parts = key.strip().split(".")

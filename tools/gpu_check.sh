@@ -385,8 +385,10 @@ PY
 )
     if (( STAGE_RC != 0 )); then
         record "plan vs measured" FAIL "tools/plan.py --config: $STAGE_NOTE"
-    else
+    elif [[ $verdict == PASS\ * || $verdict == FAIL\ * ]]; then
         record "plan vs measured" "${verdict%% *}" "${verdict#* }"
+    else  # a traceback: no JSON line, or no memory figure in metrics.jsonl
+        record "plan vs measured" FAIL "could not compare: $(tail -n 1 <<< "$verdict")"
     fi
 }
 

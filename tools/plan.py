@@ -20,8 +20,9 @@ One run config, as slurm/pretrain.sbatch would start it:
   Prints its predicted memory per pipeline stage and its step time; exit 1 if it would not
   fit, 2 if the trainer would refuse it.
 
-The memory model follows this trainer's allocations (pretrain/planner/memory.py) and is
-checked against real runs (tests/pretrain/test_planner.py; docs/benchmarks.md). The time
+The memory model follows this trainer's allocations (pretrain/planner/memory.py); its CPU
+variant is checked against real runs (tests/pretrain/test_planner.py; docs/benchmarks.md), the
+GPU variant printed here not yet. The time
 model is an estimate: the trainer's FLOPs at an assumed --efficiency of the GPU's peak, plus
 communication by stated formulas (pretrain/planner/timing.py); it has not been measured on a GPU.
 --json: one JSON object on stdout with every figure. Exit codes: 0 done, 1 nothing fits, 2 bad arguments.

@@ -5,7 +5,7 @@ loss head in loss.py) and the DeepSpeed optimizer the engine picks for the setti
 (DeepSpeedEngine._do_optimizer_sanity_check, DeepSpeed 0.19):
 
     ZeRO-0, fp32            torch's AdamW as it is: fp32 weights, gradients, two moments
-    ZeRO-0, bf16            FP16_UnfusedOptimizer (torch's AdamW is not a fused optimizer): bf16
+    ZeRO-0, bf16 or fp16    FP16_UnfusedOptimizer (torch's AdamW is not a fused optimizer): 16-bit
                             weights and gradients, fp32 master weights and moments, whole
     ZeRO-1, bf16 + fp32     BF16_Optimizer: bf16 weights, a gradient buffer for the whole local
       gradients; or ZeRO-0  model (fp32, or bf16 at ZeRO-0), master weights and moments split
@@ -70,9 +70,9 @@ class RunShape:
         """The DeepSpeed optimizer path (see the module docstring)."""
         stage, bf16 = self.layout.zero_stage, self.precision == "bf16"
         if stage == 0:
-            if not bf16:
+            if self.precision == "fp32":
                 return "torch"
-            return "bf16_optimizer" if self.layout.pipeline_parallel_size > 1 else "mixed_whole"
+            return "bf16_optimizer" if bf16 and self.layout.pipeline_parallel_size > 1 else "mixed_whole"
         if stage == 1 and bf16 and self.gradient_dtype == "fp32":
             return "bf16_optimizer"
         return "zero3" if stage == 3 else "zero12"

@@ -125,7 +125,7 @@ def check_config(args, cluster: Cluster) -> int:
     candidate = evaluate(run, cluster, args.efficiency)
     stages = estimate_memory(run)
     if args.json:
-        print(json.dumps({"config": args.config, "settings": args.set, "cluster": cluster_dict(cluster),
+        print(json.dumps({"config": args.config, "overrides": args.set, "cluster": cluster_dict(cluster),
                           **candidate.to_dict(), "stages": [{"stage": s.stage, "moment": s.moment, **s.gib()}
                                                             for s in stages]}))
         return 0 if candidate.fits else 1

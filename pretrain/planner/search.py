@@ -19,6 +19,7 @@ from pretrain.planner.timing import COMPUTE_EFFICIENCY, StepTime, step_time
 # 1 GiB), and the caching allocator's fragmentation (a few percent of what it holds). Assumed.
 CONTEXT_GIB = 1.0
 FRAGMENTATION = 0.05
+NEAR_TIE = 0.02
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,15 @@ class Plan:
 
     @property
     def recommended(self) -> Candidate | None:
-        return self.ranked[0] if self.ranked and self.ranked[0].fits else None
+        """The simplest of the layouts that fit within NEAR_TIE of the fastest: the time model has no
+        per-layer gather latency nor pipeline-engine overhead, so smaller gaps decide nothing."""
+        fitting = [c for c in self.ranked if c.fits]
+        if not fitting:
+            return None
+        close = [c for c in fitting if c.time.tokens_per_second >= (1 - NEAR_TIE) * fitting[0].time.tokens_per_second]
+        return min(close, key=lambda c: (c.layout.zero_stage, c.layout.pipeline_parallel_size,
+                                         c.layout.tensor_parallel_size, c.run.activation_checkpointing,
+                                         -c.time.tokens_per_second))
 
 
 def plan_layouts(model_for_tp, cluster: Cluster, global_batch_size: int, precision: str = "bf16",
@@ -146,13 +155,19 @@ def why_recommended(plan: Plan) -> str:
         return "no layout fits: use more GPUs, larger ones, or a smaller model"
     fitting = [c for c in plan.ranked if c.fits]
     layout = best.layout
-    reasons = [f"the fastest of {len(fitting)} layouts that fit ({best.time.tokens_per_second:,.0f} tokens/s, "
+    if best is fitting[0]:
+        speed = f"the fastest of {len(fitting)} layouts that fit"
+    else:
+        speed = (f"within {NEAR_TIE:.0%} of the fastest of {len(fitting)} layouts that fit ({describe(fitting[0])}), "
+                 "and simpler (lower ZeRO stage, fewer stages)")
+    reasons = [f"{speed} ({best.time.tokens_per_second:,.0f} tokens/s, "
                f"{best.memory.total / GIB:.1f} of {usable_gib(plan.cluster):.1f} usable GiB per GPU)"]
     if layout.tensor_parallel_size == 1 and layout.pipeline_parallel_size == 1:
         reasons.append("the model fits without tensor or pipeline parallelism, which would add an all-reduce "
                        "per layer or a pipeline bubble")
-    runner_up = next((c for c in fitting[1:] if dataclasses.astuple(c.layout) != dataclasses.astuple(layout)), None)
-    if runner_up is not None:
+    runner_up = next((c for c in fitting if c is not best
+                      and dataclasses.astuple(c.layout) != dataclasses.astuple(layout)), None)
+    if runner_up is not None and best is fitting[0]:
         gap = best.time.tokens_per_second / runner_up.time.tokens_per_second - 1
         reasons.append(f"{gap:.1%} ahead of the next ({describe(runner_up)})" if gap >= 0.001 else
                        f"as fast as the next ({describe(runner_up)}) and no larger in memory")
