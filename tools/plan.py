@@ -65,7 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--gradient-dtype", choices=("fp32", "bf16"), default="fp32",
                         help="train.gradient_dtype: fp32 (default) needs ZeRO >= 1 under bf16; bf16 allows ZeRO-0")
     parser.add_argument("--efficiency", type=float, default=COMPUTE_EFFICIENCY,
-                        help=f"fraction of the GPU's dense bf16 peak the matmuls reach (default {COMPUTE_EFFICIENCY})")
+                        help=f"fraction of the GPU's peak (dense bf16; fp32 for --precision fp32) the matmuls "
+                             f"reach (default {COMPUTE_EFFICIENCY})")
     parser.add_argument("--top", type=positive, default=10, help="layouts to list (default 10)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
