@@ -28,8 +28,24 @@ def run_shape(preset: str, world: int, tp=1, pp=1, zero=1, micro=1, global_batch
 
 
 def plan_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/plan.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    """tools/plan.py's main() in this process (imports paid once), as a finished command: code, stdout, stderr."""
+    import contextlib
+    import io
+    import os
+
+    from tools.plan import main
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's errors
+                code = exit_.code
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["tools/plan.py", *args], code, out.getvalue(), err.getvalue())
 
 
 # ---- the model's arithmetic -------------------------------------------------------------------------------
@@ -171,7 +187,9 @@ def test_a_model_too_big_for_the_gpus_gets_no_recommendation():
 
 @pytest.fixture(scope="module")
 def xl_plan() -> dict:
-    done = plan_tool("--preset", "gpt2-1.5b", "--nodes", "8", "--gpus-per-node", "8", "--json")
+    """The real command line, in its own process: stdout is one JSON object and nothing else."""
+    done = subprocess.run([sys.executable, "tools/plan.py", "--preset", "gpt2-1.5b", "--nodes", "8",
+                           "--gpus-per-node", "8", "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
