@@ -146,3 +146,56 @@ def head_scores(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: 
         del logits
     kept = (labels != IGNORE).double()
     return torch.stack([(logprob * kept).view(x.shape[:2]).sum(1), (missed * kept).view(x.shape[:2]).sum(1)], dim=1)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    padding_start: int) -> torch.Tensor:
+    """T^2 x mean over tokens of KL(teacher || student), both softened by the temperature T (Hinton et
+    al. 2015; DistilGPT2's soft-target term), from vocabulary-parallel logits (n, V / tp).
+
+    Each rank holds one slice of the vocabulary; the softmax normalizers and the KL's sum over the
+    vocabulary are all-reduced over tensor-parallel ranks, so no rank gathers the full logits.
+    Columns from `padding_start` on are vocabulary padding: they take no part (probability 0 for
+    both). The arithmetic is fp32; the gradient reaches the student's logits only, as
+    T x (softmax(student / T) - softmax(teacher / T)) / n, the T^2 scaling keeping its size
+    independent of T.
+    """
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    group, _, world = _tensor_parallel()
+    valid = torch.arange(student_logits.shape[-1], device=student_logits.device) < padding_start
+
+    def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+        scaled = (logits.float() / temperature).masked_fill(~valid, float("-inf"))
+        top = scaled.detach().max(dim=-1).values  # a shift for stability only: no gradient through it
+        _all_reduce(top, dist.ReduceOp.MAX, group, world)
+        shifted = scaled - top[:, None]
+        total = _SumOverRanks.apply(shifted.exp().sum(dim=-1), group, world)  # the whole vocabulary's
+        return shifted - torch.log(total)[:, None]
+
+    log_student = log_softmax(student_logits)
+    with torch.no_grad():
+        log_teacher = log_softmax(teacher_logits)
+    terms = torch.where(valid, log_teacher.exp() * (log_teacher - log_student), 0.0)  # (n, V / tp)
+    # The KL's sum over the vocabulary: all-reduced forward; backward leaves each rank its own slice's
+    # share, since every rank differentiates the same replicated loss (megatron-core's reduce_from).
+    kl = reduce_from_tensor_model_parallel_region(terms.sum(dim=-1))  # (n,)
+    return temperature**2 * kl.mean()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """An all-reduce (sum) whose gradient is all-reduced too: the softmax normalizer, which every
+    rank's slice of the loss depends on, so its gradient gathers contributions from every rank."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, world: int):
+        ctx.group, ctx.world = group, world
+        tensor = tensor.clone()
+        _all_reduce(tensor, dist.ReduceOp.SUM, group, world)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        _all_reduce(grad, dist.ReduceOp.SUM, ctx.group, ctx.world)
+        return grad, None, None
