@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.model.gpt2 import Block
+from pretrain.model.gpt2 import Block, WordEmbedding
 from pretrain.model.presets import flops_per_token
+from pretrain.parallel.pipeline import layer_parameter_counts
 from pretrain.planner.hardware import Cluster
 from pretrain.planner.memory import RunShape, stage_layers, stage_parameters
 
@@ -80,8 +81,9 @@ def _stage_flops_per_token(run: RunShape, index: int, all_stages: list[list[type
     C = model.n_embd
     attention = 12 * C * T
 
-    block = 6 * (12 * C * C + 13 * C) + attention
-    head = 6 * model.padded_vocab_size * C  # the tied embedding's matmul; its lookup on stage 0 costs none
+    whole = layer_parameter_counts(model, 1)  # one layer of each class, before TP splits it
+    block = 6 * whole[Block] + attention
+    head = 6 * whole[WordEmbedding]  # the tied embedding's matmul; its lookup on stage 0 costs none
 
     def raw(index: int) -> float:
         return sum(cls is Block for cls in all_stages[index]) * block + (head if index == len(all_stages) - 1 else 0)
