@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 from pathlib import Path
 
 import torch
+
+from data_pipeline.peak_memory import peak_rss_bytes
 
 log = logging.getLogger("pretrain")
 
@@ -24,7 +25,7 @@ def memory_gib() -> float:
     """Peak memory of this process: GPU allocations on CUDA, resident set size on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 def _json_safe(value):

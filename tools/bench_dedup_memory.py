@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,13 @@ def run_one(code: str, documents: int, distinct: int, root: Path) -> dict:
     with open(source, "w") as f:
         for i in range(documents):
             f.write(json.dumps({"id": f"d{i}", "text": f"document number {i % distinct:09d}"}) + "\n")
-    script = (f"import sys, json, resource; sys.path.insert(0, {code!r})\n"
+    script = (f"import sys, json; sys.path.insert(0, {code!r})\n"
+              "from data_pipeline.peak_memory import peak_rss_bytes\n"
               "from data_pipeline.curation.pipeline import CurationConfig, curate\n"
               f"stats = curate([{str(source)!r}], {str(root / f'out-{distinct}')!r}, "
               "CurationConfig.from_dict({'stages': ['exact_dedup']}), workers=1, show_progress=False)\n"
               "print(json.dumps({'kept': stats['kept'], 'removed': stats['removed'], "
-              "'peak_rss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n")
+              "'peak_rss_kib': peak_rss_bytes() // 1024}))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from data_pipeline.peak_memory import peak_rss_bytes  # noqa: E402
 from pretrain.metrics import device_peak_tflops  # noqa: E402
 from pretrain.model.gpt2 import GPT2, language_model_loss  # noqa: E402
 from pretrain.parallel.build import apply_compile  # noqa: E402
@@ -132,7 +132,7 @@ def measure(models: dict, batches, device, warmup: int, repeats: int) -> tuple[d
     if device.type == "cuda":
         return best, peak
     # On a CPU only the process's peak resident memory is known: a figure for a model measured alone.
-    alone = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if len(models) == 1 else None
+    alone = peak_rss_bytes() / 2**30 if len(models) == 1 else None
     return best, {name: alone for name in models}
 
 

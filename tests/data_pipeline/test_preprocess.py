@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from data_pipeline.preprocess import StrictModeError, preprocess
@@ -296,13 +295,14 @@ def test_rerun_with_other_settings_is_refused(corpus, tmp_path):
 
 
 PEAK_MEMORY_SCRIPT = """
-import resource, sys
+import sys
 sys.path.insert(0, {repo!r})
+from data_pipeline.peak_memory import peak_rss_bytes
 from tools.preprocess_data import main
 
 if __name__ == "__main__":
     assert main({args!r}) == 0
-    print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print("maxrss_kb", peak_rss_bytes() // 1024)
 """
 
 
