@@ -173,6 +173,32 @@ class EvalSection:
 
 
 @dataclass
+class DistillSection:
+    teacher: str = ""
+    """Distil from this model (empty: ordinary pretraining): a checkpoint of ours (a run, its checkpoints/
+    or one step_* directory; any layout), a Hugging Face GPT-2 directory, or a file written by
+    tools/convert_checkpoint.py --to fp32. It must share the student's tokenizer. It runs frozen in the
+    student's TP x PP layout and precision; it is read again on every start, never saved with the student."""
+    temperature: float = 2.0
+    """Both distributions are softened by this before the KL (Hinton et al. 2015); the term is scaled by
+    its square, so that its gradients keep their size."""
+    alpha: float = 0.5
+    """Weight of the soft-target term, alpha x T^2 x KL(teacher || student); 1 - alpha goes to the ordinary
+    next-token cross entropy. 0 trains exactly as without a teacher (the teacher still runs)."""
+    hidden_cosine: float = 0.0
+    """Weight of 1 - cosine(student, teacher) of the last hidden states (after the final LayerNorm), as
+    DistilBERT; needs model.n_embd equal to the teacher's. 0 leaves it out."""
+    init_from_teacher_layers: list = field(default_factory=list)
+    """Start the student from the teacher's blocks at these indices (0-based, e.g. [0, 2, 4, 7, 9, 11] as
+    DistilGPT2), plus its embeddings and final LayerNorm; model.n_layer must equal their number and the
+    widths must match. Used only on a fresh start (like model.init_from, which it replaces)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+@dataclass
 class RunSection:
     dir: str = "runs/default"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
@@ -189,6 +215,7 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     run: RunSection = field(default_factory=RunSection)
     deepspeed: dict = field(default_factory=dict)
     """Extra DeepSpeed config keys, merged over the generated ones."""

@@ -9,6 +9,7 @@ fp32`). `load_model` builds our GPT2 on them, in one process (tensor-parallel si
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import MANIFEST, CheckpointError
 from pretrain.model.gpt2 import GPT2, GPTConfig
 
 CONSOLIDATED_FORMAT = "gpt2-slurm consolidated weights, v1"
@@ -54,6 +55,25 @@ def load_weights(path: str | os.PathLike, work_dir: str | None = None) -> Weight
                    f"checkpoint {consolidated.directory} (step {step}, {consolidated.source})")
 
 
+def describe_weights(path: str | os.PathLike) -> tuple[GPTConfig, str]:
+    """The model shape and data.tokenizer of what load_weights would read, without reading the weights
+    (a checkpoint's manifest, a Hugging Face config.json, a consolidated file's header)."""
+    from data_pipeline.tokenizers import padded_vocab_size
+    from pretrain.huggingface import hf_tokenizer_spec, is_hf_directory, read_hf_config
+    from pretrain.weights import find_checkpoint, model_config_of
+
+    path = Path(path)
+    if path.is_file():
+        weights = _read_consolidated(path, mmap=True)  # the tensors stay on disk until touched
+        return weights.config, weights.tokenizer
+    if path.is_dir() and is_hf_directory(path):
+        config = read_hf_config(path)
+        config.padded_vocab_size = padded_vocab_size(config.vocab_size)
+        return config, hf_tokenizer_spec(path, config.vocab_size)
+    manifest = json.loads((find_checkpoint(path) / MANIFEST).read_text())
+    return model_config_of(manifest), manifest.get("config", {}).get("data", {}).get("tokenizer", "gpt2")
+
+
 def save_consolidated(weights: Weights, output: str | os.PathLike) -> None:
     from pretrain.model.presets import parameter_count
 
@@ -74,11 +94,11 @@ def _shape(config: GPTConfig) -> dict:
                                                   "layer_norm_epsilon")}
 
 
-def _read_consolidated(path: Path) -> Weights:
+def _read_consolidated(path: Path, mmap: bool = False) -> Weights:
     from data_pipeline.tokenizers import padded_vocab_size
 
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several kinds for a file that is not its format
         raise CheckpointError(f"{path} is not a consolidated weights file ({type(error).__name__}: {error})") from None
     if not isinstance(record, dict) or record.get("format") != CONSOLIDATED_FORMAT:

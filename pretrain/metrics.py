@@ -91,7 +91,9 @@ class MetricsWriter:
                 parts.append(f"tasks took {m['tasks_seconds']:.1f} s")
             return " | ".join(parts)
         loss = "skipped (non-finite)" if m["loss"] is None else f"{m['loss']:.4f}"
-        parts = [f"step {m['step']:>6}", f"loss {loss}", f"lr {m['lr']:.3e}",
+        distilling = [_figure(name.replace("_", " "), m[name], ".4f") for name in ("lm_loss", "kl_loss", "cosine_loss")
+                      if name in m]  # the objective's terms (pretrain/distill.py)
+        parts = [f"step {m['step']:>6}", f"loss {loss}", *distilling, f"lr {m['lr']:.3e}",
                  f"grad norm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "grad norm -",
                  f"loss scale {m['loss_scale']:g}" if m.get("loss_scale") else None,
                  f"{m['tokens_per_second']:,.0f} tok/s", f"{m['tflops_per_device']:.2f} TFLOP/s/device",

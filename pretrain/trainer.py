@@ -27,6 +27,7 @@ from pretrain import stop_signals
 from pretrain.checkpoint import CheckpointError, CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
 from pretrain.data import build_datasets, micro_batches, resolve_blend
+from pretrain.distill import FrozenTeacher, attach, check_distill, student_from_teacher
 from pretrain.evaluation import EvaluationError
 from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.gpt2 import GPTConfig
@@ -34,7 +35,7 @@ from pretrain.model.presets import flops_per_token, parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, apply_compile, build_model
 from pretrain.huggingface import is_hf_directory
-from pretrain.inference import load_weights, save_consolidated
+from pretrain.inference import Weights, load_weights, save_consolidated
 from pretrain.parallel.distributed import (
     bind_device,
     collective_device,
@@ -66,6 +67,7 @@ from pretrain.weights import load_into
 log = logging.getLogger("pretrain")
 STOP_FILE = "STOP"  # RUN_DIR/STOP: the kill switch
 INITIAL_WEIGHTS = ".initial-weights.pt"  # RUN_DIR/: model.init_from consolidated once, removed after loading
+TEACHER_WEIGHTS = ".teacher-weights.pt"  # RUN_DIR/: distill.teacher consolidated on each start, removed after
 EXIT_RECORD = "exit.json"  # RUN_DIR/exit.json: why the last clean exit happened (read by slurm/pretrain.sbatch)
 
 
@@ -105,6 +107,8 @@ class RunPlan:
     tokenizer: Tokenizer
     blend: tuple[list[str], list[float]]
     tasks: list[TrainingTask]
+    teacher_config: GPTConfig | None = None
+    """distill.teacher's model shape; None when not distilling."""
 
 
 def check_settings(config: Config, world_size: int, on_gpu: bool | None = None) -> tuple[GPTConfig, ParallelLayout]:
@@ -148,9 +152,11 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
         raise ConfigError(f"model.init_from={config.model.init_from} does not exist; give a Hugging Face GPT-2 "
                           "directory, a checkpoint of ours or a consolidated weights file")
     tasks = plan_tasks(config, tokenizer, model_config.n_positions)
+    teacher_config = check_distill(config, model_config, layout, tokenizer)
     if config.train.max_steps == 0 and not config.data.prefixes:  # saves the initial state only: no data needed
-        return RunPlan(model_config, layout, tokenizer, ([], []), tasks)
-    return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer), tasks)
+        return RunPlan(model_config, layout, tokenizer, ([], []), tasks, teacher_config)
+    return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer), tasks,
+                   teacher_config)
 
 
 def plan_tasks(config: Config, tokenizer: Tokenizer, window: int) -> list[TrainingTask]:
@@ -209,7 +215,7 @@ class Trainer:
         self.rank = dist.get_rank()
         plan = plan_run(config, dist.get_world_size())
         self.model_config, self.layout, self.tokenizer, self.blend = plan.model_config, plan.layout, plan.tokenizer, plan.blend
-        self.tasks = plan.tasks
+        self.tasks, self.teacher_config = plan.tasks, plan.teacher_config
         self._log_start(device)
         topology = initialize_model_parallel(self.layout, config.train.distributed_timeout_minutes)
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
@@ -217,8 +223,14 @@ class Trainer:
         self.resume_point = self._find_resume_point()
         self._record_start()
         self._seed_random_state(topology)
+        teacher_weights = None
+        if self.teacher_config is not None:
+            teacher_weights = self._read_weights(config.distill.teacher, "distill.teacher", TEACHER_WEIGHTS)
         self.engine = self._build_engine(topology, load_universal=self.resume_point is not None
-                                         and self.resume_point.reshard, initial=self._initial_weights())
+                                         and self.resume_point.reshard, initial=self._initial_weights(teacher_weights))
+        self.teacher = None
+        if teacher_weights is not None:
+            self.teacher = self._build_teacher(teacher_weights, topology)
         from megatron.core import parallel_state
 
         self.data_rank = parallel_state.get_data_parallel_rank()
@@ -266,24 +278,33 @@ class Trainer:
             (self.run_dir / EXIT_RECORD).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
-    def _initial_weights(self):
-        """Full-size weights to build the model with instead of random ones, or None: model.init_from on
-        a fresh start, or a step-0 checkpoint's own on another layout. A checkpoint of ours is
-        consolidated once, by rank 0, into RUN_DIR; every rank then reads its own slices."""
-        point, source = self.resume_point, self.config.model.init_from
-        if point is not None and point.weights_only:
-            source, setting = str(self.checkpoints.directory / point.tag), f"checkpoint {point.tag}"
-        elif point is None and source:
-            setting = f"model.init_from={source}"
-        else:
-            return None
+    def _read_weights(self, source: str, setting: str, scratch: str) -> Weights:
+        """Full-size weights from `source`. A checkpoint of ours is consolidated once, by rank 0, into
+        RUN_DIR/`scratch`, which every rank then reads (and rank 0 removes once all have)."""
         if not is_hf_directory(source) and not Path(source).is_file():
-            consolidated = self.run_dir / INITIAL_WEIGHTS
+            consolidated = self.run_dir / scratch
             on_rank_zero(lambda: save_consolidated(load_weights(source, self.run_dir), consolidated),
-                         consolidated.is_file, self.run_dir / ".initial-weights-failed", self.rank,
+                         consolidated.is_file, consolidated.with_name(consolidated.stem + "-failed"), self.rank,
                          f"read the weights of {setting}", stale=(consolidated,))
             source = str(consolidated)
-        weights = load_weights(source)
+        return load_weights(source)
+
+    def _initial_weights(self, teacher: Weights | None = None):
+        """Full-size weights to build the model with instead of random ones, or None: model.init_from
+        or distill.init_from_teacher_layers on a fresh start, or a step-0 checkpoint's own on another
+        layout."""
+        point, source, layers = self.resume_point, self.config.model.init_from, self.config.distill.init_from_teacher_layers
+        if point is not None and point.weights_only:
+            setting = f"checkpoint {point.tag}"
+            weights = self._read_weights(str(self.checkpoints.directory / point.tag), setting, INITIAL_WEIGHTS)
+        elif point is None and source:
+            setting = f"model.init_from={source}"
+            weights = self._read_weights(source, setting, INITIAL_WEIGHTS)
+        elif point is None and layers:
+            setting = f"distill.init_from_teacher_layers={layers}"
+            weights = student_from_teacher(teacher, layers, self.model_config)
+        else:
+            return None
         keys = (*MODEL_SHAPE_KEYS, "layer_norm_epsilon")
         differences = {key: (getattr(weights.config, key), getattr(self.model_config, key))
                        for key in keys if getattr(weights.config, key) != getattr(self.model_config, key)}
@@ -297,6 +318,21 @@ class Trainer:
         log.info("initial weights: %s", weights.description)
         return weights
 
+    def _build_teacher(self, weights: Weights, topology) -> FrozenTeacher:
+        """distill.teacher, frozen, in this run's layout and precision; its settings given to the student's loss."""
+        config = self.config
+        teacher = FrozenTeacher(weights, self.teacher_config, config.distill, self.layout, topology,
+                                model_parallel_config(self.layout), config.train.precision,
+                                config.model.partition_method)
+        attach(self.engine.module, teacher.head)
+        dist.barrier()  # every rank has read the consolidated file, if there was one
+        if self.rank == 0:
+            (self.run_dir / TEACHER_WEIGHTS).unlink(missing_ok=True)
+            log.info("distilling from %s (%.1fM parameters): temperature %g, alpha %g, hidden_cosine %g",
+                     weights.description, parameter_count(self.teacher_config) / 1e6, config.distill.temperature,
+                     config.distill.alpha, config.distill.hidden_cosine)
+        return teacher
+
     def _build_engine(self, topology, load_universal: bool = False, initial=None):
         config, layout = self.config, self.layout
         model = build_model(self.model_config, layout, topology, model_parallel_config(layout), config.train.seed,
@@ -306,6 +342,7 @@ class Trainer:
             dist.barrier()  # every rank has read the consolidated file, if there was one
             if self.rank == 0:
                 (self.run_dir / INITIAL_WEIGHTS).unlink(missing_ok=True)
+                (self.run_dir / TEACHER_WEIGHTS).unlink(missing_ok=True)
         apply_activation_checkpointing(model, config.model.activation_checkpointing)
         apply_compile(model, config.train.compile)
         # lr 0 until the trainer sets the schedule's rate before each step: DeepSpeed's fp16 wrappers
@@ -458,12 +495,26 @@ class Trainer:
                                 pin_memory=self.pin_memory)
         skipped_before = self.engine.skipped_steps  # DeepSpeed's own checks (BF16_Optimizer, fp16 scaler)
         began = time.perf_counter()
-        loss = train_step(self.engine, batches)
+        loss = train_step(self.engine, batches, self.teacher)
         seconds = time.perf_counter() - began
         self.step += 1
         skipped = self.optimizer.guard.finish_step() or self.engine.skipped_steps > skipped_before
         self._count_skip(skipped, loss)
-        return {**self._step_metrics(loss, lr, seconds), "skipped": skipped, "skipped_steps": self.skipped_steps}
+        return {**self._step_metrics(loss, lr, seconds), **self._distillation_terms(), "skipped": skipped,
+                "skipped_steps": self.skipped_steps}
+
+    def _distillation_terms(self) -> dict:
+        """While distilling, the objective's terms over the global batch: lm_loss (the cross entropy
+        against the data, what an ordinary run calls its loss), kl_loss (KL(teacher || student) at
+        distill.temperature, before alpha x T^2) and cosine_loss (with distill.hidden_cosine)."""
+        if self.teacher is None:
+            return {}
+        head = self.teacher.head
+        sums = head.take(collective_device()) if head is not None else torch.zeros(4, device=collective_device())
+        dist.all_reduce(sums)  # only the ranks holding the head recorded any; TP copies count in both parts
+        cross_entropy, divergence, cosine = (sums[:3] / sums[3]).tolist()
+        terms = {"lm_loss": cross_entropy, "kl_loss": divergence}
+        return {**terms, "cosine_loss": cosine} if self.config.distill.hidden_cosine else terms
 
     def _set_learning_rate(self) -> float:
         """The schedule's learning rate for step `self.step`, set on every parameter group.

@@ -262,30 +262,38 @@ class GPT2(nn.Module):
         for index, cls in enumerate(classes[1:], start=1):
             self.add_module(str(index), cls(config, parallel, init, index))
         self.num_layers = len(classes)
+        self.distillation = None  # a teacher's settings while distilling (not a module: never saved or trained)
 
     @property
     def embedding(self) -> WordEmbedding:
         return self.tied_modules[TIED_EMBEDDING]
 
-    def forward(self, token_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, scores: bool = False) -> torch.Tensor:
-        """Logits (B, T, V / tp), or the loss with `labels`, or with `scores` too each sequence's
-        log-likelihood of its labels (head_scores). With a `cache`, `token_ids` (B, T) are the
-        tokens after the `cache.length` cached ones: their positions follow them, their attention also
-        sees them, and the cache keeps their keys and values."""
+    def hidden_states(self, token_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The last hidden states (B, T, C), after the final LayerNorm: what the output head reads."""
         start = 0 if cache is None else cache.make_room(token_ids.shape[1])
         x = self.embedding(token_ids)  # (B, T, C)
         x = getattr(self, "1")(x, start)  # + positions start .. start + T - 1
         for block in range(self.config.n_layer):  # layers 2 .. n_layer + 1
             x = getattr(self, str(block + 2))(x, None if cache is None else cache.layer(block, start))
-        x = getattr(self, str(self.num_layers - 1))(x)  # FinalNorm
         if cache is not None:
             cache.length = start + token_ids.shape[1]
+        return getattr(self, str(self.num_layers - 1))(x)  # FinalNorm
+
+    def forward(self, token_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None, scores: bool = False,
+                teacher_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V / tp), or the loss with `labels`, or with `scores` too each sequence's
+        log-likelihood of its labels (head_scores). With a `cache`, `token_ids` (B, T) are the
+        tokens after the `cache.length` cached ones: their positions follow them, their attention also
+        sees them, and the cache keeps their keys and values. With a teacher's last hidden states
+        (`self.distillation` set: pretrain/distill.py), the loss is the distillation objective."""
+        x = self.hidden_states(token_ids, cache)
         if labels is None:
             return lm_head(self.embedding, x)  # (B, T, V / tp)
         if scores:
             return head_scores(x, self.embedding, labels)  # (B, 2)
-        return head_loss(x, self.embedding, labels)  # the head and the loss in chunks (pretrain/model/loss.py)
+        # the head and the loss in chunks (pretrain/model/loss.py)
+        return head_loss(x, self.embedding, labels, distillation=self.distillation, teacher_hidden=teacher_hidden)
 
 
 # ---- generation -------------------------------------------------------------------------

@@ -17,8 +17,11 @@ the ones autograd would run (logits in the model's dtype), so the loss is the sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 # fp32 logits per chunk, in elements: 2^26 = 256 MiB; a few chunks per micro-batch.
 CHUNK_ELEMENTS = 2**26
@@ -31,18 +34,23 @@ def _tensor_parallel() -> tuple:
             parallel_state.get_tensor_model_parallel_world_size())
 
 
-class _HeadCrossEntropy(torch.autograd.Function):
-    """mean over tokens of cross_entropy(hidden @ weight.T, labels), vocabulary split over TP ranks."""
+class _HeadLoss(torch.autograd.Function):
+    """Summed over tokens: (1 - alpha) x cross_entropy(hidden @ weight.T, labels), plus, with a teacher,
+    alpha x T^2 x KL(softmax(teacher_logits / T) || softmax(student_logits / T)); the vocabulary split
+    over TP ranks. Returns (objective, cross-entropy sum, KL sum), the last two for logging only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, padding_start: int, chunk_tokens: int, wants_grad: bool):
+    def forward(ctx, hidden, weight, labels, padding_start: int, chunk_tokens: int, wants_grad: bool,
+                teacher: Teacher | None):
         from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as ops
         from megatron.core.tensor_parallel.utils import VocabUtility
 
         group, rank, world = _tensor_parallel()
         vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, world)
+        alpha = teacher.alpha if teacher is not None else 0.0
         tokens = hidden.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        cross_entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        divergence = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad else None
         for start in range(0, tokens, chunk_tokens):
@@ -51,33 +59,81 @@ class _HeadCrossEntropy(torch.autograd.Function):
             logits[:, padding_start:] = float("-inf")  # vocabulary padding takes no part
             logits, logits_max = ops.calculate_logits_max(logits)  # fp32 from here on
             _all_reduce(logits_max, dist.ReduceOp.MAX, group, world)
+            soft = None
+            if teacher is not None:  # before megatron's arithmetic below turns the logits into exponentials
+                span = slice(start, start + chunk_tokens)
+                soft = _soft_targets(logits, logits_max, teacher, span, padding_start, group, world)
+                divergence += soft[0]
             target_mask, target_1d, predicted, sum_exp, exp_logits = ops.calculate_predicted_logits(
                 logits, target, logits_max, vocab_start, vocab_end)
             _all_reduce(predicted, dist.ReduceOp.SUM, group, world)
             _all_reduce(sum_exp, dist.ReduceOp.SUM, group, world)
             softmax, loss = ops.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
-            total += loss.sum()
+            cross_entropy += loss.sum()
             if wants_grad:  # d(sum of losses)/d(logits) = softmax - one_hot; the 1 / tokens comes in backward
                 grad_2d, rows, not_elsewhere, grad_logits = ops.prepare_gradient_calculation_operands(softmax,
                                                                                                    target_mask)
                 grad_2d[rows, target_1d] -= not_elsewhere
+                if soft is not None:  # d(T^2 KL)/d(student logits) = T (p_student - p_teacher), real columns only
+                    grad_logits.mul_(1 - alpha)
+                    grad_logits[:, :padding_start].add_(soft[1], alpha=alpha * teacher.temperature)
                 # Unscaled, so that fp16 does not flush these small values to zero before the loss scale
                 # (which only backward knows) multiplies them; each entry is at most 1 in size.
                 grad_logits = grad_logits.to(hidden.dtype)
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight  # (n, C)
                 grad_weight.add_(grad_logits.t() @ chunk)  # (V / tp, C), summed in fp32
                 del grad_2d, grad_logits
-            del logits, exp_logits, softmax  # before the next chunk's logits exist: one chunk at a time
+            del logits, exp_logits, softmax, soft  # before the next chunk's logits exist: one chunk at a time
+        if teacher is not None:  # each rank summed its own slice of the vocabulary
+            _all_reduce(divergence, dist.ReduceOp.SUM, group, world)
+            divergence *= teacher.temperature**2
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype, ctx.tokens = weight.dtype, tokens
-        return total / tokens
+        ctx.mark_non_differentiable(cross_entropy, divergence)
+        return (1 - alpha) * cross_entropy + alpha * divergence, cross_entropy, divergence
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _cross_entropy, _divergence):
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output.float() / ctx.tokens  # the mean, and any loss scale or 1 / accumulation steps
+        scale = grad_output.float()  # the mean's 1 / tokens is in it, and any loss scale or 1 / accumulation
         return ((grad_hidden.float() * scale).to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
+
+
+def _soft_targets(logits, logits_max, teacher: Teacher, span: slice, padding_start: int, group, world):
+    """For one chunk: (sum over its tokens and this rank's real columns of KL(teacher || student) at
+    temperature T, p_student - p_teacher on those columns (n, padding_start)), both fp32.
+
+    `logits` are the student's fp32 logits and `logits_max` their maximum over all ranks; max(z / T)
+    is max(z) / T, so the same shift keeps exp() from overflowing."""
+    T = teacher.temperature
+    log_student = (logits[:, :padding_start] - logits_max[:, None]) / T
+    teacher_logits = (teacher.hidden[span] @ teacher.weight.t())[:, :padding_start].float()  # (n, V / tp)
+    teacher_max = teacher_logits.max(dim=-1).values if padding_start else teacher_logits.new_full(
+        (teacher_logits.shape[0],), float("-inf"))
+    _all_reduce(teacher_max, dist.ReduceOp.MAX, group, world)
+    log_teacher = (teacher_logits - teacher_max[:, None]) / T
+    sums = torch.stack([log_student.exp().sum(dim=-1), log_teacher.exp().sum(dim=-1)])  # (2, n)
+    _all_reduce(sums, dist.ReduceOp.SUM, group, world)  # the whole vocabulary's normalizers
+    log_student -= sums[0].log()[:, None]
+    log_teacher -= sums[1].log()[:, None]
+    p_teacher = log_teacher.exp()
+    divergence = (p_teacher * (log_teacher - log_student)).sum()
+    return divergence, log_student.exp_() - p_teacher
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher's targets for one micro-batch, as the head needs them: its last hidden
+    states (after its final LayerNorm) and its tied embedding (this rank's vocabulary slice),
+    with the distill.* weights."""
+
+    hidden: torch.Tensor
+    """(B T, C_teacher) in the teacher's dtype; no gradient."""
+    weight: torch.Tensor
+    """(V / tp, C_teacher): the teacher's word embedding, this rank's rows."""
+    temperature: float
+    alpha: float
 
 
 def _all_reduce(tensor: torch.Tensor, op, group, world: int) -> None:
@@ -85,8 +141,12 @@ def _all_reduce(tensor: torch.Tensor, op, group, world: int) -> None:
         dist.all_reduce(tensor, op=op, group=group)
 
 
-def head_loss(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
-    """Mean next-token cross entropy of the tied output head on hidden states x (B, T, C).
+def head_loss(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: int | None = None,
+              distillation: Distillation | None = None, teacher_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross entropy of the tied output head on hidden states x (B, T, C); while
+    distilling (`distillation` and the teacher's last hidden states (B, T, C_teacher) both given), the
+    distillation objective instead: (1 - alpha) x that + alpha x T^2 x KL(teacher || student)
+    [+ hidden_cosine x (1 - cosine(x, teacher_hidden))], each term recorded in `distillation`.
 
     `embedding` is the model's WordEmbedding (its weight is this rank's vocabulary slice,
     (V / tp, C)); gradients reach both x and that weight.
@@ -95,12 +155,50 @@ def head_loss(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: in
 
     weight = embedding.word.weight
     hidden = copy_to_tensor_model_parallel_region(x).reshape(-1, x.shape[-1])  # (B T, C); backward: TP all-reduce
-    chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    teacher = None
+    if distillation is not None and teacher_hidden is not None:
+        teacher = Teacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), distillation.embedding.word.weight,
+                          distillation.temperature, distillation.alpha)
+    # A teacher's chunk holds about four more fp32 tensors of its size: smaller chunks, the same peak.
+    chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0] // (1 if teacher is None else 4))
     # Decided here: inside Function.forward grad mode is always off, and needs_input_grad is
     # true under no_grad too; evaluation must not pay for gradients.
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _HeadCrossEntropy.apply(hidden, weight, labels.reshape(-1), embedding.padding_start, chunk_tokens,
-                                   wants_grad)
+    objective, cross_entropy, divergence = _HeadLoss.apply(hidden, weight, labels.reshape(-1),
+                                                           embedding.padding_start, chunk_tokens, wants_grad, teacher)
+    tokens = hidden.shape[0]
+    loss = objective / tokens
+    if teacher is not None:
+        cosine = None
+        if distillation.hidden_cosine:  # x is whole on every TP rank: so is this term and its gradient
+            cosine = (1 - F.cosine_similarity(x.float(), teacher_hidden.float(), dim=-1)).mean()
+            loss = loss + distillation.hidden_cosine * cosine
+        distillation.record(cross_entropy / tokens, divergence / tokens, cosine)
+    return loss
+
+
+@dataclass
+class Distillation:
+    """distill.* as the head needs them, with the frozen teacher's tied embedding (on the rank that
+    holds the output head), and the sums of the objective's terms since `take` last ran."""
+
+    embedding: torch.nn.Module
+    """The teacher's WordEmbedding: its weight is this rank's slice of the teacher's vocabulary."""
+    temperature: float
+    alpha: float
+    hidden_cosine: float
+    sums: torch.Tensor | None = None
+    """[cross entropy, KL at temperature T, 1 - cosine, micro-batches], fp32, summed over micro-batches."""
+
+    def record(self, cross_entropy: torch.Tensor, divergence: torch.Tensor, cosine: torch.Tensor | None) -> None:
+        terms = [cross_entropy, divergence / self.temperature**2, cosine if cosine is not None else 0.0 * divergence]
+        row = torch.cat([torch.stack([term.detach().float() for term in terms]), cross_entropy.new_ones(1)])
+        self.sums = row if self.sums is None else self.sums + row
+
+    def take(self, device) -> torch.Tensor:
+        """The sums (zeros where nothing was recorded: another pipeline stage), cleared."""
+        sums, self.sums = self.sums, None
+        return sums.to(device) if sums is not None else torch.zeros(4, device=device)
 
 
 IGNORE = -1
@@ -146,56 +244,3 @@ def head_scores(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: 
         del logits
     kept = (labels != IGNORE).double()
     return torch.stack([(logprob * kept).view(x.shape[:2]).sum(1), (missed * kept).view(x.shape[:2]).sum(1)], dim=1)
-
-
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                    padding_start: int) -> torch.Tensor:
-    """T^2 x mean over tokens of KL(teacher || student), both softened by the temperature T (Hinton et
-    al. 2015; DistilGPT2's soft-target term), from vocabulary-parallel logits (n, V / tp).
-
-    Each rank holds one slice of the vocabulary; the softmax normalizers and the KL's sum over the
-    vocabulary are all-reduced over tensor-parallel ranks, so no rank gathers the full logits.
-    Columns from `padding_start` on are vocabulary padding: they take no part (probability 0 for
-    both). The arithmetic is fp32; the gradient reaches the student's logits only, as
-    T x (softmax(student / T) - softmax(teacher / T)) / n, the T^2 scaling keeping its size
-    independent of T.
-    """
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-    group, _, world = _tensor_parallel()
-    valid = torch.arange(student_logits.shape[-1], device=student_logits.device) < padding_start
-
-    def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-        scaled = (logits.float() / temperature).masked_fill(~valid, float("-inf"))
-        top = scaled.detach().max(dim=-1).values  # a shift for stability only: no gradient through it
-        _all_reduce(top, dist.ReduceOp.MAX, group, world)
-        shifted = scaled - top[:, None]
-        total = _SumOverRanks.apply(shifted.exp().sum(dim=-1), group, world)  # the whole vocabulary's
-        return shifted - torch.log(total)[:, None]
-
-    log_student = log_softmax(student_logits)
-    with torch.no_grad():
-        log_teacher = log_softmax(teacher_logits)
-    terms = torch.where(valid, log_teacher.exp() * (log_teacher - log_student), 0.0)  # (n, V / tp)
-    # The KL's sum over the vocabulary: all-reduced forward; backward leaves each rank its own slice's
-    # share, since every rank differentiates the same replicated loss (megatron-core's reduce_from).
-    kl = reduce_from_tensor_model_parallel_region(terms.sum(dim=-1))  # (n,)
-    return temperature**2 * kl.mean()
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """An all-reduce (sum) whose gradient is all-reduced too: the softmax normalizer, which every
-    rank's slice of the loss depends on, so its gradient gathers contributions from every rank."""
-
-    @staticmethod
-    def forward(ctx, tensor, group, world: int):
-        ctx.group, ctx.world = group, world
-        tensor = tensor.clone()
-        _all_reduce(tensor, dist.ReduceOp.SUM, group, world)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        _all_reduce(grad, dist.ReduceOp.SUM, ctx.group, ctx.world)
-        return grad, None, None

@@ -97,16 +97,23 @@ def loss_scale(optimizer) -> float | None:
     return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else None
 
 
-def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], teacher=None) -> float:
     """One optimizer step over this data-parallel rank's micro-batches; returns the
-    mean loss over the whole global batch (all micro-batches, all DP ranks)."""
+    mean loss over the whole global batch (all micro-batches, all DP ranks). With a
+    `teacher` (pretrain/distill.py FrozenTeacher), the loss is the distillation objective."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     if isinstance(engine, PipelineEngine):
+        if teacher is not None:  # the teacher's whole forward first; the last stage gets its states as labels
+            hidden = teacher.pipeline_hidden_states(micro_batches)
+            micro_batches = [(token_ids, labels if states is None else (labels, states))
+                             for (token_ids, labels), states in zip(micro_batches, hidden)]
         return engine.train_batch(iter(micro_batches)).item()
     losses = []
     for token_ids, labels in micro_batches:  # non-blocking from pinned memory; no host sync per micro-batch
-        loss = engine(token_ids.to(engine.device, non_blocking=True), labels.to(engine.device, non_blocking=True))
+        token_ids = token_ids.to(engine.device, non_blocking=True)
+        extra = {} if teacher is None else {"teacher_hidden": teacher.hidden_states(token_ids)}
+        loss = engine(token_ids, labels.to(engine.device, non_blocking=True), **extra)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())
@@ -146,19 +153,19 @@ def score_batches(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
                                 for token_ids, labels in micro_batches])
         engine.train()
         return scores
-    from pretrain.parallel.pipeline import pipeline_loss, pipeline_scores
+    from pretrain.parallel.pipeline import pipeline_scores
 
     # The last stage's outputs become the scores, one tensor per micro-batch. The engine would also add
     # each to its running training loss (a scalar, kept aside), and with DeepSpeed's own monitor on it
     # would broadcast them as one scalar loss (turned off meanwhile).
-    monitor = engine.monitor.enabled
+    monitor, loss_fn = engine.monitor.enabled, engine.module.loss_fn
     engine.module.loss_fn, training_loss, engine.total_loss, engine.monitor.enabled = \
         pipeline_scores, engine.total_loss, None, False
     try:
         outputs = engine.eval_batch(iter(micro_batches), reduce_output=None, bcast_loss=False,
                                     num_micro_batches=len(micro_batches))
     finally:
-        engine.module.loss_fn, engine.total_loss, engine.monitor.enabled = pipeline_loss, training_loss, monitor
+        engine.module.loss_fn, engine.total_loss, engine.monitor.enabled = loss_fn, training_loss, monitor
     rows = len(micro_batches) * micro_batches[0][0].shape[0]
     scores = torch.cat(outputs) if engine.is_last_stage() else torch.empty(rows, 2, dtype=torch.float64,
                                                                           device=engine.device)

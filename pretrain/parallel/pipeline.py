@@ -78,8 +78,13 @@ def head_inputs(embedding: WordEmbedding, x):
     return x, embedding
 
 
-def pipeline_loss(outputs: tuple, labels):
+def pipeline_loss(outputs: tuple, labels, distillation=None):
+    """The training loss; while distilling (pretrain/distill.py), the labels of each micro-batch come
+    with the teacher's last hidden states, as (labels, teacher_hidden)."""
     x, embedding = outputs
+    if isinstance(labels, tuple):
+        labels, teacher_hidden = labels
+        return head_loss(x, embedding, labels, distillation=distillation, teacher_hidden=teacher_hidden)
     return head_loss(x, embedding, labels)
 
 

@@ -1,0 +1,204 @@
+"""Distillation in the trainer (pretrain/distill.py), end to end on real text: the logged objective
+equals a direct single-process computation (full logits, torch's cross entropy and KL) on every
+layout and after an update; alpha = 0 trains exactly the ordinary run; a resumed run continues the
+same curve; the student can start from the teacher's blocks; impossible settings are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, load_config
+from tests.pretrain.test_trainer import TINY, metrics, train
+
+STUDENT = ["model.n_layer=2", "schedule.warmup=0", "schedule.decay=constant", "optim.lr=1e-3"]
+TEMPERATURE, ALPHA = 2.0, 0.6
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, shards) -> Path:
+    """A 4-layer teacher (the tiny preset) trained for 3 steps: its predictions are no longer uniform."""
+    run_dir = tmp_path_factory.mktemp("teacher")
+    result = train(run_dir, shards, "train.max_steps=3", "optim.lr=1e-2", "schedule.warmup=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def distill(run_dir: Path, shards: str, teacher: Path, *settings: str, nproc: int = 1):
+    return train(run_dir, shards, *STUDENT, f"distill.teacher={teacher}", f"distill.temperature={TEMPERATURE}",
+                 f"distill.alpha={ALPHA}", *settings, nproc=nproc)
+
+
+def global_batch(shards: str, step: int, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) of global batch `step`, as the trainer reads it on any layout."""
+    from data_pipeline.tokenizers import load_tokenizer
+    from pretrain.data import build_datasets, micro_batches, resolve_blend
+    from pretrain.parallel.layout import ParallelLayout
+
+    config = load_config(TINY, [f"data.prefixes=[{shards}]", "eval.interval=0", "train.max_steps=4"])
+    tokenizer = load_tokenizer("gpt2")
+    train_data, _ = build_datasets(config, tokenizer, resolve_blend(config.data.prefixes, tokenizer), work, 1)
+    [(tokens, labels)] = micro_batches(train_data, step, ParallelLayout(world_size=1, micro_batch_size=8,
+                                                                              global_batch_size=8), 0)
+    return tokens, labels
+
+
+def direct_objective(student, teacher, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+    """(1 - alpha) x CE + alpha x T^2 x KL(teacher || student) on the full logits, in fp64."""
+    vocabulary = 50257
+    with torch.no_grad():
+        s = student(tokens).double()[..., :vocabulary].flatten(0, 1)
+        t = teacher(tokens).double()[..., :vocabulary].flatten(0, 1)
+    cross_entropy = F.cross_entropy(s, labels.flatten())
+    divergence = F.kl_div(F.log_softmax(s / TEMPERATURE, dim=-1), F.log_softmax(t / TEMPERATURE, dim=-1),
+                          log_target=True, reduction="batchmean")
+    return {"loss": ((1 - ALPHA) * cross_entropy + ALPHA * TEMPERATURE**2 * divergence).item(),
+            "lm_loss": cross_entropy.item(), "kl_loss": divergence.item()}
+
+
+def initial_student():
+    """The student as the trainer builds it from train.seed, on one process."""
+    from pretrain.model.gpt2 import GPT2
+    from pretrain.parallel.distributed import model_parallel_config
+    from pretrain.parallel.layout import ParallelLayout
+
+    config = load_config(TINY, STUDENT).model.gpt_config(1)
+    return GPT2(config, model_parallel_config(ParallelLayout(world_size=1)), seed=1234).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tensor_parallel_size=2"]),
+                                          (2, ["parallel.pipeline_parallel_size=2", "parallel.zero_stage=0"])],
+                         ids=["one-process", "tp2", "pp2"])
+def test_logged_objective_equals_the_direct_computation_before_and_after_an_update(
+        single_process_group, tmp_path, shards, teacher, nproc, layout):
+    """Step 1 from the initial weights; step 2 from the step-1 checkpoint's, with the teacher as it was
+    read from disk: had the teacher been trained or changed, step 2 would differ."""
+    from pretrain.inference import load_model
+
+    result = distill(tmp_path / "run", shards, teacher, "train.max_steps=2", "checkpoint.interval=1", *layout,
+                     nproc=nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distilling from" in result.stderr and "lm loss" in result.stderr
+    rows = metrics(tmp_path / "run")
+    teacher_model = load_model(teacher, device="cpu", work_dir=str(tmp_path)).model
+    students = [initial_student(), load_model(tmp_path / "run" / "checkpoints" / "step_0000001", device="cpu",
+                                              work_dir=str(tmp_path)).model]
+    for step, (row, student) in enumerate(zip(rows, students)):
+        expected = direct_objective(student, teacher_model, *global_batch(shards, step, tmp_path / "data"))
+        for key in ("loss", "lm_loss", "kl_loss"):
+            assert row[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), (step, key)
+        assert expected["kl_loss"] > 1e-3  # the two models differ: the term is not trivially zero
+
+
+@pytest.mark.slow
+def test_alpha_zero_trains_exactly_the_ordinary_run(tmp_path, shards, teacher):
+    ordinary = train(tmp_path / "plain", shards, *STUDENT, "train.max_steps=3")
+    assert ordinary.returncode == 0, ordinary.stderr[-3000:]
+    distilled = distill(tmp_path / "alpha0", shards, teacher, "train.max_steps=3", "distill.alpha=0")
+    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    plain, zero = metrics(tmp_path / "plain"), metrics(tmp_path / "alpha0")
+    assert [(row["loss"], row["grad_norm"]) for row in zero] == [(row["loss"], row["grad_norm"]) for row in plain]
+    assert [row["lm_loss"] for row in zero] == [row["loss"] for row in plain]
+    assert all(row["kl_loss"] > 0 for row in zero)  # the teacher ran: only its weight was 0
+
+
+@pytest.mark.slow
+def test_a_distillation_stopped_and_resumed_continues_the_same_curve(tmp_path, shards, teacher):
+    """The teacher is not in the checkpoint: the resumed start reads it again and the curve goes on exactly."""
+    straight = distill(tmp_path / "straight", shards, teacher, "train.max_steps=3", "checkpoint.interval=100")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = distill(tmp_path / "resumed", shards, teacher, "train.max_steps=3", "checkpoint.interval=100",
+                      "train.exit_after_minutes=0.001")
+    assert stopped.returncode == 0 and "stopped at step 1" in stopped.stderr, stopped.stderr[-3000:]
+    saved = {path.name for path in (tmp_path / "resumed" / "checkpoints" / "step_0000001").iterdir()}
+    assert saved == {path.name for path in (tmp_path / "straight" / "checkpoints" / "step_0000003").iterdir()}
+    resumed = distill(tmp_path / "resumed", shards, teacher, "train.max_steps=3", "checkpoint.interval=100")
+    assert resumed.returncode == 0 and "resumed from step_0000001" in resumed.stderr, resumed.stderr[-3000:]
+    keys = ("loss", "lm_loss", "kl_loss", "grad_norm")
+    assert [[row[key] for key in keys] for row in metrics(tmp_path / "resumed")] == \
+        [[row[key] for key in keys] for row in metrics(tmp_path / "straight")]
+
+
+@pytest.mark.slow
+def test_the_student_starts_from_the_named_teacher_blocks_on_a_pipeline(tmp_path, shards, teacher):
+    """distill.init_from_teacher_layers=[3, 1]: student block 0 is teacher block 3, block 1 is block 1;
+    the embeddings and the final LayerNorm are the teacher's. Checked on the step-0 checkpoint of a
+    two-stage pipeline, by name."""
+    from pretrain.inference import load_weights
+
+    result = distill(tmp_path / "run", shards, teacher, "train.max_steps=0", "distill.init_from_teacher_layers=[3,1]",
+                     "parallel.pipeline_parallel_size=2", "parallel.zero_stage=0", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "run" / ".teacher-weights.pt").exists()  # the consolidated teacher is cleaned up
+    student = load_weights(tmp_path / "run", str(tmp_path)).state
+    source = load_weights(teacher, str(tmp_path)).state
+    expected = {"0.": "0.", "1.": "1.", "2.": "5.", "3.": "3.", "4.": "6."}  # final norm: layer 4 <- layer 6
+    assert len(student) == 4 + 2 * 12 + 2
+    for name, tensor in student.items():
+        prefix = name.split(".", 1)[0] + "."
+        assert torch.equal(tensor, source[expected[prefix] + name[len(prefix):]]), name
+
+
+def check(shards: str, *settings: str, world_size: int = 1):
+    from pretrain.trainer import plan_run
+
+    return plan_run(load_config(TINY, [f"data.prefixes=[{shards}]", *settings]), world_size)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_naming_both(tmp_path, shards, teacher, gpt2_tokenizer):
+    """GPT-2's BPE with two merges (and the ids of the tokens they make) swapped: the same vocabulary
+    size, other tokens."""
+    import json
+
+    from pretrain.inference import load_weights, save_consolidated
+
+    other = tmp_path / "other-bpe"
+    other.mkdir()
+    files = gpt2_tokenizer.files
+    encoder = json.loads(Path(files["encoder_json"]).read_text(encoding="utf-8"))
+    merges = Path(files["vocab_bpe"]).read_text(encoding="utf-8").splitlines()
+    first, second = 101, 5001  # lines after the "#version" header
+    made = ["".join(merges[line].split()) for line in (first, second)]
+    merges[first], merges[second] = merges[second], merges[first]
+    encoder[made[0]], encoder[made[1]] = encoder[made[1]], encoder[made[0]]
+    (other / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (other / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    weights = load_weights(teacher, str(tmp_path))
+    weights.tokenizer = str(other)
+    save_consolidated(weights, tmp_path / "teacher.pt")
+    with pytest.raises(ConfigError) as refusal:
+        check(shards, "model.n_layer=2", f"distill.teacher={tmp_path / 'teacher.pt'}")
+    message = str(refusal.value)
+    assert f"tokenizer {str(other)!r}" in message and "data.tokenizer='gpt2'" in message
+    assert "must share a tokenizer" in message
+    assert check(shards, "model.n_layer=2", f"distill.teacher={teacher}").teacher_config.n_layer == 4
+
+
+@pytest.mark.parametrize("settings,says", [
+    (["distill.temperature=0"], "distill.temperature=0.0 must be positive"),
+    (["distill.alpha=1.5"], "distill.alpha=1.5 must be between 0"),
+    (["distill.hidden_cosine=1", "model.n_embd=64", "model.n_head=4"], "distill.hidden_cosine compares hidden states"),
+    (["distill.init_from_teacher_layers=[0,1,2]"], "names 3 blocks for a student of model.n_layer=2"),
+    (["distill.init_from_teacher_layers=[0,4]"], "[4] are not blocks of the teacher, which has 4"),
+    (["distill.init_from_teacher_layers=[0,1]", "model.n_embd=64"], "set model.n_embd=128"),
+    (["parallel.tensor_parallel_size=8", "model.n_head=8"], "the teacher (distill.teacher) runs in the student's "
+     "layout, and for it parallel.tensor_parallel_size=8 does not divide the model's 4 attention heads"),
+    (["model.n_positions=512"], "shorter than the student's sequences (model.n_positions=512)"),
+], ids=["temperature", "alpha", "cosine-width", "layer-count", "layer-range", "layer-width", "teacher-tp",
+        "context"])
+def test_impossible_distillation_settings_are_refused_naming_the_setting(shards, teacher, settings, says):
+    world = 8 if "parallel.tensor_parallel_size=8" in settings else 1
+    with pytest.raises(ConfigError) as refusal:
+        check(shards, "model.n_layer=2", f"distill.teacher={teacher}", *settings, world_size=world)
+    assert says in str(refusal.value)
+
+
+def test_a_missing_teacher_or_layers_without_one_are_refused(tmp_path, shards):
+    with pytest.raises(ConfigError, match="distill.teacher=.*does not exist"):
+        check(shards, f"distill.teacher={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match="needs distill.teacher"):
+        check(shards, "distill.init_from_teacher_layers=[0]")
