@@ -49,7 +49,8 @@ class _HeadLoss(torch.autograd.Function):
         vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, world)
         alpha = teacher.alpha if teacher is not None else 0.0
         tokens = hidden.shape[0]
-        cross_entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Per token, summed once at the end: the sum does not depend on the chunk size (smaller with a teacher).
+        token_losses = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
         divergence = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad else None
@@ -69,7 +70,7 @@ class _HeadLoss(torch.autograd.Function):
             _all_reduce(predicted, dist.ReduceOp.SUM, group, world)
             _all_reduce(sum_exp, dist.ReduceOp.SUM, group, world)
             softmax, loss = ops.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
-            cross_entropy += loss.sum()
+            token_losses[start:start + chunk_tokens] = loss
             if wants_grad:  # d(sum of losses)/d(logits) = softmax - one_hot; the 1 / tokens comes in backward
                 grad_2d, rows, not_elsewhere, grad_logits = ops.prepare_gradient_calculation_operands(softmax,
                                                                                                    target_mask)
@@ -84,6 +85,7 @@ class _HeadLoss(torch.autograd.Function):
                 grad_weight.add_(grad_logits.t() @ chunk)  # (V / tp, C), summed in fp32
                 del grad_2d, grad_logits
             del logits, exp_logits, softmax, soft  # before the next chunk's logits exist: one chunk at a time
+        cross_entropy = token_losses.sum()
         if teacher is not None:  # each rank summed its own slice of the vocabulary
             _all_reduce(divergence, dist.ReduceOp.SUM, group, world)
             divergence *= teacher.temperature**2
@@ -105,21 +107,24 @@ def _soft_targets(logits, logits_max, teacher: Teacher, span: slice, padding_sta
     temperature T, p_student - p_teacher on those columns (n, padding_start)), both fp32.
 
     `logits` are the student's fp32 logits and `logits_max` their maximum over all ranks; max(z / T)
-    is max(z) / T, so the same shift keeps exp() from overflowing."""
+    is max(z) / T, so the same shift keeps exp() from overflowing. In place where it can be: each
+    (n, V / tp) tensor is as large as the chunk."""
     T = teacher.temperature
-    log_student = (logits[:, :padding_start] - logits_max[:, None]) / T
-    teacher_logits = (teacher.hidden[span] @ teacher.weight.t())[:, :padding_start].float()  # (n, V / tp)
-    teacher_max = teacher_logits.max(dim=-1).values if padding_start else teacher_logits.new_full(
-        (teacher_logits.shape[0],), float("-inf"))
+    log_student = logits[:, :padding_start].sub(logits_max[:, None]).div_(T)
+    # the teacher's logits of the real vocabulary only, in its dtype, then fp32
+    log_teacher = (teacher.hidden[span] @ teacher.weight[:padding_start].t()).float()
+    teacher_max = log_teacher.amax(dim=-1) if padding_start else log_teacher.new_full(log_teacher.shape[:1], -1e30)
     _all_reduce(teacher_max, dist.ReduceOp.MAX, group, world)
-    log_teacher = (teacher_logits - teacher_max[:, None]) / T
-    sums = torch.stack([log_student.exp().sum(dim=-1), log_teacher.exp().sum(dim=-1)])  # (2, n)
+    log_teacher.sub_(teacher_max[:, None]).div_(T)
+    p_student, p_teacher = log_student.exp(), log_teacher.exp()  # unnormalized so far
+    sums = torch.stack([p_student.sum(dim=-1), p_teacher.sum(dim=-1)])  # (2, n)
     _all_reduce(sums, dist.ReduceOp.SUM, group, world)  # the whole vocabulary's normalizers
-    log_student -= sums[0].log()[:, None]
-    log_teacher -= sums[1].log()[:, None]
-    p_teacher = log_teacher.exp()
-    divergence = (p_teacher * (log_teacher - log_student)).sum()
-    return divergence, log_student.exp_() - p_teacher
+    log_student.sub_(sums[0].log()[:, None])
+    log_teacher.sub_(sums[1].log()[:, None])
+    p_student.div_(sums[0][:, None])
+    p_teacher.div_(sums[1][:, None])
+    divergence = log_teacher.sub_(log_student).mul_(p_teacher).sum()  # sum of p_t (log p_t - log p_s)
+    return divergence, p_student.sub_(p_teacher)
 
 
 @dataclass

@@ -145,4 +145,23 @@ def check_config(args, cluster: Cluster) -> int:
           f"(at --efficiency {args.efficiency})")
     verdict = "fits" if candidate.fits else "does NOT fit"
     print(f"{verdict}: peak {candidate.memory.total / GIB:.2f} GiB of {usable_gib(cluster):.1f} usable")
+    if config.distill.teacher:
+        print(teacher_note(config.distill.teacher, run))
     return 0 if candidate.fits else 1
+
+
+def teacher_note(teacher: str, run: RunShape) -> str:
+    """What the memory model leaves out of a distillation run: the frozen teacher's weights, in the
+    run's precision, cut as the student's layers are (its activations are those of one block)."""
+    from pretrain.inference import describe_weights
+    from pretrain.model.presets import parameter_count
+
+    try:
+        config, _ = describe_weights(teacher)
+    except Exception as error:  # the trainer refuses it at start-up with its own message
+        return f"note: distill.teacher is not counted above, and cannot be read here ({error})"
+    parameters = parameter_count(config)
+    share = parameters * (4 if run.precision == "fp32" else 2) / (run.layout.tensor_parallel_size
+                                                                  * run.layout.pipeline_parallel_size)
+    return (f"note: the frozen teacher (distill.teacher, {parameters / 1e6:,.1f}M parameters) is not counted "
+            f"above: add about {share / GIB:.2f} GiB per GPU for its {run.precision} weights")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pretrain.config import ConfigError, load_config
 from tests.pretrain.test_trainer import TINY, metrics, train
 
-STUDENT = ["model.n_layer=2", "schedule.warmup=0", "schedule.decay=constant", "optim.lr=1e-3"]
+STUDENT = ["model.n_layer=2", "schedule.warmup=0", "schedule.decay=constant", "optim.lr=1e-3", "logging.interval=1"]
 TEMPERATURE, ALPHA = 2.0, 0.6
 
 
@@ -137,7 +137,7 @@ def test_the_student_starts_from_the_named_teacher_blocks_on_a_pipeline(tmp_path
     student = load_weights(tmp_path / "run", str(tmp_path)).state
     source = load_weights(teacher, str(tmp_path)).state
     expected = {"0.": "0.", "1.": "1.", "2.": "5.", "3.": "3.", "4.": "6."}  # final norm: layer 4 <- layer 6
-    assert len(student) == 4 + 2 * 12 + 2
+    assert len(student) == 2 + 2 * 12 + 2  # word and position embeddings, two blocks, the final LayerNorm
     for name, tensor in student.items():
         prefix = name.split(".", 1)[0] + "."
         assert torch.equal(tensor, source[expected[prefix] + name[len(prefix):]]), name
@@ -202,3 +202,14 @@ def test_a_missing_teacher_or_layers_without_one_are_refused(tmp_path, shards):
         check(shards, f"distill.teacher={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError, match="needs distill.teacher"):
         check(shards, "distill.init_from_teacher_layers=[0]")
+
+
+def test_the_planner_says_what_the_teacher_adds_to_each_gpu(teacher, capsys):
+    from tools.plan import main
+
+    code = main(["--config", TINY, "--set", "model.n_layer=2", f"distill.teacher={teacher}",
+                 "parallel.tensor_parallel_size=2", "train.precision=bf16", "--nodes", "1", "--gpus-per-node", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    # 4 blocks of 128 + GPT-2's vocabulary: 7.3M parameters, in bf16, halved by TP 2
+    assert "the frozen teacher (distill.teacher, 7.3M parameters) is not counted above: add about 0.01 GiB" in out
