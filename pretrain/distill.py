@@ -52,13 +52,14 @@ def check_distill(config: Config, model_config: GPTConfig, layout: ParallelLayou
     except (CheckpointError, HFFormatError, OSError) as error:
         raise ConfigError(f"distill.teacher={section.teacher}: {error}") from None
     teacher.padded_vocab_size = padded_vocab_size(teacher.vocab_size, layout.tensor_parallel_size)
-    if teacher.vocab_size != model_config.vocab_size or \
-            not load_tokenizer(teacher_tokenizer).has_the_files_of(tokenizer):
+    if not _same_tokenizer(teacher_tokenizer, tokenizer, section.teacher):
         raise ConfigError(
-            f"distill.teacher={section.teacher} was trained with tokenizer {teacher_tokenizer!r} "
-            f"({teacher.vocab_size} tokens); this run reads data.tokenizer={config.data.tokenizer!r} "
-            f"({model_config.vocab_size} tokens). Teacher and student must share a tokenizer: the KL compares "
-            "their predictions token by token")
+            f"distill.teacher={section.teacher} was trained with tokenizer {teacher_tokenizer!r}; this run reads "
+            f"data.tokenizer={config.data.tokenizer!r}. Teacher and student must share a tokenizer: the KL "
+            "compares their predictions token by token")
+    if teacher.vocab_size != model_config.vocab_size:
+        raise ConfigError(f"distill.teacher has {teacher.vocab_size} tokens in its vocabulary, the student "
+                          f"model.vocab_size={model_config.vocab_size}; set model.vocab_size={teacher.vocab_size}")
     if teacher.n_positions < model_config.n_positions:
         raise ConfigError(f"distill.teacher has a context of {teacher.n_positions} tokens, shorter than the student's "
                           f"sequences (model.n_positions={model_config.n_positions}); lower model.n_positions")
@@ -75,6 +76,14 @@ def check_distill(config: Config, model_config: GPTConfig, layout: ParallelLayou
     return teacher
 
 
+def _same_tokenizer(spec: str, tokenizer: Tokenizer, teacher: str) -> bool:
+    try:
+        return load_tokenizer(spec).has_the_files_of(tokenizer)
+    except (ValueError, OSError) as error:  # a tokenizer recorded by another machine, or moved since
+        raise ConfigError(f"distill.teacher={teacher} was trained with tokenizer {spec!r}, which cannot be read "
+                          f"here ({error}); put it back, or make the teacher's record name where it is") from None
+
+
 def _check_layers(config: Config, model_config: GPTConfig, teacher: GPTConfig) -> None:
     layers = config.distill.init_from_teacher_layers
     if not layers:
@@ -85,32 +94,37 @@ def _check_layers(config: Config, model_config: GPTConfig, teacher: GPTConfig) -
     if len(layers) != model_config.n_layer:
         raise ConfigError(f"distill.init_from_teacher_layers names {len(layers)} blocks for a student of "
                           f"model.n_layer={model_config.n_layer}; give one teacher block per student block")
-    wrong = [layer for layer in layers if not isinstance(layer, int) or not 0 <= layer < teacher.n_layer]
+    wrong = [layer for layer in layers if type(layer) is not int or not 0 <= layer < teacher.n_layer]
     if wrong:
         raise ConfigError(f"distill.init_from_teacher_layers: {wrong} are not blocks of the teacher, which has "
                           f"{teacher.n_layer} (0 to {teacher.n_layer - 1})")
-    different = {key: (getattr(teacher, key), getattr(model_config, key)) for key in ("n_embd", "n_head")
-                 if getattr(teacher, key) != getattr(model_config, key)}
+    different = {key: (getattr(teacher, key), getattr(model_config, key))
+                 for key in ("n_embd", "n_head", "layer_norm_epsilon") if getattr(teacher, key) != getattr(model_config, key)}
     if different:
+        settable = " ".join(f"model.{key}={value}" for key, (value, _) in different.items() if key != "layer_norm_epsilon")
         raise ConfigError(f"distill.init_from_teacher_layers copies the teacher's blocks, but their shapes differ: "
-                          f"{different} (teacher, student); set " +
-                          " ".join(f"model.{key}={value}" for key, (value, _) in different.items()))
+                          f"{different} (teacher, student); " + (f"set {settable}" if settable else
+                                                                 "the LayerNorm epsilon is not a setting: leave out "
+                                                                 "distill.init_from_teacher_layers"))
 
 
 def student_from_teacher(teacher: Weights, layers: list[int], student: GPTConfig) -> Weights:
     """The teacher's embeddings, final LayerNorm and blocks `layers` (in that order) as full-size weights
-    of the student, under the student's canonical names (block i of the student is layer i + 2)."""
+    of the student, under the student's canonical names (block i of the student is layer i + 2). A
+    student with a shorter context takes the first rows of the teacher's position table."""
     final_teacher, final_student = teacher.config.n_layer + 2, student.n_layer + 2
     renamed = {f"{layer + 2}.": f"{index + 2}." for index, layer in enumerate(layers)}
     renamed[f"{final_teacher}."] = f"{final_student}."
     state = {}
     for name, tensor in teacher.state.items():
         prefix = name.split(".", 1)[0] + "."
-        if prefix in ("0.", "1."):
+        if prefix == "0.":
             state[name] = tensor
+        elif prefix == "1.":
+            state[name] = tensor[:student.n_positions]
         elif prefix in renamed:
             state[renamed[prefix] + name[len(prefix):]] = tensor
-    config = GPTConfig(**{**vars(teacher.config), "n_layer": student.n_layer})
+    config = GPTConfig(**{**vars(teacher.config), "n_layer": student.n_layer, "n_positions": student.n_positions})
     return Weights(config, state, teacher.tokenizer,
                    f"{teacher.description}, blocks {layers} with its embeddings and final LayerNorm")
 

@@ -70,8 +70,13 @@ def describe_weights(path: str | os.PathLike) -> tuple[GPTConfig, str]:
         config = read_hf_config(path)
         config.padded_vocab_size = padded_vocab_size(config.vocab_size)
         return config, hf_tokenizer_spec(path, config.vocab_size)
-    manifest = json.loads((find_checkpoint(path) / MANIFEST).read_text())
-    return model_config_of(manifest), manifest.get("config", {}).get("data", {}).get("tokenizer", "gpt2")
+    record = find_checkpoint(path) / MANIFEST
+    try:
+        manifest = json.loads(record.read_text())
+        return model_config_of(manifest), manifest.get("config", {}).get("data", {}).get("tokenizer", "gpt2")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{record} is damaged ({type(error).__name__}: {error}); use another step_* "
+                              "directory") from None
 
 
 def save_consolidated(weights: Weights, output: str | os.PathLike) -> None:

@@ -49,7 +49,7 @@ class _HeadLoss(torch.autograd.Function):
         vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, world)
         alpha = teacher.alpha if teacher is not None else 0.0
         tokens = hidden.shape[0]
-        # Per token, summed once at the end: the sum does not depend on the chunk size (smaller with a teacher).
+        # Per token, summed once at the end: the sum does not depend on how the tokens are chunked.
         token_losses = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
         divergence = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_grad else None
@@ -79,7 +79,8 @@ class _HeadLoss(torch.autograd.Function):
                     grad_logits.mul_(1 - alpha)
                     grad_logits[:, :padding_start].add_(soft[1], alpha=alpha * teacher.temperature)
                 # Unscaled, so that fp16 does not flush these small values to zero before the loss scale
-                # (which only backward knows) multiplies them; each entry is at most 1 in size.
+                # (which only backward knows) multiplies them; each entry is at most 1 (1 - alpha + alpha T
+                # with a teacher) in size.
                 grad_logits = grad_logits.to(hidden.dtype)
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight  # (n, C)
                 grad_weight.add_(grad_logits.t() @ chunk)  # (V / tp, C), summed in fp32
@@ -164,8 +165,9 @@ def head_loss(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: in
     if distillation is not None and teacher_hidden is not None:
         teacher = Teacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), distillation.embedding.word.weight,
                           distillation.temperature, distillation.alpha)
-    # A teacher's chunk holds about four more fp32 tensors of its size: smaller chunks, the same peak.
-    chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0] // (1 if teacher is None else 4))
+    # The same chunks with a teacher or without (its four or five more chunk-sized tensors, about 1.3 GB at
+    # most, are the price): the gradients' sums then run in the same order, and alpha=0 is exactly the plain head.
+    chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
     # Decided here: inside Function.forward grad mode is always off, and needs_input_grad is
     # true under no_grad too; evaluation must not pay for gradients.
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)

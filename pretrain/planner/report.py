@@ -125,9 +125,10 @@ def check_config(args, cluster: Cluster) -> int:
     candidate = evaluate(run, cluster, args.efficiency)
     stages = estimate_memory(run)
     if args.json:
+        note = {"teacher_note": teacher_note(config.distill.teacher, run)} if config.distill.teacher else {}
         print(json.dumps({"config": args.config, "overrides": args.set, "cluster": cluster_dict(cluster),
                           **candidate.to_dict(), "stages": [{"stage": s.stage, "moment": s.moment, **s.gib()}
-                                                            for s in stages]}))
+                                                            for s in stages], **note}))
         return 0 if candidate.fits else 1
     print(f"{args.config}: {describe(candidate)}, on {cluster.world_size} x {cluster.gpu.name}")
     if spans_nodes(run.layout.tensor_parallel_size, cluster.gpus_per_node):
@@ -154,6 +155,7 @@ def teacher_note(teacher: str, run: RunShape) -> str:
     """What the memory model leaves out of a distillation run: the frozen teacher's weights, in the
     run's precision, cut as the student's layers are (its activations are those of one block)."""
     from pretrain.inference import describe_weights
+    from pretrain.model.loss import CHUNK_ELEMENTS
     from pretrain.model.presets import parameter_count
 
     try:
@@ -163,5 +165,7 @@ def teacher_note(teacher: str, run: RunShape) -> str:
     parameters = parameter_count(config)
     share = parameters * (4 if run.precision == "fp32" else 2) / (run.layout.tensor_parallel_size
                                                                   * run.layout.pipeline_parallel_size)
+    head = 5 * CHUNK_ELEMENTS * 4  # the teacher's logits, both soft distributions and their difference, fp32
     return (f"note: the frozen teacher (distill.teacher, {parameters / 1e6:,.1f}M parameters) is not counted "
-            f"above: add about {share / GIB:.2f} GiB per GPU for its {run.precision} weights")
+            f"above: add about {share / GIB:.2f} GiB per GPU for its {run.precision} weights, and up to "
+            f"{head / GIB:.2f} GiB on the last stage for its logits in the output head's chunk")

@@ -52,7 +52,7 @@ def reference(data: dict, temperature: float, alpha: float, cosine_weight: float
 
 
 def ours(data: dict, temperature: float, alpha: float, cosine_weight: float = 0.0, rows: slice = slice(None),
-         padding_start: int = REAL) -> dict:
+         padding_start: int = REAL, chunk_tokens: int | None = 3) -> dict:
     """head_loss on this rank's rows of the embeddings (rows: its vocabulary slice), in chunks of 3 tokens."""
     from pretrain.model.loss import Distillation, head_loss
 
@@ -64,8 +64,8 @@ def ours(data: dict, temperature: float, alpha: float, cosine_weight: float = 0.
     teacher_hidden = data["teacher_hidden"][:, :WIDTH] if cosine_weight else data["teacher_hidden"]
     if cosine_weight:  # the cosine term needs equal widths: the teacher's first WIDTH features, its head all
         distillation.embedding = SimpleNamespace(word=SimpleNamespace(weight=data["teacher_weight"][rows, :WIDTH]))
-    loss = head_loss(hidden[None], embedding, data["labels"][None], chunk_tokens=3, distillation=distillation,
-                     teacher_hidden=teacher_hidden[None])
+    loss = head_loss(hidden[None], embedding, data["labels"][None], chunk_tokens=chunk_tokens,
+                     distillation=distillation, teacher_hidden=teacher_hidden[None])
     loss.backward()
     cross_entropy, divergence, cosine, micro_batches = distillation.take("cpu").tolist()
     return {"loss": loss.item(), "cross_entropy": cross_entropy, "kl": divergence, "cosine": cosine,
@@ -99,15 +99,17 @@ def test_hidden_cosine_term_adds_its_weighted_value_and_gradient(single_process_
     assert result["cosine"] == pytest.approx(cosine, rel=1e-6)
 
 
-def test_alpha_zero_is_bit_for_bit_the_plain_head(single_process_group):
-    from pretrain.model.loss import head_loss
+def test_alpha_zero_is_bit_for_bit_the_plain_head(single_process_group, monkeypatch):
+    """Each with its own default chunks (3 tokens here): the same sums in the same order."""
+    from pretrain.model import loss
 
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 3 * VOCAB)
     data = inputs(2)
     hidden, weight = data["hidden"].clone().requires_grad_(True), data["weight"].clone().requires_grad_(True)
     embedding = SimpleNamespace(word=SimpleNamespace(weight=weight), padding_start=REAL)
-    plain = head_loss(hidden[None], embedding, data["labels"][None], chunk_tokens=3)
+    plain = loss.head_loss(hidden[None], embedding, data["labels"][None])
     plain.backward()
-    distilled = ours(data, 2.0, 0.0)
+    distilled = ours(data, 2.0, 0.0, chunk_tokens=None)
     assert distilled["loss"] == plain.item() and distilled["cross_entropy"] == pytest.approx(plain.item(), rel=1e-6)
     assert torch.equal(distilled["grad_hidden"], hidden.grad) and torch.equal(distilled["grad_weight"], weight.grad)
 
