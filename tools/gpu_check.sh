@@ -31,6 +31,8 @@
 #                  the same command with train.max_steps=20, which must resume from step_0000010
 #   plan 40        tools/plan.py --config with the same settings: its predicted peak memory against the
 #                  run's torch.cuda.max_memory_allocated (memory_gib), within 20%
+#   distil 90      python -m pretrain, a 2-layer student with the training stage's run as distill.teacher
+#                  (bf16 on the GPU): 3 steps with finite lm_loss and kl_loss
 # At the end ONE summary table, also written to $OUT/gpu_check.md when $OUT is set (the device tool
 # returns $OUT's files), with the logs, the benchmark JSON and metrics.jsonl beside it.
 #
@@ -360,6 +362,36 @@ stage_train() {
         record "resume 11-20" PASS "resumed from step_0000010; $(train_figures "$run_dir" 20 $(( global * sequence )))"
     fi
     stage_plan "$config" "$run_dir" "${settings[@]}"
+    stage_distill "$config" "$run_dir" "data.prefixes=[$SHARDS]" "parallel.micro_batch_size=$micro" \
+        "parallel.global_batch_size=$global"
+}
+
+stage_distill() {  # CONFIG TEACHER-RUN SETTINGS...: a 2-layer student distilled from the training stage's run, 3 steps
+    local config=$1 teacher=$2
+    shift 2
+    if [[ ! -d $teacher/checkpoints ]]; then
+        record "distil 3 steps" SKIP "no checkpoint from the training stage"
+        return
+    fi
+    rm -rf "$WORK/distill"
+    run_stage "$WORK/logs/distill.log" 90 "$PYTHON" -m pretrain --config "$config" --set "$@" \
+        "run.dir=$WORK/distill" model.n_layer=2 "distill.teacher=$teacher" train.max_steps=3 eval.interval=0 \
+        logging.interval=1 logging.tensorboard=false
+    local verdict
+    verdict=$("$PYTHON" -c "import json, math, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if 'loss' in r]
+ok = len(rows) == 3 and all(math.isfinite(r.get('lm_loss') or math.nan) and math.isfinite(r.get('kl_loss') or math.nan)
+                            for r in rows)
+last = rows[-1]
+print(('PASS' if ok else 'FAIL') + f\" step 3: loss {last['loss']:.4f}, lm_loss {last.get('lm_loss')}, kl_loss \"
+      f\"{last.get('kl_loss')}, {last['tokens_per_second']:,.0f} tokens/s\")" "$WORK/distill/metrics.jsonl" 2>&1)
+    if (( STAGE_RC != 0 )); then
+        record "distil 3 steps" FAIL "python -m pretrain with distill.teacher: $STAGE_NOTE"
+    elif [[ $verdict == PASS\ * || $verdict == FAIL\ * ]]; then
+        record "distil 3 steps" "${verdict%% *}" "${verdict#* }"
+    else
+        record "distil 3 steps" FAIL "could not read the student's metrics: $(tail -n 1 <<< "$verdict")"
+    fi
 }
 
 stage_plan() {  # CONFIG RUN_DIR SETTINGS...: tools/plan.py's predicted peak against the run's max_memory_allocated
