@@ -57,9 +57,10 @@ def check_distill(config: Config, model_config: GPTConfig, layout: ParallelLayou
             f"distill.teacher={section.teacher} was trained with tokenizer {teacher_tokenizer!r}; this run reads "
             f"data.tokenizer={config.data.tokenizer!r}. Teacher and student must share a tokenizer: the KL "
             "compares their predictions token by token")
-    if teacher.vocab_size != model_config.vocab_size:
-        raise ConfigError(f"distill.teacher has {teacher.vocab_size} tokens in its vocabulary, the student "
-                          f"model.vocab_size={model_config.vocab_size}; set model.vocab_size={teacher.vocab_size}")
+    if teacher.vocab_size != model_config.vocab_size:  # the same tokenizer files: the teacher's record disagrees
+        raise ConfigError(f"distill.teacher={section.teacher} has a {teacher.vocab_size}-token vocabulary, but its "
+                          f"tokenizer {teacher_tokenizer!r}, the student's, has {model_config.vocab_size} tokens; "
+                          "distillation needs one vocabulary: give a teacher whose vocabulary is its tokenizer's")
     if teacher.n_positions < model_config.n_positions:
         raise ConfigError(f"distill.teacher has a context of {teacher.n_positions} tokens, shorter than the student's "
                           f"sequences (model.n_positions={model_config.n_positions}); lower model.n_positions")
@@ -79,7 +80,7 @@ def check_distill(config: Config, model_config: GPTConfig, layout: ParallelLayou
 def _same_tokenizer(spec: str, tokenizer: Tokenizer, teacher: str) -> bool:
     try:
         return load_tokenizer(spec).has_the_files_of(tokenizer)
-    except (ValueError, OSError) as error:  # a tokenizer recorded by another machine, or moved since
+    except (ValueError, OSError, RuntimeError) as error:  # recorded on another machine, moved, or damaged
         raise ConfigError(f"distill.teacher={teacher} was trained with tokenizer {spec!r}, which cannot be read "
                           f"here ({error}); put it back, or make the teacher's record name where it is") from None
 

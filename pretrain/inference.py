@@ -60,17 +60,26 @@ def describe_weights(path: str | os.PathLike) -> tuple[GPTConfig, str]:
     (a checkpoint's manifest, a Hugging Face config.json, a consolidated file's header)."""
     from data_pipeline.tokenizers import padded_vocab_size
     from pretrain.huggingface import hf_tokenizer_spec, is_hf_directory, read_hf_config
-    from pretrain.weights import find_checkpoint, model_config_of
+    from pretrain.weights import find_checkpoint
 
     path = Path(path)
     if path.is_file():
         weights = _read_consolidated(path, mmap=True)  # the tensors stay on disk until touched
-        return weights.config, weights.tokenizer
-    if path.is_dir() and is_hf_directory(path):
+        config, tokenizer = weights.config, weights.tokenizer
+    elif path.is_dir() and is_hf_directory(path):
         config = read_hf_config(path)
         config.padded_vocab_size = padded_vocab_size(config.vocab_size)
-        return config, hf_tokenizer_spec(path, config.vocab_size)
-    record = find_checkpoint(path) / MANIFEST
+        tokenizer = hf_tokenizer_spec(path, config.vocab_size)
+    else:
+        config, tokenizer = _describe_checkpoint(find_checkpoint(path) / MANIFEST)
+    if not isinstance(tokenizer, str):
+        raise CheckpointError(f"{path} records its tokenizer as {tokenizer!r}, not a name or path; it is damaged")
+    return config, tokenizer
+
+
+def _describe_checkpoint(record: Path) -> tuple[GPTConfig, str]:
+    from pretrain.weights import model_config_of
+
     try:
         manifest = json.loads(record.read_text())
         return model_config_of(manifest), manifest.get("config", {}).get("data", {}).get("tokenizer", "gpt2")
@@ -109,9 +118,14 @@ def _read_consolidated(path: Path, mmap: bool = False) -> Weights:
     if not isinstance(record, dict) or record.get("format") != CONSOLIDATED_FORMAT:
         raise CheckpointError(f"{path} is not a consolidated weights file of this project "
                               "(write one with tools/convert_checkpoint.py --to fp32)")
-    shape = record["model"]
-    config = GPTConfig(**shape, padded_vocab_size=padded_vocab_size(shape["vocab_size"]))
-    return Weights(config, record["state_dict"], record["tokenizer"], f"consolidated file {path} ({record['source']})")
+    try:
+        shape = record["model"]
+        config = GPTConfig(**shape, padded_vocab_size=padded_vocab_size(shape["vocab_size"]))
+        return Weights(config, record["state_dict"], record["tokenizer"],
+                       f"consolidated file {path} ({record['source']})")
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is a damaged consolidated weights file ({type(error).__name__}: {error}); "
+                              "write it again with tools/convert_checkpoint.py --to fp32") from None
 
 
 # ---- one process ------------------------------------------------------------------------------

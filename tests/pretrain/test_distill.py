@@ -197,6 +197,11 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(tmp_path, shard
     save_consolidated(weights, tmp_path / "teacher.pt")
     with pytest.raises(ConfigError, match="moved-away'. which cannot be read here"):
         check(shards, "model.n_layer=2", f"distill.teacher={tmp_path / 'teacher.pt'}")
+    weights.tokenizer, weights.config.vocab_size = "gpt2", 50304  # GPT-2's tokenizer, a record that disagrees
+    save_consolidated(weights, tmp_path / "teacher.pt")
+    with pytest.raises(ConfigError, match="has a 50304-token vocabulary, but its tokenizer 'gpt2', the student's, "
+                                          "has 50257 tokens"):
+        check(shards, "model.n_layer=2", f"distill.teacher={tmp_path / 'teacher.pt'}")
     assert check(shards, "model.n_layer=2", f"distill.teacher={teacher}").teacher_config.n_layer == 4
 
 
