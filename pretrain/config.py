@@ -193,10 +193,6 @@ class DistillSection:
     DistilGPT2), plus its embeddings and final LayerNorm; model.n_layer must equal their number and the
     widths must match. Used only on a fresh start (like model.init_from, which it replaces)."""
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.teacher)
-
 
 @dataclass
 class RunSection:

@@ -15,7 +15,6 @@ the teacher's logits from its last hidden states, a chunk of tokens at a time, b
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.distributed as dist
@@ -25,12 +24,9 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, DistillSection
 from pretrain.huggingface import HFFormatError
 from pretrain.inference import Weights, describe_weights
-from pretrain.model.gpt2 import GPT2, GPTConfig
+from pretrain.model.gpt2 import GPT2, TIED_EMBEDDING, GPTConfig
 from pretrain.model.loss import Distillation
 from pretrain.parallel.layout import LayoutError, ParallelLayout
-
-log = logging.getLogger("pretrain")
-
 
 def check_distill(config: Config, model_config: GPTConfig, layout: ParallelLayout,
                   tokenizer: Tokenizer) -> GPTConfig | None:
@@ -147,23 +143,13 @@ class FrozenTeacher:
         load_into(model, weights.state, config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        embedding = self.embedding
-        self.head = None if embedding is None else Distillation(embedding, settings.temperature, settings.alpha,
-                                                                settings.hidden_cosine)
-        """The output head's distillation settings, on the rank that holds the head (else None)."""
-
-    @property
-    def embedding(self):
-        """The teacher's tied word embedding, on the stage that holds the output head (else None)."""
-        from pretrain.model.gpt2 import TIED_EMBEDDING
-
-        tied = getattr(self.model, "tied_modules", {})
-        return tied[TIED_EMBEDDING] if TIED_EMBEDDING in tied and self._holds_the_head() else None
-
-    def _holds_the_head(self) -> bool:
         from megatron.core import parallel_state
 
-        return not self.pipeline or parallel_state.is_pipeline_last_stage()
+        holds_the_head = not self.pipeline or parallel_state.is_pipeline_last_stage()
+        self.head = Distillation(self.model.tied_modules[TIED_EMBEDDING], settings.temperature, settings.alpha,
+                                 settings.hidden_cosine) if holds_the_head else None
+        """The output head's distillation settings, with the teacher's tied word embedding, on the rank
+        that holds the output head (else None)."""
 
     @torch.no_grad()
     def hidden_states(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -342,7 +342,6 @@ class Trainer:
             dist.barrier()  # every rank has read the consolidated file, if there was one
             if self.rank == 0:
                 (self.run_dir / INITIAL_WEIGHTS).unlink(missing_ok=True)
-                (self.run_dir / TEACHER_WEIGHTS).unlink(missing_ok=True)
         apply_activation_checkpointing(model, config.model.activation_checkpointing)
         apply_compile(model, config.train.compile)
         # lr 0 until the trainer sets the schedule's rate before each step: DeepSpeed's fp16 wrappers

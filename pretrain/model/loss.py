@@ -35,19 +35,20 @@ def _tensor_parallel() -> tuple:
 
 
 class _HeadLoss(torch.autograd.Function):
-    """Summed over tokens: (1 - alpha) x cross_entropy(hidden @ weight.T, labels), plus, with a teacher,
-    alpha x T^2 x KL(softmax(teacher_logits / T) || softmax(student_logits / T)); the vocabulary split
-    over TP ranks. Returns (objective, cross-entropy sum, KL sum), the last two for logging only."""
+    """Summed over tokens: (1 - alpha) x cross_entropy(hidden @ weight.T, labels), plus, with a teacher
+    (its last hidden states (B T, C_teacher) and `distillation`), alpha x T^2 x
+    KL(softmax(teacher_logits / T) || softmax(student_logits / T)); the vocabulary split over TP ranks.
+    Returns (objective, cross-entropy sum, KL sum), the last two for logging only."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, padding_start: int, chunk_tokens: int, wants_grad: bool,
-                teacher: Teacher | None):
+                teacher_hidden: torch.Tensor | None, distillation: Distillation | None):
         from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as ops
         from megatron.core.tensor_parallel.utils import VocabUtility
 
         group, rank, world = _tensor_parallel()
         vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, world)
-        alpha = teacher.alpha if teacher is not None else 0.0
+        alpha = distillation.alpha if distillation is not None else 0.0
         tokens = hidden.shape[0]
         # Per token, summed once at the end: the sum does not depend on how the tokens are chunked.
         token_losses = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
@@ -61,9 +62,10 @@ class _HeadLoss(torch.autograd.Function):
             logits, logits_max = ops.calculate_logits_max(logits)  # fp32 from here on
             _all_reduce(logits_max, dist.ReduceOp.MAX, group, world)
             soft = None
-            if teacher is not None:  # before megatron's arithmetic below turns the logits into exponentials
+            if distillation is not None:  # before megatron's arithmetic below turns the logits into exponentials
                 span = slice(start, start + chunk_tokens)
-                soft = _soft_targets(logits, logits_max, teacher, span, padding_start, group, world)
+                soft = _soft_targets(logits, logits_max, teacher_hidden[span], distillation.embedding.word.weight,
+                                     distillation.temperature, padding_start, group, world)
                 divergence += soft[0]
             target_mask, target_1d, predicted, sum_exp, exp_logits = ops.calculate_predicted_logits(
                 logits, target, logits_max, vocab_start, vocab_end)
@@ -77,7 +79,7 @@ class _HeadLoss(torch.autograd.Function):
                 grad_2d[rows, target_1d] -= not_elsewhere
                 if soft is not None:  # d(T^2 KL)/d(student logits) = T (p_student - p_teacher), real columns only
                     grad_logits.mul_(1 - alpha)
-                    grad_logits[:, :padding_start].add_(soft[1], alpha=alpha * teacher.temperature)
+                    grad_logits[:, :padding_start].add_(soft[1], alpha=alpha * distillation.temperature)
                 # Unscaled, so that fp16 does not flush these small values to zero before the loss scale
                 # (which only backward knows) multiplies them; each entry is at most 1 (1 - alpha + alpha T
                 # with a teacher) in size.
@@ -87,9 +89,9 @@ class _HeadLoss(torch.autograd.Function):
                 del grad_2d, grad_logits
             del logits, exp_logits, softmax, soft  # before the next chunk's logits exist: one chunk at a time
         cross_entropy = token_losses.sum()
-        if teacher is not None:  # each rank summed its own slice of the vocabulary
+        if distillation is not None:  # each rank summed its own slice of the vocabulary
             _all_reduce(divergence, dist.ReduceOp.SUM, group, world)
-            divergence *= teacher.temperature**2
+            divergence *= distillation.temperature**2
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype, ctx.tokens = weight.dtype, tokens
         ctx.mark_non_differentiable(cross_entropy, divergence)
@@ -100,20 +102,20 @@ class _HeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output.float()  # the mean's 1 / tokens is in it, and any loss scale or 1 / accumulation
         return ((grad_hidden.float() * scale).to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
-def _soft_targets(logits, logits_max, teacher: Teacher, span: slice, padding_start: int, group, world):
+def _soft_targets(logits, logits_max, teacher_hidden, teacher_weight, T: float, padding_start: int, group, world):
     """For one chunk: (sum over its tokens and this rank's real columns of KL(teacher || student) at
     temperature T, p_student - p_teacher on those columns (n, padding_start)), both fp32.
 
     `logits` are the student's fp32 logits and `logits_max` their maximum over all ranks; max(z / T)
-    is max(z) / T, so the same shift keeps exp() from overflowing. In place where it can be: each
+    is max(z) / T, so the same shift keeps exp() from overflowing. `teacher_hidden` is the chunk's
+    (n, C_teacher), `teacher_weight` this rank's (V / tp, C_teacher). In place where it can be: each
     (n, V / tp) tensor is as large as the chunk."""
-    T = teacher.temperature
     log_student = logits[:, :padding_start].sub(logits_max[:, None]).div_(T)
     # the teacher's logits of the real vocabulary only, in its dtype, then fp32
-    log_teacher = (teacher.hidden[span] @ teacher.weight[:padding_start].t()).float()
+    log_teacher = (teacher_hidden @ teacher_weight[:padding_start].t()).float()
     teacher_max = log_teacher.amax(dim=-1) if padding_start else log_teacher.new_full(log_teacher.shape[:1], -1e30)
     _all_reduce(teacher_max, dist.ReduceOp.MAX, group, world)
     log_teacher.sub_(teacher_max[:, None]).div_(T)
@@ -126,20 +128,6 @@ def _soft_targets(logits, logits_max, teacher: Teacher, span: slice, padding_sta
     p_teacher.div_(sums[1][:, None])
     divergence = log_teacher.sub_(log_student).mul_(p_teacher).sum()  # sum of p_t (log p_t - log p_s)
     return divergence, p_student.sub_(p_teacher)
-
-
-@dataclass
-class Teacher:
-    """A frozen teacher's targets for one micro-batch, as the head needs them: its last hidden
-    states (after its final LayerNorm) and its tied embedding (this rank's vocabulary slice),
-    with the distill.* weights."""
-
-    hidden: torch.Tensor
-    """(B T, C_teacher) in the teacher's dtype; no gradient."""
-    weight: torch.Tensor
-    """(V / tp, C_teacher): the teacher's word embedding, this rank's rows."""
-    temperature: float
-    alpha: float
 
 
 def _all_reduce(tensor: torch.Tensor, op, group, world: int) -> None:
@@ -161,10 +149,8 @@ def head_loss(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: in
 
     weight = embedding.word.weight
     hidden = copy_to_tensor_model_parallel_region(x).reshape(-1, x.shape[-1])  # (B T, C); backward: TP all-reduce
-    teacher = None
-    if distillation is not None and teacher_hidden is not None:
-        teacher = Teacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), distillation.embedding.word.weight,
-                          distillation.temperature, distillation.alpha)
+    distilling = distillation is not None and teacher_hidden is not None
+    teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if distilling else None  # (B T, C_teacher)
     # The same chunks with a teacher or without (its four or five more chunk-sized tensors, about 1.3 GB at
     # most, are the price): the gradients' sums then run in the same order, and alpha=0 is exactly the plain head.
     chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
@@ -172,10 +158,11 @@ def head_loss(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: in
     # true under no_grad too; evaluation must not pay for gradients.
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     objective, cross_entropy, divergence = _HeadLoss.apply(hidden, weight, labels.reshape(-1),
-                                                           embedding.padding_start, chunk_tokens, wants_grad, teacher)
+                                                           embedding.padding_start, chunk_tokens, wants_grad, teacher,
+                                                           distillation if distilling else None)
     tokens = hidden.shape[0]
     loss = objective / tokens
-    if teacher is not None:
+    if distilling:
         cosine = None
         if distillation.hidden_cosine:  # x is whole on every TP rank: so is this term and its gradient
             cosine = (1 - F.cosine_similarity(x.float(), teacher_hidden.float(), dim=-1)).mean()
