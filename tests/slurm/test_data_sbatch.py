@@ -1,6 +1,6 @@
 """slurm/preprocess.sbatch and slurm/curate.sbatch on a real Slurm cluster (two emulated nodes on this machine).
 
-Each job runs one rank per node under `srun --mpi=pmi2` and must leave what one process leaves: the
+Each job runs one rank per node (MPICH's mpiexec inside the allocation) and must leave what one process leaves: the
 same shard bytes, journal and summary; the same curated and removed documents and counts. A
 requeue, the time-limit signal and a bad input are each checked against that too.
 """
