@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.parallel.distributed import free_port
+from tests.pretrain.ranks import start_ranks
 
 VOCAB, REAL = 512, 500  # the last 12 rows of the embeddings are vocabulary padding
 TOKENS, WIDTH, TEACHER_WIDTH = 10, 16, 24
@@ -140,8 +140,7 @@ def _tensor_parallel_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_objective_split_over_two_tensor_parallel_ranks_equals_the_whole(tmp_path):
-    mp.start_processes(_tensor_parallel_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    start_ranks(_tensor_parallel_worker, (free_port(), str(tmp_path)), 2)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     expected = reference(inputs(), 2.0, 0.6)
     half = VOCAB // 2

@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pretrain.model.gpt2 import GPT2, GPTConfig
 from pretrain.parallel.distributed import free_port, model_parallel_config
 from pretrain.parallel.engine import deepspeed_config, loss_scale
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.planner.memory import DEEPSPEED_CLASSES, RunShape
+from tests.pretrain.ranks import start_ranks
 
 MICRO_BATCHES = 64
 
@@ -151,7 +151,7 @@ def _skip_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_a_non_finite_gradient_on_one_rank_skips_the_step_everywhere_deciding_once(tmp_path):
-    mp.start_processes(_skip_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    start_ranks(_skip_worker, (free_port(), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     for case in CASES:
         wrapper, record = ranks[0][case]

@@ -7,10 +7,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.distributed import free_port
+from tests.pretrain.ranks import start_ranks
 
 
 def _rank(rank: int, port: int, out: str) -> None:
@@ -32,7 +32,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_all_ranks_skip_when_any_rank_has_a_non_finite_gradient(tmp_path):
-    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    start_ranks(_rank, (free_port(), str(tmp_path)), 2)
     for rank in (0, 1):
         (skipped_1, after_1), (skipped_2, after_2) = torch.load(tmp_path / f"rank{rank}.pt")
         assert skipped_1 and torch.equal(after_1, torch.ones(4))  # untouched, although rank 0's gradient was fine

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pretrain.parallel.distributed import free_port
 from tests.pretrain.fidelity_worker import Scenario, run_rank
+from tests.pretrain.ranks import start_ranks
 
 
 def assemble(results: list[dict], key: str) -> dict[str, torch.Tensor]:
@@ -39,8 +39,7 @@ def run(scenario: Scenario, out_root: str) -> dict:
     out = Path(out_root) / f"tp{scenario.tensor_parallel_size}pp{scenario.pipeline_parallel_size}dp{scenario.data_parallel_size}"
     out = out.with_name(out.name + f"z{scenario.zero_stage}ac{scenario.activation_checkpointing}")
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(run_rank, args=(scenario, free_port(), str(out)), nprocs=scenario.world_size,
-                       join=True, start_method="spawn")
+    start_ranks(run_rank, (scenario, free_port(), str(out)), scenario.world_size)
     results = [torch.load(out / f"rank{r}.pt") for r in range(scenario.world_size)]
     losses = {tuple(r["losses"]) for r in results}
     assert len(losses) == 1, "every rank must report the same global-batch loss"

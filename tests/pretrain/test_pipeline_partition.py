@@ -13,12 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from pretrain.model.gpt2 import Initializer, layer_classes
 from pretrain.model.presets import model_config, parameter_count
 from pretrain.parallel.distributed import free_port, model_parallel_config
 from pretrain.parallel.pipeline import layer_parameter_counts
+from tests.pretrain.ranks import start_ranks
 
 WORLD_SIZE = 4
 # Small vocabulary: blocks outweigh the embedding, so the cuts fall between blocks.
@@ -129,7 +129,7 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("pipeline_partition")
-    mp.start_processes(run_rank, args=(free_port(), str(out)), nprocs=WORLD_SIZE, join=True, start_method="spawn")
+    start_ranks(run_rank, (free_port(), str(out)), WORLD_SIZE)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
 

@@ -1,0 +1,21 @@
+"""Starting the ranks of a multi-process test: forked from a server that imported torch, DeepSpeed and
+megatron-core once, instead of one fresh interpreter per rank (~3.5 s of imports each on this
+machine's cores). Each rank still initializes its own process group and parallel state."""
+
+from __future__ import annotations
+
+import os
+
+import torch.multiprocessing as mp
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# Imported once by the fork server, before any rank starts; the ranks inherit them already loaded.
+PRELOAD = ["torch", "deepspeed", "megatron.core", "pretrain.parallel.build", "pretrain.parallel.engine",
+           "pretrain.model.loss"]
+
+
+def start_ranks(function, args: tuple, nprocs: int) -> None:
+    """function(rank, *args) on `nprocs` processes; returns when all ended, raises if one failed."""
+    mp.set_forkserver_preload(PRELOAD)  # read when the server first starts, then kept for the session
+    mp.start_processes(function, args=args, nprocs=nprocs, join=True, start_method="forkserver")
