@@ -23,6 +23,12 @@ def losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in metrics(run_dir) if "loss" in row]
 
 
+# Two runs of the same one-process fp32 command have given step-1 losses 10.791873931884766 and
+# 10.791877746582031 (3.5e-7 apart, before any resume; seen in two full-suite runs, never alone; cause not
+# found), so "the same curve" is within 1e-6: a resume that lost any state moves the loss far more.
+SAME = 1e-6
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, shards):
     run_dir = tmp_path_factory.mktemp("straight")
@@ -67,7 +73,7 @@ def test_sigterm_saves_and_the_rerun_continues_the_same_curve(tmp_path, shards, 
     assert f"resumed from step_{stopped_at:07d} at step {stopped_at}" in resumed.stderr
     assert [row["step"] for row in metrics(tmp_path)] == list(range(1, STEPS + 1))
     if nproc == 1:
-        assert losses(tmp_path) == losses(straight)  # exactly: same layout, fp32
+        assert losses(tmp_path) == pytest.approx(losses(straight), rel=SAME)  # same layout, fp32
     else:
         assert losses(tmp_path) == pytest.approx(losses(straight), rel=1e-5)
 
@@ -86,7 +92,7 @@ def test_exit_after_minutes_saves_records_why_and_the_rerun_continues_exactly(tm
     resumed = train(tmp_path, shards, f"train.max_steps={STEPS}", "checkpoint.interval=100")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "exit.json").read_text())["reason"] == "finished"
-    assert losses(tmp_path) == losses(straight)  # exactly: same layout, fp32
+    assert losses(tmp_path) == pytest.approx(losses(straight), rel=SAME)  # same layout, fp32
 
 
 @pytest.mark.slow
@@ -120,6 +126,7 @@ def finished_copy(tmp_path, straight):
     return run_dir
 
 
+@pytest.mark.slow
 def test_retention_keeps_the_last_k_and_every_mth(straight):
     kept = sorted(p.name for p in (straight / "checkpoints").glob("step_*"))
     assert kept == ["step_0000004", "step_0000006"]  # interval 2, keep_last 2 (default), keep_every 0
@@ -160,9 +167,10 @@ def test_a_kill_mid_save_leaves_the_previous_checkpoint_and_the_rerun_continues_
     assert "an unfinished save" in resumed.stderr and not partial.exists()
     assert f"resumed from {previous}" in resumed.stderr
     assert [row["step"] for row in metrics(tmp_path)] == list(range(1, STEPS + 1))
-    assert losses(tmp_path) == losses(straight)  # exactly: same layout, fp32
+    assert losses(tmp_path) == pytest.approx(losses(straight), rel=SAME)  # same layout, fp32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage,message", [
     ("truncate", "has 100 bytes, the manifest says"),
     ("delete", "is missing mp_rank_00_model_states.pt"),
@@ -206,6 +214,7 @@ def test_a_dropout_run_resumes_with_its_random_state_exactly(tmp_path, shards):
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # the same dropout masks, exactly
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,message", [
     ("train.seed=99", "train.seed: 1234 -> 99"),
     ("data.split=80,20,0", "data.split: '90,10,0' -> '80,20,0'"),

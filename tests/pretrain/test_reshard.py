@@ -113,6 +113,7 @@ def test_resume_on_another_layout_in_bf16_and_under_zero3(tmp_path, shards, sour
                       f"{settings[0]}: {'x'.join(map(str, source))} -> {'x'.join(map(str, target))}", tolerance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings,message", [
     (["parallel.global_batch_size=16"], "keep parallel.global_batch_size=8"),
     (["parallel.zero_stage=3"], "cannot convert optimizer state between ZeRO-3 and ZeRO-1/2"),

@@ -56,6 +56,7 @@ def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(reference
     assert max(differences.values()) < 2e-4, sorted(differences.items(), key=lambda item: -item[1])[:3]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named(reference, tmp_path):
     import shutil
 
@@ -83,6 +84,7 @@ def test_a_damaged_checkpoint_is_named(reference, tmp_path):
     assert manifest["step"] == 2
 
 
+@pytest.mark.slow
 def test_the_hugging_face_export_computes_what_our_model_computes(reference, tmp_path, real_documents):
     """tools/convert_checkpoint.py --to hf on a trained checkpoint: transformers' GPT2LMHeadModel gives our
     model's logits (fp32, within 1e-4) and the same loss on held-out text."""

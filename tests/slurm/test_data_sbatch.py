@@ -3,6 +3,9 @@
 Each job runs one rank per node (MPICH's mpiexec inside the allocation) and must leave what one process leaves: the
 same shard bytes, journal and summary; the same curated and removed documents and counts. A
 requeue, the time-limit signal and a bad input are each checked against that too.
+
+The jobs are independent, so they run side by side, each driven by its own thread (submit, wait for a
+state, signal, wait for the end); the tests check what each scenario recorded.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -116,94 +120,134 @@ def reference_curation(tmp_path_factory, raw_corpus) -> Path:
     return output
 
 
-# ---- tokenization ---------------------------------------------------------------------------
+# ---- the scenarios, each run in its own thread ------------------------------------------------
 
-def test_preprocess_on_two_nodes_writes_the_shards_of_one_process(slurm_cluster, tmp_path, text_corpus,
-                                                                  reference_shards):
-    prefix = tmp_path / "out" / "c"
-    job_id = submit("preprocess.sbatch", tmp_path, "--input", str(text_corpus), "--output-prefix", str(prefix),
+def preprocess_on_two_nodes(workdir: Path, text_corpus: Path) -> dict:
+    prefix = workdir / "out" / "c"
+    job_id = submit("preprocess.sbatch", workdir, "--input", str(text_corpus), "--output-prefix", str(prefix),
                     "--shard-size-tokens", "20000", cpus_per_task=2)
-    state = wait_until_done(job_id)
-    text = log_of(tmp_path, "preprocess", job_id)
-    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-3000:]
-    assert "2 tasks on 2 node(s): node[1-2], 2 CPUs per task" in text
-    assert "tokenizing on 2 rank(s)" in text and "on 2 rank(s) x 2 workers" in text  # --workers = CPUs per task
-    assert "tokenization finished" in text and text.count(" records skipped ") == 1  # rank 0's summary only
-    assert shard_outputs(prefix) == shard_outputs(reference_shards)
+    return {"job": job_id, "state": wait_until_done(job_id), "prefix": prefix}
 
 
-def test_a_requeued_preprocess_job_resumes_to_the_same_shards(slurm_cluster, tmp_path, text_corpus, reference_shards):
-    prefix = tmp_path / "out" / "c"
-    job_id = submit("preprocess.sbatch", tmp_path, "--input", str(text_corpus), "--output-prefix", str(prefix),
+def preprocess_requeued(workdir: Path, text_corpus: Path) -> dict:
+    prefix = workdir / "out" / "c"
+    job_id = submit("preprocess.sbatch", workdir, "--input", str(text_corpus), "--output-prefix", str(prefix),
                     "--shard-size-tokens", "20000")
     wait_for(lambda: list(Path(f"{prefix}.work").glob("0*.json")), "an input file tokenized", interval=0.05)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     state = wait_for(lambda: int(job(job_id).get("Restarts", 0)) >= 1 and wait_until_done(job_id), "the requeue")
-    text = log_of(tmp_path, "preprocess", job_id)
+    return {"job": job_id, "state": state, "prefix": prefix}
+
+
+def preprocess_undecodable(workdir: Path, text_corpus: Path) -> dict:
+    bad = workdir / "in" / "a-bad.jsonl.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not gzip at all\n" * 100)
+    job_id = submit("preprocess.sbatch", workdir, "--input", str(bad), str(text_corpus), "--output-prefix",
+                    str(workdir / "out" / "c"))
+    return {"job": job_id, "state": wait_until_done(job_id, timeout=200), "bad": bad}
+
+
+def curate_on_two_nodes(workdir: Path, raw_corpus: tuple[Path, Path]) -> dict:
+    directory, config = raw_corpus
+    output = workdir / "curated"
+    job_id = submit("curate.sbatch", workdir, "--config", str(config), "--input", str(directory / "*.jsonl"),
+                    "--output", str(output))
+    return {"job": job_id, "state": wait_until_done(job_id), "output": output}
+
+
+def curate_time_limit(workdir: Path, raw_corpus: tuple[Path, Path]) -> dict:
+    """USR1 once a file is filtered, then, on a second job, at once (before anything is finished)."""
+    directory, config = raw_corpus
+    output = workdir / "curated"
+    args = ("--config", str(config), "--input", str(directory / "*.jsonl"), "--output", str(output))
+    job_id = submit("curate.sbatch", workdir, *args)
+    wait_for(lambda: list((output / "work" / "done").glob("filter-*.json")), "a filtered file", interval=0.05)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    state = wait_for(lambda: int(job(job_id).get("Restarts", 0)) >= 1 and wait_until_done(job_id), "the requeue")
+
+    early = workdir / "early"
+    again = submit("curate.sbatch", early, *args[:-1], str(workdir / "early-output"))
+    wait_for(lambda: (early / "logs" / f"curate-{again}.out").is_file()
+             and "[sbatch] job" in log_of(early, "curate", again), "the batch script to start", interval=0.05)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", again], check=True)
+    return {"job": job_id, "state": state, "output": output, "early": early, "again": again,
+            "again_state": wait_until_done(again, timeout=200)}
+
+
+@pytest.fixture(scope="module")
+def scenarios(slurm_cluster, tmp_path_factory, text_corpus, raw_corpus):
+    """name -> Future of (work directory, the scenario's record), all started at once."""
+    runs = [(preprocess_on_two_nodes, text_corpus), (preprocess_requeued, text_corpus),
+            (preprocess_undecodable, text_corpus), (curate_on_two_nodes, raw_corpus), (curate_time_limit, raw_corpus)]
+    pool = ThreadPoolExecutor(max_workers=len(runs))
+
+    def run(scenario, inputs):
+        workdir = tmp_path_factory.mktemp(scenario.__name__)
+        return workdir, scenario(workdir, inputs)
+
+    started = {scenario.__name__: pool.submit(run, scenario, inputs) for scenario, inputs in runs}
+    yield started
+    pool.shutdown(wait=True)
+
+
+# ---- tokenization ---------------------------------------------------------------------------
+
+def test_preprocess_on_two_nodes_writes_the_shards_of_one_process(scenarios, reference_shards):
+    workdir, record = scenarios["preprocess_on_two_nodes"].result()
+    state, text = record["state"], log_of(workdir, "preprocess", record["job"])
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-3000:]
+    assert "2 tasks on 2 node(s): node[1-2], 2 CPUs per task" in text
+    assert "tokenizing on 2 rank(s)" in text and "on 2 rank(s) x 2 workers" in text  # --workers = CPUs per task
+    assert "tokenization finished" in text and text.count(" records skipped ") == 1  # rank 0's summary only
+    assert shard_outputs(record["prefix"]) == shard_outputs(reference_shards)
+
+
+def test_a_requeued_preprocess_job_resumes_to_the_same_shards(scenarios, reference_shards):
+    workdir, record = scenarios["preprocess_requeued"].result()
+    state, text = record["state"], log_of(workdir, "preprocess", record["job"])
     assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
     assert "SIGTERM (scontrol requeue" in text and "attempt 2" in text
     second_attempt = text.split("attempt 2")[1]
     tokenized = int(second_attempt.split("tokenized ")[1].split(" files")[0])
     assert tokenized < 5, "the requeued job should keep the files tokenized before the requeue"
-    assert shard_outputs(prefix) == shard_outputs(reference_shards)
+    assert shard_outputs(record["prefix"]) == shard_outputs(reference_shards)
 
 
-def test_an_undecodable_input_fails_the_job_with_every_rank_saying_why(slurm_cluster, tmp_path, text_corpus):
-    bad = tmp_path / "in" / "a-bad.jsonl.gz"
-    bad.parent.mkdir()
-    bad.write_bytes(b"not gzip at all\n" * 100)
-    job_id = submit("preprocess.sbatch", tmp_path, "--input", str(bad), str(text_corpus), "--output-prefix",
-                    str(tmp_path / "out" / "c"))
-    state = wait_until_done(job_id, timeout=200)
-    text = log_of(tmp_path, "preprocess", job_id)
+def test_an_undecodable_input_fails_the_job_with_every_rank_saying_why(scenarios):
+    workdir, record = scenarios["preprocess_undecodable"].result()
+    state, text, bad = record["state"], log_of(workdir, "preprocess", record["job"]), record["bad"]
     assert state["JobState"] == "FAILED" and state["Restarts"] == "0", text[-3000:]
     assert f"error: cannot decode {bad}" in text
     assert any(line.startswith("error: another rank failed: rank ") and f"cannot decode {bad}" in line
-               for line in text.splitlines())  # the other rank said so too, before srun ended the job
+               for line in text.splitlines())  # the other rank said so too, before the launcher ended the job
     assert "Traceback" not in text and "Not requeueing" in text
 
 
 # ---- curation --------------------------------------------------------------------------------
 
-def test_curate_on_two_nodes_gives_the_output_of_one_process(slurm_cluster, tmp_path, raw_corpus, reference_curation):
-    directory, config = raw_corpus
-    output = tmp_path / "curated"
-    job_id = submit("curate.sbatch", tmp_path, "--config", str(config), "--input", str(directory / "*.jsonl"),
-                    "--output", str(output))
-    state = wait_until_done(job_id)
-    text = log_of(tmp_path, "curate", job_id)
+def test_curate_on_two_nodes_gives_the_output_of_one_process(scenarios, reference_curation):
+    workdir, record = scenarios["curate_on_two_nodes"].result()
+    state, text = record["state"], log_of(workdir, "curate", record["job"])
     assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-3000:]
     assert "2 tasks on 2 node(s): node[1-2]" in text and "on 2 rank(s)" in text
     assert "curation finished" in text and text.count(" read = ") == 1  # rank 0's summary only
-    files, counts = curated_outputs(output)
+    files, counts = curated_outputs(record["output"])
     reference_files, reference_counts = curated_outputs(reference_curation)
     assert counts == reference_counts and counts["stages"]["exact_dedup"]["kept"] < counts["read"]
     assert files == reference_files and len(files) == 4 + 4 + 4  # documents/, removed/, removed/dedup-
 
 
-def test_the_time_limit_signal_requeues_a_curation_job_that_made_progress(slurm_cluster, tmp_path, raw_corpus,
-                                                                         reference_curation):
+def test_the_time_limit_signal_requeues_a_curation_job_that_made_progress(scenarios, reference_curation):
     """--signal=B:USR1 as Slurm delivers it (to the batch shell), once a file is filtered: the job stops its
     ranks and requeues itself, and the next attempt finishes the same output. Sent at once instead, before
     anything is finished, it fails rather than requeue forever."""
-    directory, config = raw_corpus
-    output = tmp_path / "curated"
-    args = ("--config", str(config), "--input", str(directory / "*.jsonl"), "--output", str(output))
-    job_id = submit("curate.sbatch", tmp_path, *args)
-    wait_for(lambda: list((output / "work" / "done").glob("filter-*.json")), "a filtered file", interval=0.05)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
-    state = wait_for(lambda: int(job(job_id).get("Restarts", 0)) >= 1 and wait_until_done(job_id), "the requeue")
-    text = log_of(tmp_path, "curate", job_id)
+    workdir, record = scenarios["curate_time_limit"].result()
+    state, text = record["state"], log_of(workdir, "curate", record["job"])
     assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
-    assert "USR1: the time limit is near" in text and f"requeueing job {job_id}" in text and "attempt 2" in text
-    assert curated_outputs(output) == curated_outputs(reference_curation)
+    assert "USR1: the time limit is near" in text and f"requeueing job {record['job']}" in text and "attempt 2" in text
+    assert curated_outputs(record["output"]) == curated_outputs(reference_curation)
 
-    early = tmp_path / "early"
-    again = submit("curate.sbatch", early, *args[:-1], str(tmp_path / "early-output"))
-    wait_for(lambda: (early / "logs" / f"curate-{again}.out").is_file()
-             and "[sbatch] job" in log_of(early, "curate", again), "the batch script to start", interval=0.05)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", again], check=True)
-    state = wait_until_done(again, timeout=200)
-    text = log_of(early, "curate", again)
+    state, text = record["again_state"], log_of(record["early"], "curate", record["again"])
     assert (state["JobState"], state["Restarts"]) == ("FAILED", "0"), text[-3000:]
     assert "not requeueing, it would loop" in text or "before the ranks started: not starting" in text
