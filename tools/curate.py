@@ -2,7 +2,7 @@
 """Curate raw text: normalize, quality-filter, and deduplicate (exact and MinHash), as WebText and FineWeb were built.
 
     python tools/curate.py --config configs/data/webtext.yaml --input 'raw/*.jsonl.zst' --output curated/ --workers 16
-    mpiexec -n 4 python tools/curate.py ... --workers 4      # or srun: ranks split the files, dedup is global
+    mpiexec -n 4 python tools/curate.py ... --workers 4      # ranks split the files, dedup is global
 
 Reads jsonl (.gz, .zst), parquet, datasets directories, and WARC/WET archives
 (HTML pages become their main text). Writes curated/documents/NNNNN.jsonl.zst
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.curation.distributed import PeerFailure, world_communicator  # noqa: E402
+from data_pipeline.curation.distributed import AnotherRankFailed, PeerFailure, world_communicator  # noqa: E402
 from data_pipeline.curation.pipeline import (  # noqa: E402
     CurationConfigError,
     OutputMismatchError,
@@ -54,6 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def say_error(error: Exception, exit_code: int, comm) -> int:
+    """One write, on a line of its own: under mpiexec the ranks' output is merged as it comes, and
+    rank 0's progress bar may be mid-line."""
+    fresh_line = "\n" if comm is not None else ""
+    sys.stderr.write(f"{fresh_line}error: {error}\n")
+    sys.stderr.flush()
+    return exit_code
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,11 +77,11 @@ def main(argv=None) -> int:
         stats = curate(inputs, args.output, config, args.workers, show_progress=not args.quiet, comm=comm,
                        keep_work=args.keep_work)
     except (InputError, CurationConfigError, OutputMismatchError, SchemaConflict, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return say_error(error, 2, comm)
+    except AnotherRankFailed as error:
+        return say_error(error, 0, comm)  # the rank that failed sets the job's exit code (AnotherRankFailed)
     except PeerFailure as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return say_error(error, 1, comm)
     if comm is not None and comm.Get_rank() != 0:
         return 0
     print(summary_table(stats))

@@ -3,15 +3,16 @@
 
     python tools/preprocess_data.py --input 'corpus/*.jsonl.zst' --output-prefix data/web \
         --tokenizer gpt2 --workers 16
-    mpiexec -n 4 python tools/preprocess_data.py ... --workers 16   # or srun --mpi=pmi2: one rank per node
+    mpiexec -n 4 python tools/preprocess_data.py ... --workers 16   # in a Slurm job too (slurm/preprocess.sbatch)
 
 Writes data/web_00000.bin/.idx, data/web_00001..., and data/web.json (inputs,
 tokenizer identity, counts, skipped records with their reasons). Under mpiexec
-or srun the ranks share the input files and write the same shards, byte for
-byte (the output prefix must be on a file system every node sees). Re-running
-the same command after an interruption, with any number of ranks, resumes
-after the last finished shard. Exit codes: 0 done, 1 a bad record under
---strict or a failure on another rank, 2 unusable arguments.
+the ranks share the input files and write the same shards, byte for byte (the
+output prefix must be on a file system every node sees). Re-running the same
+command after an interruption, with any number of ranks, resumes after the last
+finished shard. Exit codes: 0 done, 1 a bad record under --strict, 2 unusable
+arguments; a rank stopped by another rank's failure exits 0 and leaves the code
+to that rank (mpiexec ORs the ranks' codes).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.curation.distributed import PeerFailure, world_communicator  # noqa: E402
+from data_pipeline.curation.distributed import AnotherRankFailed, PeerFailure, world_communicator  # noqa: E402
 from data_pipeline.preprocess import DEFAULT_SHARD_SIZE_TOKENS, OutputError, StrictModeError, preprocess  # noqa: E402
 from data_pipeline.readers import InputError  # noqa: E402
 from data_pipeline.shards import JournalMismatch  # noqa: E402
@@ -54,9 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def fail(error: Exception, exit_code: int, comm) -> int:
     """Say why, in one write (print's two would interleave with other ranks' lines under mpiexec). Ranks
-    fail together; each waits until all have said why, as `srun --kill-on-bad-exit` ends the others
-    as soon as one exits with an error."""
-    sys.stderr.write(f"error: {error}\n")
+    fail together; each waits until all have said why, as the launcher ends the others as soon as one
+    exits with an error."""
+    # Under mpiexec the ranks' output is merged as it comes: rank 0's progress bar may be mid-line.
+    fresh_line = "\n" if comm is not None else ""
+    sys.stderr.write(f"{fresh_line}error: {error}\n")
     sys.stderr.flush()
     if comm is not None:
         comm.Barrier()
@@ -74,6 +77,8 @@ def main(argv=None) -> int:
                              args.shard_size_tokens, args.strict, show_progress=not args.quiet, comm=comm)
     except (InputError, OutputError, JournalMismatch, ValueError) as error:
         return fail(error, 2, comm)
+    except AnotherRankFailed as error:
+        return fail(error, 0, comm)  # the rank that failed sets the job's exit code (AnotherRankFailed)
     except (StrictModeError, PeerFailure) as error:
         return fail(error, 1, comm)
     except Exception:  # a bug or the machine (a worker killed, a full disk): the traceback, and no rank left waiting

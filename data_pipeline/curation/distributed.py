@@ -17,6 +17,12 @@ class PeerFailure(RuntimeError):
     launcher started several tasks that MPI does not see as one world."""
 
 
+class AnotherRankFailed(PeerFailure):
+    """This rank is fine but another failed and said why. The tools exit 0 on it and leave the exit code
+    to the rank that failed: mpiexec (MPICH) ORs the ranks' codes, so a 2 here and a 1 there would end
+    the job with a 3 that no tool returns; srun keeps the largest, which is the failed rank's too."""
+
+
 class Coordinator:
     def __init__(self, comm=None):
         self.comm = comm
@@ -53,7 +59,7 @@ class Coordinator:
             raise error
         failed = [f for f in failures if f]
         if failed:
-            raise PeerFailure("another rank failed: " + "; ".join(failed))
+            raise AnotherRankFailed("another rank failed: " + "; ".join(failed))
 
     def owns(self, index: int) -> bool:
         """Input files are dealt to ranks round-robin."""
@@ -79,5 +85,6 @@ def world_communicator():
     comm = MPI.COMM_WORLD
     if comm.Get_size() != tasks:
         raise PeerFailure(f"started as one of {tasks} tasks, but MPI sees a world of {comm.Get_size()}: "
-                          "under srun pass --mpi=pmi2 (or pmix), or launch with mpiexec")
+                          "launch the ranks with the mpiexec of the MPI that mpi4py uses (MPICH's, beside "
+                          "the venv's Python; inside a Slurm job too, as slurm/curate.sbatch does)")
     return comm

@@ -29,6 +29,9 @@ pytestmark = pytest.mark.slow
 
 # ---- helpers ------------------------------------------------------------------------------
 
+SUBMITTED: list[str] = []  # every job of this module, cancelled at its end (a failed scenario leaves none running)
+
+
 def submit(script: str, workdir: Path, *args: str, nodes: int = 2, cpus_per_task: int = 1) -> str:
     """sbatch slurm/<script> from `workdir` (its logs/ go there) with the tool's arguments; returns the job id."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,8 @@ def submit(script: str, workdir: Path, *args: str, nodes: int = 2, cpus_per_task
     result = subprocess.run(command, cwd=workdir, env=dict(os.environ, PRETRAIN_PYTHON=sys.executable),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    return result.stdout.strip().split(";")[0]
+    SUBMITTED.append(result.stdout.strip().split(";")[0])
+    return SUBMITTED[-1]
 
 
 def log_of(workdir: Path, name: str, job_id: str) -> str:
@@ -188,6 +192,7 @@ def scenarios(slurm_cluster, tmp_path_factory, text_corpus, raw_corpus):
 
     started = {scenario.__name__: pool.submit(run, scenario, inputs) for scenario, inputs in runs}
     yield started
+    subprocess.run(["scancel", *SUBMITTED], capture_output=True)  # threads still waiting see their jobs end
     pool.shutdown(wait=True)
 
 
@@ -217,7 +222,8 @@ def test_a_requeued_preprocess_job_resumes_to_the_same_shards(scenarios, referen
 def test_an_undecodable_input_fails_the_job_with_every_rank_saying_why(scenarios):
     workdir, record = scenarios["preprocess_undecodable"].result()
     state, text, bad = record["state"], log_of(workdir, "preprocess", record["job"]), record["bad"]
-    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", text[-3000:]
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("FAILED", "2:0", "0"), text[-3000:]
+    assert "tokenization failed with exit code 2" in text  # the tool's code, not mpiexec's OR of the ranks'
     assert f"error: cannot decode {bad}" in text
     assert any(line.startswith("error: another rank failed: rank ") and f"cannot decode {bad}" in line
                for line in text.splitlines())  # the other rank said so too, before the launcher ended the job
