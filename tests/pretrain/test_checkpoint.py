@@ -211,7 +211,8 @@ def test_a_dropout_run_resumes_with_its_random_state_exactly(tmp_path, shards):
         part = train(tmp_path / "resumed", shards, f"train.max_steps={steps}", *common)
         assert part.returncode == 0, part.stderr[-3000:]
     assert "resumed from step_0000002" in part.stderr
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # the same dropout masks, exactly
+    # the same dropout masks (other masks move the loss by far more than SAME)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=SAME)
 
 
 @pytest.mark.slow

@@ -64,6 +64,9 @@ def test_srun_pmi2_cuts_a_pmi1_put_longer_than_1024_bytes(slurm_cluster, client)
     assert sorted(short.stdout.splitlines()) == [f"rank {r} read 900 of 900: intact" for r in (0, 1)], short.stderr
     long = subprocess.run(["srun", "-N2", "-n2", "--mpi=pmi2", sys.executable, str(client), "1100"],
                           capture_output=True, text=True, timeout=60)
+    if long.stdout.count("intact") == 2 and "mpi/pmi2" not in long.stderr:
+        pytest.skip("this Slurm's pmi2 plugin reads long PMI-1 commands whole (fixed upstream?): srun --mpi=pmi2 "
+                    "would do again for the data scripts")
     assert "intact" not in long.stdout, long.stdout  # damaged, or no reply at all
     assert "mpi/pmi2: value not properly terminated in client request" in long.stderr  # slurmstepd's complaint
 
