@@ -8,11 +8,7 @@ copied from the server, not reseeded)."""
 
 from __future__ import annotations
 
-import os
-
 import torch.multiprocessing as mp
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # Imported once by the fork server, before any rank starts; the ranks inherit them already loaded.
 PRELOAD = ["torch", "deepspeed", "megatron.core", "pretrain.parallel.build", "pretrain.parallel.engine",
