@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +32,9 @@ from data_pipeline.atomic import fsync_path, write_text_atomically
 
 
 def indexed_dataset_module():
-    # megatron-core warns at import that Transformer Engine and Apex are absent;
-    # the indexed dataset needs neither, so the warnings are only noise here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
+    import data_pipeline.library_imports  # noqa: F401  (megatron-core, quietly and without compiling)
+    from megatron.core.datasets import indexed_dataset
+
     return indexed_dataset
 
 

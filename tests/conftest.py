@@ -11,6 +11,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The smallest shape that still runs every path of a training run: gpt2-tiny with 64-token windows
+# (a step costs a third of the 256-token one). Tests that need the full window say so.
+SHORT = ("model.n_positions=64",)
+
 
 @pytest.fixture(scope="session")
 def real_documents() -> list[dict]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+import data_pipeline.library_imports  # noqa: F401  (before megatron.core: see that module)
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,

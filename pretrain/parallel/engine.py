@@ -81,6 +81,9 @@ def initialize_engine(model: torch.nn.Module, layout: ParallelLayout, topology, 
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
+    from data_pipeline.library_imports import import_deepspeed_optimizers
+
+    import_deepspeed_optimizers()
     mpu = None if isinstance(model, PipelineModule) else PipelineParallelGrid(topology=topology)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu,
                                            dist_init_required=False)

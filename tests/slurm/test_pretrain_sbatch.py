@@ -24,14 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SHORT
 from tests.slurm.jobs import job, wait_for, wait_until_done
 from tests.pretrain.test_trainer import TINY, metrics, train
 
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
 STEPS = 12  # the DP=2 runs; the schedule depends on it, so every DP=2 run uses it
 # 64-token sequences: the same code paths as the preset's 256, a quarter of the compute per step.
-SHORT = ("model.n_positions=64",)
 pytestmark = pytest.mark.slow
 
 
