@@ -48,9 +48,9 @@ def gpt2_tokenizer():
 
 
 def run_tool(script: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run tools/<script> as a user would, from the repository root."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / script), *args],
-        cwd=REPO, env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
-        capture_output=True, text=True, timeout=timeout,
-    )
+    """Run tools/<script> as a user would, from the repository root (in a process forked from the
+    session's fork server: tests/cli.py)."""
+    from tests import cli
+
+    return cli.run([sys.executable, str(REPO / "tools" / script), *args], cwd=REPO,
+                   env=dict(env or os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch.multiprocessing as mp
 
-# Imported once by the fork server, before any rank starts; the ranks inherit them already loaded.
-PRELOAD = ["torch", "deepspeed", "megatron.core", "pretrain.parallel.build", "pretrain.parallel.engine",
-           "pretrain.model.loss"]
+from tests.forkserver import PRELOAD
 
 
 def start_ranks(function, args: tuple, nprocs: int) -> None:
