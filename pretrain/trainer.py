@@ -144,6 +144,9 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
         raise ConfigError(f"train.distributed_timeout_minutes={config.train.distributed_timeout_minutes} must be positive")
     if config.train.exit_after_minutes < 0:
         raise ConfigError(f"train.exit_after_minutes={config.train.exit_after_minutes} must be at least 0 (0: never)")
+    for key, value in (("checkpoint.interval", config.checkpoint.interval), ("logging.interval", config.logging.interval)):
+        if value < 1:  # a step count every so many steps: 0 would divide by zero mid-run
+            raise ConfigError(f"{key}={value} must be at least 1")
     tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "
