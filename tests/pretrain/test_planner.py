@@ -3,17 +3,22 @@ model predicts the peak memory real runs of this trainer reach (the slow test at
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from pretrain.config import load_config
 from pretrain.model.presets import model_config, parameter_count
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.planner.hardware import Cluster, accelerator
 from pretrain.planner.measure import CASES, TESTED, compare
-from pretrain.planner.memory import STAGE3_PREFETCH_BUCKET_SIZE, RunShape, estimate_memory, peak_memory, stage_layers, stage_parameters
+from pretrain.planner.memory import (STAGE3_PREFETCH_BUCKET_SIZE, RunShape, estimate_memory, estimate_stage,
+                                     peak_memory, stage_layers, stage_parameters)
+from pretrain.planner.report import run_from_config
 from pretrain.planner.search import plan_layouts, refusal
 from pretrain.planner.targets import target_model
 from pretrain.planner.timing import step_time
@@ -277,9 +282,31 @@ def baselines() -> dict:
     return {}  # (ranks, precision) -> measured process baseline, shared by the cases
 
 
+# The test runs each case at a shorter window than tools/bench_plan.py (the step is most of a run's CPU time,
+# and it grows with the tokens): 256 tokens where the predicted peak is the forward, whose activations stay its
+# largest part; 64 where it is the optimizer step, which holds no activations (pp2, and gpt2-124m already at 128).
+WINDOWS = {"dp2-zero2": 256, "dp2-zero3": 256, "tp2": 256, "micro4-checkpointing": 256, "pp2": 64,
+           "124m-dp2-zero1": 64}
+
+
+def peak_moment(case) -> str:
+    """When rank 0's predicted peak falls: "forward" or "optimizer step"."""
+    config = load_config(case.config, case.settings)
+    return estimate_stage(run_from_config(config, Cluster(1, case.nproc, accelerator("h100"))), 0, resident=True).moment
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [case for case in CASES if case.name in TESTED], ids=lambda case: case.name)
-def test_predicted_peak_memory_is_within_20_percent_of_a_real_run(case, shards, tmp_path_factory, baselines):
-    result = compare(case, shards, tmp_path_factory.mktemp("plan"), baselines)
+def test_predicted_peak_memory_is_within_20_percent_of_a_real_run(case, shards, tmp_path_factory, baselines,
+                                                                  monkeypatch):
+    if case.nproc > 1:
+        # One torch thread per rank, as torchrun sets: two ranks of two threads each on two cores spin in each
+        # other's way (a tp2 run: 28 s of CPU instead of 15). The baseline for these ranks is measured alike.
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    shorter = dataclasses.replace(case, settings=[*case.settings, f"model.n_positions={WINDOWS[case.name]}"])
+    assert peak_moment(shorter) == peak_moment(case), "the shorter window must leave the peak where it was"
+    work = tmp_path_factory.mktemp("plan")
+    result = compare(shorter, shards, work, baselines)
+    shutil.rmtree(work)  # the checkpoints each run saves at its end (0.5 to 2 GB), of no use here
     assert abs(result["error"]) <= 0.20, result
     assert result["model_gib"] > result["baseline_gib"] / 2, "the case must exercise the model, not the baseline"

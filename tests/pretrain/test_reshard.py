@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint import tag_for
+from tests.conftest import SHORT
 from tests.pretrain.test_trainer import metrics, train
 
 GLOBAL_BATCH = 8  # configs/gpt2-tiny.yaml
@@ -26,8 +27,10 @@ SCHEDULE = ("schedule.warmup=2", "schedule.decay_end=8")
 
 
 def run_on(run_dir: Path, shards: str, tp: int, pp: int, dp: int, *settings: str):
+    """`train` on TP x PP x DP, with 64-token windows and the shared schedule."""
     chosen = layout(tp, pp, dp)
-    return train(run_dir, shards, *chosen["settings"], *SCHEDULE, *settings, nproc=chosen["nproc"], timeout=900)
+    return train(run_dir, shards, *SHORT, *chosen["settings"], *SCHEDULE, *settings, nproc=chosen["nproc"],
+                 timeout=900)
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:

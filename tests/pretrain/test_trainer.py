@@ -13,18 +13,21 @@ import pytest
 
 from pretrain.config import load_config
 from pretrain.schedule import lr_multiplier
-from tests.conftest import REPO
+from tests import cli
+from tests.conftest import REPO, SHORT
 
 TINY = str(REPO / "configs" / "gpt2-tiny.yaml")
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "consumed_samples"}
 
 
 def train(run_dir: Path, shards: str, *settings: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m pretrain[.launch]` on gpt2-tiny, as subprocess.run gives it. tests/cli.py forks it from the
+    session's fork server, which has imported torch, DeepSpeed and the trainer: ~3 s of CPU less per start."""
     module = ["-m", "pretrain.launch", "--nproc", str(nproc)] if nproc > 1 else ["-m", "pretrain"]
     command = [sys.executable, *module, "--config", TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={run_dir}",
                "eval.interval=0", *settings]
     env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return cli.run(command, cwd=REPO, env=env, timeout=timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -72,8 +75,8 @@ def assert_task_figures_equal(ours: dict, expected: dict, rel: float = 1e-5) -> 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory, shards, task_files):
     run_dir = tmp_path_factory.mktemp("single")
-    result = train(run_dir, shards, "train.max_steps=4", "eval.interval=2", "eval.iterations=1", "logging.interval=1",
-                   with_tasks(task_files))
+    result = train(run_dir, shards, *SHORT, "train.max_steps=4", "eval.interval=2", "eval.iterations=1",
+                   "logging.interval=1", with_tasks(task_files))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
@@ -134,7 +137,7 @@ def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run
     """Same seed and data, another layout: the same global batches, so the same losses (fp32), and the
     same validation loss and task figures (the examples divided over data-parallel ranks, scored with
     the vocabulary split over tensor-parallel ranks, through the pipeline, under ZeRO-3)."""
-    result = train(tmp_path, shards, "train.max_steps=4", "eval.interval=2", "eval.iterations=1",
+    result = train(tmp_path, shards, *SHORT, "train.max_steps=4", "eval.interval=2", "eval.iterations=1",
                    with_tasks(task_files), *settings, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     reference, rows = metrics(single_process_run[0]), metrics(tmp_path)
@@ -150,7 +153,7 @@ def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run
 
 @pytest.mark.slow
 def test_bf16_pipeline_follows_the_fp32_curve_within_bf16_precision(tmp_path, shards, single_process_run):
-    settings = ["train.max_steps=3", "train.precision=bf16", "parallel.tensor_parallel_size=2",
+    settings = [*SHORT, "train.max_steps=3", "train.precision=bf16", "parallel.tensor_parallel_size=2",
                 "parallel.pipeline_parallel_size=2"]
     result = train(tmp_path, shards, *settings, nproc=4)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -160,7 +163,8 @@ def test_bf16_pipeline_follows_the_fp32_curve_within_bf16_precision(tmp_path, sh
 
 @pytest.mark.slow
 def test_compiled_blocks_train_the_eager_curve(tmp_path, shards, single_process_run):
-    result = train(tmp_path, shards, "train.max_steps=4", "eval.interval=2", "eval.iterations=1", "train.compile=true")
+    result = train(tmp_path, shards, *SHORT, "train.max_steps=4", "eval.interval=2", "eval.iterations=1",
+                   "train.compile=true")
     assert result.returncode == 0, result.stderr[-3000:]
     eager, compiled = metrics(single_process_run[0]), metrics(tmp_path)
     for key in ("loss", "valid_loss"):
@@ -257,7 +261,7 @@ def test_global_batch_is_the_same_for_every_data_parallel_size(single_process_gr
 @pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, shards):
     """An absurd learning rate blows the weights up after step 1: later steps are skipped, then the run stops."""
-    result = train(tmp_path, shards, "train.max_steps=8", "optim.lr=1e30", "optim.gradient_clipping=0",
+    result = train(tmp_path, shards, *SHORT, "train.max_steps=8", "optim.lr=1e30", "optim.gradient_clipping=0",
                    "schedule.warmup=0", "train.max_consecutive_skips=2", "logging.interval=1")
     assert result.returncode == 3
     assert "2 consecutive steps (up to step 3) had a non-finite loss" in result.stderr

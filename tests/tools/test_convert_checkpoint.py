@@ -11,11 +11,20 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, run_tool
+from tests.conftest import REPO
 from tests.pretrain.test_trainer import metrics, train
 from tests.tools.conftest import TINY_HF
 
 TINY_SHAPE = [f"model.{key}={value}" for key, value in TINY_HF.items()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_rank():
+    """The processes this module starts run one torch thread each, as torchrun sets: four ranks of two
+    threads each on two cores spin in each other's way. (This process's torch keeps the threads it has.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,8 @@ def tp2_pp2_checkpoint(tiny_hf_model, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_hf_to_a_tp2_pp2_checkpoint_and_back_gives_the_same_tensors(tiny_hf_model, tp2_pp2_checkpoint, tmp_path):
+def test_hf_to_a_tp2_pp2_checkpoint_and_back_gives_the_same_tensors(tiny_hf_model, tp2_pp2_checkpoint, tmp_path,
+                                                                    capsys):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -41,9 +51,8 @@ def test_hf_to_a_tp2_pp2_checkpoint_and_back_gives_the_same_tensors(tiny_hf_mode
     assert manifest["step"] == 0 and manifest["layout"]["tensor_parallel_size"] == 2
     assert manifest["layout"]["pipeline_parallel_size"] == 2 and manifest["model"]["n_layer"] == 2
     back = tmp_path / "back"
-    result = run_tool("convert_checkpoint.py", "--to", "hf", "--checkpoint", str(tp2_pp2_checkpoint),
-                      "--output", str(back))
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, stderr = convert(capsys, "--to", "hf", "--checkpoint", str(tp2_pp2_checkpoint), "--output", str(back))
+    assert code == 0, stderr[-3000:]
     umask = os.umask(0)
     os.umask(umask)  # published for others to read, as far as the user's umask allows
     assert [path.stat().st_mode & 0o777 for path in (back, back / "model.safetensors")] == [0o777 & ~umask,
@@ -75,13 +84,12 @@ def test_training_continues_from_the_converted_checkpoint_on_its_layout_and_on_o
     assert losses["tp2-pp2"] == pytest.approx(losses["one"], rel=1e-5)
 
 
-def test_to_fp32_writes_one_file_of_full_weights(tiny_hf_model, tmp_path):
+def test_to_fp32_writes_one_file_of_full_weights(tiny_hf_model, tmp_path, capsys):
     from pretrain.inference import load_weights
 
     output = tmp_path / "weights.pt"
-    result = run_tool("convert_checkpoint.py", "--to", "fp32", "--checkpoint", str(tiny_hf_model),
-                      "--output", str(output))
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, stderr = convert(capsys, "--to", "fp32", "--checkpoint", str(tiny_hf_model), "--output", str(output))
+    assert code == 0, stderr[-3000:]
     record = torch.load(output, weights_only=True)
     assert record["model"]["n_layer"] == 2 and record["state_dict"]["0.word.weight"].shape == (50257, 64)
     direct, again = load_weights(tiny_hf_model), load_weights(output)
@@ -124,7 +132,8 @@ def test_unusable_arguments_exit_2_with_one_line(tiny_hf_model, tmp_path, capsys
 
 
 def convert(capsys, *arguments: str) -> tuple[int, str]:
-    """tools/convert_checkpoint.py's main() in this process (the command line itself is run elsewhere)."""
+    """tools/convert_checkpoint.py's main() in this process, its exit code and stderr (the command line
+    itself runs in tp2_pp2_checkpoint)."""
     from tools import convert_checkpoint
 
     capsys.readouterr()
