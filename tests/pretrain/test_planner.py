@@ -297,12 +297,7 @@ def peak_moment(case) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [case for case in CASES if case.name in TESTED], ids=lambda case: case.name)
-def test_predicted_peak_memory_is_within_20_percent_of_a_real_run(case, shards, tmp_path_factory, baselines,
-                                                                  monkeypatch):
-    if case.nproc > 1:
-        # One torch thread per rank, as torchrun sets: two ranks of two threads each on two cores spin in each
-        # other's way (a tp2 run: 28 s of CPU instead of 15). The baseline for these ranks is measured alike.
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_predicted_peak_memory_is_within_20_percent_of_a_real_run(case, shards, tmp_path_factory, baselines):
     shorter = dataclasses.replace(case, settings=[*case.settings, f"model.n_positions={WINDOWS[case.name]}"])
     assert peak_moment(shorter) == peak_moment(case), "the shorter window must leave the peak where it was"
     work = tmp_path_factory.mktemp("plan")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests import cli
 from tests.conftest import REPO
 from tests.pretrain.test_trainer import metrics, train
 from tests.tools.conftest import TINY_HF
@@ -18,23 +18,15 @@ from tests.tools.conftest import TINY_HF
 TINY_SHAPE = [f"model.{key}={value}" for key, value in TINY_HF.items()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_rank():
-    """The processes this module starts run one torch thread each, as torchrun sets: four ranks of two
-    threads each on two cores spin in each other's way. (This process's torch keeps the threads it has.)"""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
 def tp2_pp2_checkpoint(tiny_hf_model, tmp_path_factory):
-    """Converted with paths relative to the user's directory (the trainer it starts runs elsewhere)."""
+    """Converted by the command line (its own process, tests/cli.py), with paths relative to the user's
+    directory (the trainer it starts runs elsewhere)."""
     output = tmp_path_factory.mktemp("converted") / "ckpt"
     shutil.copytree(tiny_hf_model, output.parent / "hf")
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--from", "hf", "--input",
-                             "hf", "--output", "ckpt", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"],
-                            cwd=output.parent, capture_output=True, text=True, timeout=900)
+    result = cli.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--from", "hf", "--input", "hf",
+                      "--output", "ckpt", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"],
+                     cwd=output.parent, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return output
 
