@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from pretrain.checkpoint import tag_for
 from tests import cli
 from tests.conftest import REPO, SHORT
-from tests.pretrain.test_trainer import TINY, metrics, train
+from tests.pretrain.test_trainer import TINY,  metrics, train, train_command, train_env
 
 # Long enough for a run stopped three times (a save killed after step 2, SIGTERM two steps after that
 # resume, the time budget one step after the next) to stop mid-run every time, even where the kill lands
@@ -30,17 +29,9 @@ def run(run_dir: Path, shards: str, *settings: str, nproc: int = 1, timeout: int
     return train(run_dir, shards, *DEFAULTS, *settings, nproc=nproc, timeout=timeout)
 
 
-def command(run_dir: Path, shards: str, *settings: str, nproc: int = 1) -> list[str]:
-    """The command line `run` gives `train`."""
-    module = ["-m", "pretrain.launch", "--nproc", str(nproc)] if nproc > 1 else ["-m", "pretrain"]
-    return [sys.executable, *module, "--config", TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={run_dir}",
-            "eval.interval=0", *DEFAULTS, *settings]
-
-
 def start(run_dir: Path, shards: str, *settings: str, nproc: int = 1) -> cli.Command:
     """`run` without waiting, for a test that signals or kills it; forked like `train`'s runs (tests/cli.py)."""
-    return cli.start(command(run_dir, shards, *settings, nproc=nproc), cwd=REPO,
-                     env=dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu"))
+    return cli.start(train_command(run_dir, shards, *DEFAULTS, *settings, nproc=nproc), cwd=REPO, env=train_env())
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -188,7 +179,7 @@ def test_exit_after_minutes_saves_records_why_and_the_rerun_continues_exactly(st
 def test_a_signal_during_start_up_stops_the_run_cleanly_before_training(tmp_path, shards):
     """A preemption while the rank is still importing torch and building the model must not kill it (so a
     fresh interpreter, not a fork of one that imported them)."""
-    process = subprocess.Popen(command(tmp_path, shards), cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"),
+    process = subprocess.Popen(train_command(tmp_path, shards, *DEFAULTS), cwd=REPO, env=train_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)  # python -m pretrain is still importing its libraries
     process.send_signal(signal.SIGUSR1)

@@ -20,14 +20,22 @@ TINY = str(REPO / "configs" / "gpt2-tiny.yaml")
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "consumed_samples"}
 
 
-def train(run_dir: Path, shards: str, *settings: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m pretrain[.launch]` on gpt2-tiny, as subprocess.run gives it. tests/cli.py forks it from the
-    session's fork server, which has imported torch, DeepSpeed and the trainer: ~3 s of CPU less per start."""
+def train_command(run_dir: Path, shards: str, *settings: str, nproc: int = 1) -> list[str]:
+    """`python -m pretrain[.launch]` on gpt2-tiny with `settings` last (they override the ones before)."""
     module = ["-m", "pretrain.launch", "--nproc", str(nproc)] if nproc > 1 else ["-m", "pretrain"]
-    command = [sys.executable, *module, "--config", TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={run_dir}",
-               "eval.interval=0", *settings]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
-    return cli.run(command, cwd=REPO, env=env, timeout=timeout)
+    return [sys.executable, *module, "--config", TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={run_dir}",
+            "eval.interval=0", *settings]
+
+
+def train_env() -> dict[str, str]:
+    """What every test's training command runs with: CPU ranks, output unbuffered so a killed run's log is whole."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+
+
+def train(run_dir: Path, shards: str, *settings: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`train_command`, as subprocess.run gives it. tests/cli.py forks it from the session's fork server,
+    which has imported torch, DeepSpeed and the trainer: ~3 s of CPU less per start."""
+    return cli.run(train_command(run_dir, shards, *settings, nproc=nproc), cwd=REPO, env=train_env(), timeout=timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:
