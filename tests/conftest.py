@@ -54,3 +54,23 @@ def run_tool(script: str, *args: str, timeout: float = 600, env: dict | None = N
 
     return cli.run([sys.executable, str(REPO / "tools" / script), *args], cwd=REPO,
                    env=dict(env or os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def training_task_files(tmp_path_factory, real_documents) -> list[str]:
+    """The evaluation tasks the reference run scores (tests/training.py)."""
+    from tests.training import write_task_files
+
+    return write_task_files(tmp_path_factory.mktemp("tasks"), real_documents)
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tmp_path_factory, shards, training_task_files):
+    """The one-process reference run that every layout's run is compared with: (run directory, result).
+    One per session: the trainer's layout tests and the Slurm multi-node test share it."""
+    from tests.training import reference_settings, train
+
+    run_dir = tmp_path_factory.mktemp("single")
+    result = train(run_dir, shards, *reference_settings(training_task_files))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result

@@ -11,7 +11,7 @@ import pytest
 
 from pretrain.checkpoint import tag_for
 from tests.conftest import SHORT
-from tests.pretrain.test_trainer import metrics, train
+from tests.training import metrics, train
 
 GLOBAL_BATCH = 8  # configs/gpt2-tiny.yaml
 

@@ -4,89 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pretrain.config import load_config
 from pretrain.schedule import lr_multiplier
-from tests import cli
-from tests.conftest import REPO, SHORT
+from tests.conftest import SHORT
+from tests.training import (FREQUENT_WORDS, TINY, assert_same_as_reference, assert_task_figures_equal, metrics,
+                            reference_settings, train, with_tasks)
 
-TINY = str(REPO / "configs" / "gpt2-tiny.yaml")
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "consumed_samples"}
-
-
-def train_command(run_dir: Path, shards: str, *settings: str, nproc: int = 1) -> list[str]:
-    """`python -m pretrain[.launch]` on gpt2-tiny with `settings` last (they override the ones before)."""
-    module = ["-m", "pretrain.launch", "--nproc", str(nproc)] if nproc > 1 else ["-m", "pretrain"]
-    return [sys.executable, *module, "--config", TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={run_dir}",
-            "eval.interval=0", *settings]
-
-
-def train_env() -> dict[str, str]:
-    """What every test's training command runs with: CPU ranks, output unbuffered so a killed run's log is whole."""
-    return dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
-
-
-def train(run_dir: Path, shards: str, *settings: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`train_command`, as subprocess.run gives it. tests/cli.py forks it from the session's fork server,
-    which has imported torch, DeepSpeed and the trainer: ~3 s of CPU less per start."""
-    return cli.run(train_command(run_dir, shards, *settings, nproc=nproc), cwd=REPO, env=train_env(), timeout=timeout)
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-# Texts whose last word even a model trained for 4 steps predicts greedily (some of them): lambada's
-# accuracy is then neither 0 nor 1, so the greedy test under every layout counts.
-FREQUENT_WORDS = ["the the the the the the the the the the", "In the middle of the city the", "He said that the",
-                  ", , , , , , , ,", "and the and the and the and the", "of the of the of the of the"]
-
-
-@pytest.fixture(scope="module")
-def task_files(tmp_path_factory, real_documents) -> list[str]:
-    """A lambada and a plain multiple-choice task from real text (one context longer than the window)."""
-    from data_pipeline.sample_text import write_jsonl
-
-    directory = tmp_path_factory.mktemp("tasks")
-    words = [document["text"].split() for document in real_documents]
-    lambada = [" ".join(words[i][:12 + i % 7]) for i in range(10, 20)] + FREQUENT_WORDS
-    choices = [{"context": " ".join(words[40 + e][:15]), "label": e % 4,
-                "choices": [" ".join(words[60 + e + 7 * c][20:20 + n]) for c, n in enumerate((2, 5, 9, 14))]}
-               for e in range(8)]
-    choices.append({"context": " ".join(words[48]), "choices": ["a b", "the end of it"], "label": 1})
-    write_jsonl(directory / "lambada.jsonl", [{"text": text} for text in lambada])
-    write_jsonl(directory / "choice.jsonl", choices)
-    write_jsonl(directory / "one.jsonl", choices[:1])  # fewer examples than data-parallel ranks
-    return [str(directory / name) for name in ("lambada.jsonl", "choice.jsonl", "one.jsonl")]
-
-
-def with_tasks(task_files: list[str]) -> str:
-    return f"eval.tasks=[{','.join(task_files)}]"
-
-
-def assert_task_figures_equal(ours: dict, expected: dict, rel: float = 1e-5) -> None:
-    """{task: {figure: value}}: the same tasks and figures, numbers within `rel`."""
-    assert ours.keys() == expected.keys()
-    for task, figures in expected.items():
-        assert ours[task].keys() == figures.keys(), task
-        for figure, value in figures.items():
-            assert ours[task][figure] == (value if isinstance(value, str) or value is None
-                                          else pytest.approx(value, rel=rel)), (task, figure)
-
-
-@pytest.fixture(scope="module")
-def single_process_run(tmp_path_factory, shards, task_files):
-    run_dir = tmp_path_factory.mktemp("single")
-    result = train(run_dir, shards, *SHORT, "train.max_steps=4", "eval.interval=2", "eval.iterations=1",
-                   "logging.interval=1", with_tasks(task_files))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
 
 
 @pytest.mark.slow
@@ -121,17 +49,17 @@ def test_tensorboard_holds_training_validation_and_task_curves(single_process_ru
 
 
 @pytest.mark.slow
-def test_tasks_scored_in_training_equal_tools_evaluate_on_the_checkpoint(single_process_run, task_files):
+def test_tasks_scored_in_training_equal_tools_evaluate_on_the_checkpoint(single_process_run, training_task_files):
     """The trainer's scoring (padded training-shape batches, the chunked head) against the tool's (logits
     of the consolidated model) on the same weights: the step-4 checkpoint."""
     from tests.conftest import run_tool
 
     run_dir, _ = single_process_run
-    result = run_tool("evaluate.py", "--checkpoint", str(run_dir), "--task", *task_files, "--json", "--quiet")
+    result = run_tool("evaluate.py", "--checkpoint", str(run_dir), "--task", *training_task_files, "--json", "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     expected = json.loads(result.stdout.strip().splitlines()[-1])["tasks"]
     [trained] = [row["tasks"] for row in metrics(run_dir) if row["step"] == 4 and "tasks" in row]
-    assert_task_figures_equal(trained, {Path(path).name.removesuffix(".jsonl"): expected[path] for path in task_files})
+    assert_task_figures_equal(trained, {Path(path).name.removesuffix(".jsonl"): expected[path] for path in training_task_files})
     assert 0 < trained["lambada"]["acc"] < 1 and 0 < trained["choice"]["acc"] < 1
     assert trained["one"]["examples"] == 1
 
@@ -141,22 +69,14 @@ def test_tasks_scored_in_training_equal_tools_evaluate_on_the_checkpoint(single_
     (8, ["parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2", "parallel.zero_stage=1"]),
     (2, ["parallel.zero_stage=3"]),
 ], ids=["tp2pp2dp2-zero1", "dp2-zero3"])
-def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run, task_files, nproc, settings):
+def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run, training_task_files, nproc, settings):
     """Same seed and data, another layout: the same global batches, so the same losses (fp32), and the
     same validation loss and task figures (the examples divided over data-parallel ranks, scored with
-    the vocabulary split over tensor-parallel ranks, through the pipeline, under ZeRO-3)."""
-    result = train(tmp_path, shards, *SHORT, "train.max_steps=4", "eval.interval=2", "eval.iterations=1",
-                   with_tasks(task_files), *settings, nproc=nproc)
+    the vocabulary split over tensor-parallel ranks, through the pipeline, under ZeRO-3). Training after
+    the step-2 scoring follows the same curve: the scoring left the engine as it was."""
+    result = train(tmp_path, shards, *reference_settings(training_task_files), *settings, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
-    reference, rows = metrics(single_process_run[0]), metrics(tmp_path)
-    # training after the step-2 scoring follows the same curve: the scoring left the engine as it was
-    assert [row["loss"] for row in rows if "loss" in row] == pytest.approx(
-        [row["loss"] for row in reference if "loss" in row], rel=1e-5)
-    expected, validations = [row for row in reference if "valid_loss" in row], [row for row in rows if "valid_loss" in row]
-    assert [row["step"] for row in validations] == [row["step"] for row in expected] == [2, 4]
-    for validation, reference_row in zip(validations, expected):
-        assert validation["valid_loss"] == pytest.approx(reference_row["valid_loss"], rel=1e-5)
-        assert_task_figures_equal(validation["tasks"], reference_row["tasks"])
+    assert_same_as_reference(tmp_path, single_process_run[0])
 
 
 @pytest.mark.slow
@@ -197,7 +117,7 @@ def test_impossible_settings_stop_at_start_up_naming_the_setting(tmp_path, shard
     assert message in result.stderr
 
 
-def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(tmp_path, shards, task_files):
+def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(tmp_path, shards, training_task_files):
     from pretrain.config import ConfigError
     from pretrain.trainer import plan_run
 
@@ -206,14 +126,14 @@ def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(
     long = tmp_path / "long.jsonl"  # a choice of ~300 tokens: more than the 256-token window
     long.write_text(json.dumps({"context": "A", "choices": ["word " * 300, "no"], "label": 1}) + "\n")
     copy = tmp_path / "lambada.jsonl.gz"
-    copy.write_bytes(__import__("gzip").compress(Path(task_files[0]).read_bytes()))
+    copy.write_bytes(__import__("gzip").compress(Path(training_task_files[0]).read_bytes()))
     cases = [
-        (["eval.interval=0", with_tasks(task_files)], "eval.tasks are scored every eval.interval steps; set eval.interval > 0"),
+        (["eval.interval=0", with_tasks(training_task_files)], "eval.tasks are scored every eval.interval steps; set eval.interval > 0"),
         (["eval.tasks=[/nonexistent/hellaswag.jsonl]"], "eval.tasks: task file not found: /nonexistent/hellaswag.jsonl"),
         ([with_tasks([str(bad)])], f"eval.tasks: {bad}:2: "),
-        ([with_tasks([task_files[0], str(copy)])], f"eval.tasks: {task_files[0]} and {copy} would both be logged as "
+        ([with_tasks([training_task_files[0], str(copy)])], f"eval.tasks: {training_task_files[0]} and {copy} would both be logged as "
                                                    "'lambada'"),
-        (["eval.task_max_examples=-1", with_tasks(task_files)], "eval.task_max_examples=-1 must be at least 0"),
+        (["eval.task_max_examples=-1", with_tasks(training_task_files)], "eval.task_max_examples=-1 must be at least 0"),
         ([with_tasks([str(long)])], f"eval.tasks: {long}:1: a continuation of 301 tokens does not fit the "
                                     "model's 256-token window"),
         (["eval.iterations=0"], "eval.iterations=0: validation needs at least one global batch"),
@@ -223,7 +143,7 @@ def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(
         with pytest.raises(ConfigError) as refused:
             plan_run(config, world_size=1)
         assert str(refused.value).startswith(message), (settings, str(refused.value))
-    config = load_config(TINY, [f"data.prefixes=[{shards}]", "eval.task_max_examples=3", with_tasks(task_files)])
+    config = load_config(TINY, [f"data.prefixes=[{shards}]", "eval.task_max_examples=3", with_tasks(training_task_files)])
     assert [len(task.task.examples) for task in plan_run(config, world_size=1).tasks] == [3, 3, 1]
 
 

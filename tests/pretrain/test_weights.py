@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import CheckpointError, tag_for
-from tests.pretrain.test_trainer import train
+from tests.training import train
 
 # The config's own 256-token windows (not tests.conftest.SHORT): the Hugging Face export is compared on 256 tokens.
 STEPS = ("train.max_steps=2", "schedule.warmup=1", "train.precision=fp32")

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import REPO, SHORT
 from tests.slurm.jobs import job, wait_for, wait_until_done
-from tests.pretrain.test_trainer import TINY, metrics, train
+from tests.training import TINY, assert_same_as_reference, metrics, reference_settings, train
 
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
 STEPS = 12  # the DP=2 runs; the schedule depends on it, so every DP=2 run uses it
@@ -151,13 +151,12 @@ def stopped_by_the_kill_switch(workdir: Path, shards: str) -> dict:
             "resumed": resumed, "resumed_state": wait_until_done(resumed)}
 
 
-LAYOUT_3D = ("parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2", "train.max_steps=4")
+LAYOUT_3D = ("parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2")
 
 
-def three_d_on_two_nodes(workdir: Path, shards: str) -> dict:
-    job_id = submit(workdir, shards, *LAYOUT_3D, tasks_per_node=4)
-    local = train(workdir / "local", shards, *LAYOUT_3D, *SHORT, "logging.interval=1", nproc=8)
-    assert local.returncode == 0, local.stderr[-3000:]
+def three_d_on_two_nodes(workdir: Path, shards: str, task_files: list[str]) -> dict:
+    """The trainer's reference run (validation and tasks included) on TP=2 x PP=2 x DP=2 over two nodes."""
+    job_id = submit(workdir, shards, *reference_settings(task_files), *LAYOUT_3D, tasks_per_node=4)
     return {"job": job_id, "state": wait_until_done(job_id)}
 
 
@@ -173,13 +172,14 @@ SCENARIOS = [reference_run, interrupted_by_requeue, interrupted_by_time_limit, i
 
 
 @pytest.fixture(scope="module")
-def scenarios(slurm_cluster, tmp_path_factory, shards):
+def scenarios(slurm_cluster, tmp_path_factory, shards, training_task_files):
     """name -> (workdir, Future of the scenario's record), all started at once."""
     pool = ThreadPoolExecutor(max_workers=len(SCENARIOS))
     started = {}
     for scenario in SCENARIOS:
         workdir = tmp_path_factory.mktemp(scenario.__name__)
-        started[scenario.__name__] = (workdir, pool.submit(scenario, workdir, shards))
+        more = (training_task_files,) if scenario is three_d_on_two_nodes else ()
+        started[scenario.__name__] = (workdir, pool.submit(scenario, workdir, shards, *more))
     yield started
     subprocess.run(["scancel", *SUBMITTED], capture_output=True)  # threads still waiting see their jobs end
     pool.shutdown(wait=True)
@@ -233,11 +233,13 @@ def test_impossible_config_fails_in_seconds_before_any_rank_starts(impossible_co
     print(f"\n{message[:40]}...: job failed {elapsed:.1f} s after sbatch")
 
 
-def test_tp2_pp2_dp2_on_two_nodes_trains_the_local_launch_curve(scenarios):
+def test_tp2_pp2_dp2_on_two_nodes_trains_the_one_process_curve(scenarios, single_process_run):
+    """The same losses, validation loss and task figures as the trainer's one-process reference run, as
+    `python -m pretrain.launch` gives on this layout (tests/pretrain/test_trainer.py)."""
     workdir, record, text = outcome(scenarios, "three_d_on_two_nodes")
     state = record["state"]
     assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-3000:]
-    assert_same_curve(workdir / "run", workdir / "local")
+    assert_same_as_reference(workdir / "run", single_process_run[0])
     assert "8 tasks on 2 node(s): node[1-2]" in text and "rendezvous node1:" in text
     assert "git commit " in text and "8 ranks on 2 node(s): node1, node2" in text
     for rank in range(8):

@@ -12,7 +12,7 @@ import torch
 
 from tests import cli
 from tests.conftest import REPO
-from tests.pretrain.test_trainer import metrics, train
+from tests.training import metrics, train
 from tests.tools.conftest import TINY_HF
 
 TINY_SHAPE = [f"model.{key}={value}" for key, value in TINY_HF.items()]
