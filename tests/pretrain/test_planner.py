@@ -15,7 +15,7 @@ from pretrain.config import load_config
 from pretrain.model.presets import model_config, parameter_count
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.planner.hardware import Cluster, accelerator
-from pretrain.planner.measure import CASES, TESTED, compare
+from pretrain.planner.measure import CASES, TESTED, baseline_gib, compare
 from pretrain.planner.memory import (STAGE3_PREFETCH_BUCKET_SIZE, RunShape, estimate_memory, estimate_stage,
                                      peak_memory, stage_layers, stage_parameters)
 from pretrain.planner.report import run_from_config
@@ -277,11 +277,6 @@ def test_paper_scale_needs_tensor_and_pipeline_parallelism():
 
 # ---- predicted against measured ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def baselines() -> dict:
-    return {}  # (ranks, precision) -> measured process baseline, shared by the cases
-
-
 # The test runs each case at a shorter window than tools/bench_plan.py (the step is most of a run's CPU time,
 # and it grows with the tokens): 256 tokens where the predicted peak is the forward, whose activations stay its
 # largest part; 64 where it is the optimizer step, which holds no activations (pp2, and gpt2-124m already at 128).
@@ -295,13 +290,36 @@ def peak_moment(case) -> str:
     return estimate_stage(run_from_config(config, Cluster(1, case.nproc, accelerator("h100"))), 0, resident=True).moment
 
 
+def shorter(case):
+    return dataclasses.replace(case, settings=[*case.settings, f"model.n_positions={WINDOWS[case.name]}"])
+
+
+@pytest.fixture(scope="module")
+def measured(shards, tmp_path_factory) -> dict:
+    """case name -> compare()'s result for every tested case, two runs at a time: a run's peak resident
+    memory does not depend on what else the machine runs, and each run has single-core phases (start-up,
+    the save at its end) that the other fills. The process baselines are measured first, one per rank
+    count and precision, and shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [shorter(case) for case in CASES if case.name in TESTED]
+    work, baselines = tmp_path_factory.mktemp("plan"), {}
+    first_of_each = {(case.nproc, load_config(case.config, case.settings).train.precision): case for case in cases}
+
+    def measure(case) -> dict:
+        result = compare(case, shards, work / case.name, baselines)
+        shutil.rmtree(work / case.name)  # the checkpoints each run saves at its end (0.5 to 2 GB), of no use here
+        return result
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda case: baseline_gib(case, shards, work / "baselines", baselines), first_of_each.values()))
+        return {result["case"]: result for result in pool.map(measure, cases)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [case for case in CASES if case.name in TESTED], ids=lambda case: case.name)
-def test_predicted_peak_memory_is_within_20_percent_of_a_real_run(case, shards, tmp_path_factory, baselines):
-    shorter = dataclasses.replace(case, settings=[*case.settings, f"model.n_positions={WINDOWS[case.name]}"])
-    assert peak_moment(shorter) == peak_moment(case), "the shorter window must leave the peak where it was"
-    work = tmp_path_factory.mktemp("plan")
-    result = compare(shorter, shards, work, baselines)
-    shutil.rmtree(work)  # the checkpoints each run saves at its end (0.5 to 2 GB), of no use here
+def test_predicted_peak_memory_is_within_20_percent_of_a_real_run(case, measured):
+    assert peak_moment(shorter(case)) == peak_moment(case), "the shorter window must leave the peak where it was"
+    result = measured[case.name]
     assert abs(result["error"]) <= 0.20, result
     assert result["model_gib"] > result["baseline_gib"] / 2, "the case must exercise the model, not the baseline"
