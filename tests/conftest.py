@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.register_assert_rewrite("tests.training")  # its comparisons show the values that differ
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The smallest shape that still runs every path of a training run: gpt2-tiny with 64-token windows

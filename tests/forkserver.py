@@ -17,6 +17,11 @@ import multiprocessing
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# MKL's AVX-512 code path made a forked run's step-1 loss differ by 3 float32 ulps from run to run (about one
+# run in four; fresh interpreters never did), MKL_CBWR=AVX512 too; its AVX2 path gave the same loss 24 times
+# of 24 at the same speed for these small models. Set here, before any test builds a command's environment,
+# so every command and rank the tests start inherits it (tests/README.md, "A nondeterminism").
+os.environ.setdefault("MKL_CBWR", "AVX2")
 
 PRELOAD = [
     "torch", "data_pipeline.library_imports",  # megatron-core, quietly and without compiling

@@ -42,7 +42,6 @@ def latest_step(run_dir: Path) -> int:
     return int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
 
 
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, shards):
     run_dir = tmp_path_factory.mktemp("straight")

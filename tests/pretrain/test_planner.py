@@ -304,7 +304,9 @@ def measured(shards, tmp_path_factory) -> dict:
 
     cases = [shorter(case) for case in CASES if case.name in TESTED]
     work, baselines = tmp_path_factory.mktemp("plan"), {}
-    first_of_each = {(case.nproc, load_config(case.config, case.settings).train.precision): case for case in cases}
+    first_of_each = {}  # (ranks, precision) -> the first case that has them, as compare() alone would pick
+    for case in cases:
+        first_of_each.setdefault((case.nproc, load_config(case.config, case.settings).train.precision), case)
 
     def measure(case) -> dict:
         result = compare(case, shards, work / case.name, baselines)
