@@ -137,10 +137,8 @@ def single_process_group() -> None:
     from pretrain.parallel.distributed import initialize_model_parallel
     from pretrain.parallel.layout import ParallelLayout
 
-    if not dist.is_initialized():
-        from pretrain.parallel.distributed import free_port
-
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if not dist.is_initialized():  # port 0: bound when the store starts, so no other process can take it first
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():

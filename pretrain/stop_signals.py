@@ -10,8 +10,9 @@ library, so that installing it costs nothing.
 
 from __future__ import annotations
 
-import logging
+import os
 import signal
+import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: str | None = None
@@ -20,8 +21,15 @@ _received: str | None = None
 def _record(signum, _frame) -> None:
     global _received
     _received = signal.Signals(signum).name
-    logging.getLogger("pretrain").warning("received %s: saving a checkpoint after this step, then exiting",
-                                          _received)
+    # One write to stderr, not logging: the handler runs between any two bytecodes of the main thread, and
+    # a rank signalled while `import torch` walked logging's registry of loggers crashed with "dictionary
+    # changed size during iteration" when the handler looked up its logger (a test saw it under load).
+    line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} [rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))}] "
+            f"WARNING received {_received}: saving a checkpoint after this step, then exiting\n")
+    try:
+        os.write(2, line.encode())
+    except OSError:  # stderr closed: the request is recorded all the same
+        pass
 
 
 def install() -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,6 +185,25 @@ def test_a_signal_during_start_up_stops_the_run_cleanly_before_training(tmp_path
     assert "received SIGUSR1" in stderr
     assert json.loads((tmp_path / "exit.json").read_text())["reason"] == "signal:SIGUSR1"
     assert not (tmp_path / "checkpoints" / "latest").exists()  # nothing trained, nothing to save
+
+
+def test_a_stop_signal_while_an_import_walks_loggings_registry_is_only_recorded():
+    """The start-up race the test above once hit under load: `import torch` iterates logging's registry of
+    loggers, and a handler that looked up a logger then added one to it mid-iteration ("dictionary changed
+    size during iteration": exit 1, no clean stop). Here the signal arrives inside such a loop every time."""
+    code = """if True:
+        import logging, os, signal
+        from pretrain import stop_signals
+        stop_signals.install()
+        logging.getLogger("some.library")
+        for _ in logging.Logger.manager.loggerDict.values():  # as torch's _init_logs does
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs here, inside the loop
+        print(stop_signals.received(), "pretrain" in logging.Logger.manager.loggerDict)
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SIGUSR1", "False"]
+    assert "WARNING received SIGUSR1: saving a checkpoint after this step" in result.stderr
 
 
 @pytest.mark.slow

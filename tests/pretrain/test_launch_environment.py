@@ -47,6 +47,8 @@ def test_one_node_falls_back_to_this_machine(clean_environment):
     clean_environment.setenv("SLURM_NNODES", "1")
     environment_from_launcher()
     assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["WORLD_SIZE"] == "1"
+    # The store binds a free port itself when it starts: a port chosen here could be taken by then
+    assert os.environ["MASTER_PORT"] == "0"
 
 
 @pytest.mark.parametrize("local_rank,visible,expected", [
