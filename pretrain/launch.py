@@ -33,11 +33,13 @@ def main(argv=None) -> int:
     if args.nproc < 1:
         print("error: --nproc must be at least 1", file=sys.stderr)
         return 2
-    port = str(free_port())
     start = fork_rank if ranks_on_cpu() else spawn_rank
     if start is fork_rank:
         preload()
         share_the_cores(args.nproc)
+    # Picked after the imports: rank 0 binds it when its store starts, and until then another process may
+    # take it (seen for one-process runs, which now bind port 0). torchrun's agent-held store closes this.
+    port = str(free_port())
     children = []
     for rank in range(args.nproc):
         children.append(start({"RANK": str(rank), "WORLD_SIZE": str(args.nproc), "LOCAL_RANK": str(rank),

@@ -10,7 +10,8 @@ from pathlib import Path
 # One intra-op thread per process (torch reads this when it loads; a value set outside is kept). On two
 # cores a second thread mostly spins waiting for the first on these small models: the distillation tests
 # alone took 142 s of CPU for 101 s of wall time with two threads, 75 s for 75 s with one; the whole
-# suite 1,443 s of CPU instead of 1,652 s. Multi-rank runs give each rank one thread anyway (pretrain/launch.py).
+# suite 1,443 s of CPU instead of 1,652 s. pretrain.launch gave each of 2+ ranks one thread on two cores already;
+# it keeps a value set outside, so its own division of the cores (share_the_cores) does not run in the suite.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402

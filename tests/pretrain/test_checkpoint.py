@@ -188,15 +188,16 @@ def test_a_signal_during_start_up_stops_the_run_cleanly_before_training(tmp_path
 
 
 def test_a_stop_signal_while_an_import_walks_loggings_registry_is_only_recorded():
-    """The start-up race the test above once hit under load: `import torch` iterates logging's registry of
-    loggers, and a handler that looked up a logger then added one to it mid-iteration ("dictionary changed
-    size during iteration": exit 1, no clean stop). Here the signal arrives inside such a loop every time."""
+    """The start-up race the test above once hit under load: `import torch` sets logger levels, and each
+    Logger.setLevel walks logging's registry of loggers; a handler that looked up a logger then added one
+    to it mid-walk ("dictionary changed size during iteration": exit 1, no clean stop). Here the signal
+    arrives inside such a walk every time."""
     code = """if True:
         import logging, os, signal
         from pretrain import stop_signals
         stop_signals.install()
         logging.getLogger("some.library")
-        for _ in logging.Logger.manager.loggerDict.values():  # as torch's _init_logs does
+        for _ in logging.Logger.manager.loggerDict.values():  # as every setLevel does (torch's import calls it)
             os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs here, inside the loop
         print(stop_signals.received(), "pretrain" in logging.Logger.manager.loggerDict)
     """
