@@ -18,10 +18,18 @@ from tests.conftest import REPO, SHORT
 TINY = str(REPO / "configs" / "gpt2-tiny.yaml")
 
 
+def data_settings(shards: str) -> tuple[str, ...]:
+    """data.prefixes=[shards], with the tokenizer and vocabulary size their PREFIX.json records (the
+    `shards` fixture's SentencePiece model, or GPT-2's)."""
+    tokenizer = json.loads(Path(shards + ".json").read_text())["tokenizer"]
+    spec = tokenizer["files"]["model"] if tokenizer["name"] == "sentencepiece" else tokenizer["name"]
+    return f"data.prefixes=[{shards}]", f"data.tokenizer={spec}", f"model.vocab_size={tokenizer['vocab_size']}"
+
+
 def train_command(run_dir: Path, shards: str, *settings: str, nproc: int = 1) -> list[str]:
     """`python -m pretrain[.launch]` on gpt2-tiny with `settings` last (they override the ones before)."""
     module = ["-m", "pretrain.launch", "--nproc", str(nproc)] if nproc > 1 else ["-m", "pretrain"]
-    return [sys.executable, *module, "--config", TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={run_dir}",
+    return [sys.executable, *module, "--config", TINY, "--set", *data_settings(shards), f"run.dir={run_dir}",
             "eval.interval=0", *settings]
 
 

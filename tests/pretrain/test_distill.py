@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from pretrain.config import ConfigError, load_config
 from pretrain.model.presets import parameter_count
-from tests.conftest import SHORT
-from tests.training import SAME, SAME_KL, TINY, metrics, train
+from tests.conftest import SHORT, SMALL_VOCABULARY
+from tests.training import SAME, SAME_KL, TINY, data_settings, metrics, train
 
 STUDENT = [*SHORT, "model.n_layer=2", "schedule.warmup=0", "schedule.decay=constant", "optim.lr=1e-3",
            "logging.interval=1"]
@@ -39,6 +39,11 @@ def distill(run_dir: Path, shards: str, teacher: Path, *settings: str, nproc: in
                  f"distill.alpha={ALPHA}", *settings, nproc=nproc)
 
 
+def student_shape():
+    """The student's model shape on one process (the `shards` fixture's vocabulary)."""
+    return load_config(TINY, [*STUDENT, f"model.vocab_size={SMALL_VOCABULARY}"]).model.gpt_config(1)
+
+
 TWO_STEPS = ("train.max_steps=2", "checkpoint.interval=1")
 
 
@@ -58,8 +63,8 @@ def global_batch(shards: str, step: int, work: Path) -> tuple[torch.Tensor, torc
     from pretrain.data import build_datasets, micro_batches, resolve_blend
     from pretrain.parallel.layout import ParallelLayout
 
-    config = load_config(TINY, [*SHORT, f"data.prefixes=[{shards}]", "eval.interval=0", "train.max_steps=4"])
-    tokenizer = load_tokenizer("gpt2")
+    config = load_config(TINY, [*SHORT, *data_settings(shards), "eval.interval=0", "train.max_steps=4"])
+    tokenizer = load_tokenizer(config.data.tokenizer)
     train_data, _ = build_datasets(config, tokenizer, resolve_blend(config.data.prefixes, tokenizer), work, 1)
     [(tokens, labels)] = micro_batches(train_data, step, ParallelLayout(world_size=1, micro_batch_size=8,
                                                                               global_batch_size=8), 0)
@@ -68,7 +73,7 @@ def global_batch(shards: str, step: int, work: Path) -> tuple[torch.Tensor, torc
 
 def direct_objective(student, teacher, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
     """(1 - alpha) x CE + alpha x T^2 x KL(teacher || student) on the full logits, in fp64."""
-    vocabulary = 50257
+    vocabulary = SMALL_VOCABULARY
     with torch.no_grad():
         s = student(tokens).double()[..., :vocabulary].flatten(0, 1)
         t = teacher(tokens).double()[..., :vocabulary].flatten(0, 1)
@@ -85,7 +90,7 @@ def initial_student():
     from pretrain.parallel.distributed import model_parallel_config
     from pretrain.parallel.layout import ParallelLayout
 
-    config = load_config(TINY, STUDENT).model.gpt_config(1)
+    config = student_shape()
     return GPT2(config, model_parallel_config(ParallelLayout(world_size=1)), seed=1234).eval()
 
 
@@ -151,7 +156,7 @@ def test_a_distillation_stopped_and_resumed_continues_the_same_curve(tmp_path, s
     assert stopped.returncode == 0 and "stopped at step 1" in stopped.stderr, stopped.stderr[-3000:]
     module = torch.load(tmp_path / "resumed" / "checkpoints" / "step_0000001" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)["module"]
-    student = load_config(TINY, STUDENT).model.gpt_config(1)
+    student = student_shape()
     padding = (student.padded_vocab_size - student.vocab_size) * student.n_embd  # the embedding's padding rows
     assert sum(tensor.numel() for tensor in module.values() if tensor is not None) == parameter_count(student) + padding
     resumed = distill(tmp_path / "resumed", shards, teacher, *TWO_STEPS)
@@ -187,43 +192,34 @@ def test_the_student_starts_from_the_named_teacher_blocks_on_a_pipeline(tmp_path
 def check(shards: str, *settings: str, world_size: int = 1):
     from pretrain.trainer import plan_run
 
-    return plan_run(load_config(TINY, [*SHORT, f"data.prefixes=[{shards}]", *settings]), world_size)
+    return plan_run(load_config(TINY, [*SHORT, *data_settings(shards), *settings]), world_size)
 
 
-def test_a_teacher_with_another_tokenizer_is_refused_naming_both(tmp_path, shards, teacher, gpt2_tokenizer):
-    """GPT-2's BPE with two merges (and the ids of the tokens they make) swapped: the same vocabulary
+def test_a_teacher_with_another_tokenizer_is_refused_naming_both(tmp_path, shards, teacher, real_documents):
+    """Another SentencePiece model of the same size, trained on part of the same text: the same vocabulary
     size, other tokens."""
-    import json
-
+    from data_pipeline.tokenizers import train_sentencepiece
     from pretrain.inference import load_weights, save_consolidated
 
-    other = tmp_path / "other-bpe"
-    other.mkdir()
-    files = gpt2_tokenizer.files
-    encoder = json.loads(Path(files["encoder_json"]).read_text(encoding="utf-8"))
-    merges = Path(files["vocab_bpe"]).read_text(encoding="utf-8").splitlines()
-    first, second = 101, 5001  # lines after the "#version" header
-    made = ["".join(merges[line].split()) for line in (first, second)]
-    merges[first], merges[second] = merges[second], merges[first]
-    encoder[made[0]], encoder[made[1]] = encoder[made[1]], encoder[made[0]]
-    (other / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
-    (other / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    other = train_sentencepiece((document["text"] for document in real_documents[:150]), tmp_path / "other",
+                                SMALL_VOCABULARY, threads=1).files["model"]
+    ours = dict(setting.split("=", 1) for setting in data_settings(shards))["data.tokenizer"]
     weights = load_weights(teacher, str(tmp_path))
-    weights.tokenizer = str(other)
+    weights.tokenizer = other
     save_consolidated(weights, tmp_path / "teacher.pt")
     with pytest.raises(ConfigError) as refusal:
         check(shards, "model.n_layer=2", f"distill.teacher={tmp_path / 'teacher.pt'}")
     message = str(refusal.value)
-    assert f"tokenizer {str(other)!r}" in message and "data.tokenizer='gpt2'" in message
+    assert f"tokenizer {other!r}" in message and f"data.tokenizer={ours!r}" in message
     assert "must share a tokenizer" in message
     weights.tokenizer = str(tmp_path / "moved-away")
     save_consolidated(weights, tmp_path / "teacher.pt")
     with pytest.raises(ConfigError, match="moved-away'. which cannot be read here"):
         check(shards, "model.n_layer=2", f"distill.teacher={tmp_path / 'teacher.pt'}")
-    weights.tokenizer, weights.config.vocab_size = "gpt2", 50304  # GPT-2's tokenizer, a record that disagrees
+    weights.tokenizer, weights.config.vocab_size = ours, 2048  # the student's tokenizer, a record that disagrees
     save_consolidated(weights, tmp_path / "teacher.pt")
-    with pytest.raises(ConfigError, match="has a 50304-token vocabulary, but its tokenizer 'gpt2', the student's, "
-                                          "has 50257 tokens"):
+    with pytest.raises(ConfigError, match=f"has a 2048-token vocabulary, but its tokenizer '{ours}', the student's, "
+                                          f"has {SMALL_VOCABULARY} tokens"):
         check(shards, "model.n_layer=2", f"distill.teacher={tmp_path / 'teacher.pt'}")
     assert check(shards, "model.n_layer=2", f"distill.teacher={teacher}").teacher_config.n_layer == 4
 
@@ -260,12 +256,14 @@ def test_the_planner_says_what_the_teacher_adds_to_each_gpu(teacher, capsys):
     import json
 
     arguments = ["--config", TINY, "--set", *SHORT, "model.n_layer=2", f"distill.teacher={teacher}",
+                 f"model.vocab_size={SMALL_VOCABULARY}",
                  "parallel.tensor_parallel_size=2", "train.precision=bf16", "--nodes", "1", "--gpus-per-node", "2"]
     code = main(arguments)
     out = capsys.readouterr().out
     assert code == 0, out
-    # 4 blocks of 128, 64 positions and GPT-2's vocabulary: 7.2M parameters, in bf16, halved by TP 2
-    note = "the frozen teacher (distill.teacher, 7.2M parameters) is not counted above: add about 0.01 GiB"
+    # 4 blocks of 128 (793,088), 64 positions (8,192), 2,000 tokens (256,000) and the final LayerNorm (256):
+    # 1.06M parameters, in bf16, halved by TP 2: 1 MB, 0.00 GiB
+    note = "the frozen teacher (distill.teacher, 1.1M parameters) is not counted above: add about 0.00 GiB"
     assert note in out
     assert main([*arguments, "--json"]) == 0
     assert note in json.loads(capsys.readouterr().out)["teacher_note"]

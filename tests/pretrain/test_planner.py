@@ -219,11 +219,11 @@ def test_json_ranks_every_layout_that_runs_with_memory_per_gpu(xl_plan):
     assert "cannot be combined with pipeline parallelism" in examples
 
 
-def test_the_recommendation_trains_as_printed(xl_plan, shards, tmp_path):
+def test_the_recommendation_trains_as_printed(xl_plan, gpt2_shards, tmp_path):
     """The --set line the planner prints is accepted by the trainer's own check for that many ranks."""
     settings = xl_plan["recommended"]["settings"]
     done = subprocess.run([sys.executable, "-m", "pretrain", "--config", "configs/gpt2-1.5b.yaml", "--check",
-                           "--world-size", "64", "--set", f"run.dir={tmp_path}", f"data.prefixes=[{shards}]",
+                           "--world-size", "64", "--set", f"run.dir={tmp_path}", f"data.prefixes=[{gpt2_shards}]",
                            *settings],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -295,7 +295,7 @@ def shorter(case):
 
 
 @pytest.fixture(scope="module")
-def measured(shards, tmp_path_factory) -> dict:
+def measured(gpt2_shards, tmp_path_factory) -> dict:
     """case name -> compare()'s result for every tested case, two runs at a time: a run's peak resident
     memory does not depend on what else the machine runs, and each run has single-core phases (start-up,
     the save at its end) that the other fills. The process baselines are measured first, one per rank
@@ -309,12 +309,12 @@ def measured(shards, tmp_path_factory) -> dict:
         first_of_each.setdefault((case.nproc, load_config(case.config, case.settings).train.precision), case)
 
     def measure(case) -> dict:
-        result = compare(case, shards, work / case.name, baselines)
+        result = compare(case, gpt2_shards, work / case.name, baselines)
         shutil.rmtree(work / case.name)  # the checkpoints each run saves at its end (0.5 to 2 GB), of no use here
         return result
 
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda case: baseline_gib(case, shards, work / "baselines", baselines), first_of_each.values()))
+        list(pool.map(lambda case: baseline_gib(case, gpt2_shards, work / "baselines", baselines), first_of_each.values()))
         return {result["case"]: result for result in pool.map(measure, cases)}
 
 

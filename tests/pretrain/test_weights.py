@@ -27,9 +27,9 @@ def consolidated(run_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards):
+def reference(tmp_path_factory, gpt2_shards):
     run_dir = tmp_path_factory.mktemp("one-process")
-    result = train(run_dir, shards, *STEPS)
+    result = train(run_dir, gpt2_shards, *STEPS)
     assert result.returncode == 0, result.stderr[-3000:]
     return consolidated(run_dir)
 
@@ -41,9 +41,9 @@ def reference(tmp_path_factory, shards):
 @pytest.mark.parametrize("nproc,settings,source", [
     (2, ["parallel.tensor_parallel_size=2", "parallel.zero_stage=3"], "fp32 master weights"),
 ], ids=["tp2-zero3"])
-def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(reference, shards, tmp_path, nproc,
+def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(reference, gpt2_shards, tmp_path, nproc,
                                                                        settings, source):
-    result = train(tmp_path, shards, *STEPS, *settings, nproc=nproc)
+    result = train(tmp_path, gpt2_shards, *STEPS, *settings, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     ours = consolidated(tmp_path / "checkpoints")
     assert ours.source == source and ours.manifest["step"] == reference.manifest["step"] == 2

@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import REPO, SHORT
 from tests.slurm.jobs import job, wait_for, wait_until_done
-from tests.training import TINY, assert_same_as_reference, metrics, reference_settings, train
+from tests.training import TINY, assert_same_as_reference, data_settings, metrics, reference_settings, train
 
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
 STEPS = 12  # the DP=2 runs; the schedule depends on it, so every DP=2 run uses it
@@ -46,7 +46,7 @@ def submit(workdir: Path, shards: str, *settings: str, nodes: int = 2, tasks_per
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     command = ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
                "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", "--signal=B:USR1@30", *options,
-               str(SBATCH), TINY, "--set", f"data.prefixes=[{shards}]", f"run.dir={workdir / 'run'}",
+               str(SBATCH), TINY, "--set", *data_settings(shards), f"run.dir={workdir / 'run'}",
                "eval.interval=0", "logging.interval=1", *SHORT, *settings]
     env = dict(os.environ, PRETRAIN_DEVICE="cpu", PRETRAIN_PYTHON=sys.executable)
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=60)

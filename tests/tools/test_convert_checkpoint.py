@@ -58,7 +58,7 @@ def test_hf_to_a_tp2_pp2_checkpoint_and_back_gives_the_same_tensors(tiny_hf_mode
 
 @pytest.mark.slow
 def test_training_continues_from_the_converted_checkpoint_on_its_layout_and_on_one_process(
-        tp2_pp2_checkpoint, shards, tmp_path):
+        tp2_pp2_checkpoint, gpt2_shards, tmp_path):
     """On its own layout DeepSpeed loads each rank's slices; on one process (another layout, at step 0)
     the trainer loads its weights. Both must train the same model: a slice cut wrongly on the way in
     would show here even if the way out undid it."""
@@ -67,7 +67,7 @@ def test_training_continues_from_the_converted_checkpoint_on_its_layout_and_on_o
                                                   "parallel.pipeline_parallel_size=2"]), ("one", 1, [])):
         checkpoints = tmp_path / name / "checkpoints"
         shutil.copytree(tp2_pp2_checkpoint, checkpoints)
-        result = train(tmp_path / name, shards, *TINY_SHAPE, *layout, "train.max_steps=2", nproc=nproc, timeout=900)
+        result = train(tmp_path / name, gpt2_shards, *TINY_SHAPE, *layout, "train.max_steps=2", nproc=nproc, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("started from the weights of step_0000000" in result.stderr) == (nproc == 1)
         assert "other tokens" not in result.stderr  # the HF directory's tokenizer files are GPT-2's own
