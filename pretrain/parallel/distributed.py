@@ -131,6 +131,12 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) 
 
     backend = backend or ("nccl" if wants_gpu() else "gloo")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if backend == "gloo":
+        # On CPUs DeepSpeed's communication layer compiles a shared-memory all-reduce when it starts: 28 s
+        # on two cores, the first time and again for every new install path (torch keys its build cache by
+        # the include paths). Only DeepSpeed's inference kernels call it; every collective of ours goes
+        # through torch.distributed. Marked unavailable, it is neither built nor set up.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(minutes=timeout_minutes))
 
