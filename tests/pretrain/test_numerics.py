@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.model.gpt2 import GPT2, GPTConfig
-from pretrain.parallel.distributed import free_port, model_parallel_config
+from pretrain.parallel.distributed import free_port, init_distributed, model_parallel_config
 from pretrain.parallel.engine import deepspeed_config, loss_scale
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.planner.memory import DEEPSPEED_CLASSES, RunShape
@@ -57,10 +57,8 @@ def accumulated_gradient_error(layout: ParallelLayout, gradient_dtype: str) -> f
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_fp32_gradient_accumulation_matches_the_fp32_sum_far_more_closely_than_bf16(single_process_group,
                                                                                      zero_stage, monkeypatch):
-    import deepspeed
-
     monkeypatch.setenv("LOCAL_RANK", "0")
-    deepspeed.init_distributed("gloo", auto_mpi_discovery=False, verbose=False)  # joins the existing group
+    init_distributed("gloo")  # DeepSpeed's communication layer joins the existing group
     layout = ParallelLayout(world_size=1, zero_stage=zero_stage, micro_batch_size=1,
                             global_batch_size=MICRO_BATCHES).validate(GPTConfig(n_layer=2, n_embd=64, n_head=4))
     in_fp32 = accumulated_gradient_error(layout, "fp32")
@@ -123,7 +121,7 @@ def _skip_worker(rank: int, port: int, out: str) -> None:
     from pretrain.optim import SkipNonFiniteAdamW
     from pretrain.trainer import parameter_groups
 
-    deepspeed.init_distributed("gloo", auto_mpi_discovery=False, verbose=False)
+    init_distributed("gloo")
     results = {}
     for precision, gradient_dtype, zero_stage in CASES:
         torch.manual_seed(0)
