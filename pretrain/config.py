@@ -140,6 +140,9 @@ class CheckpointSection:
     """Checkpoint directory; default RUN_DIR/checkpoints."""
     interval: int = 100
     """Save every this many steps (and at the end, and on SIGTERM / SIGUSR1)."""
+    at_end: bool = True
+    """Save when train.max_steps is reached. false: a benchmark or measurement that keeps no weights
+    (saves every checkpoint.interval steps and on a stop still happen)."""
     keep_last: int = 2
     """Keep this many most recent checkpoints."""
     keep_every: int = 0

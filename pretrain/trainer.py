@@ -584,7 +584,8 @@ class Trainer:
             if config.eval.interval and self.step % config.eval.interval == 0:
                 self.metrics.write(self.evaluate())
             stop = self._stop_agreed()
-            if stop or self.step % config.checkpoint.interval == 0 or self.step == config.train.max_steps:
+            at_end = self.step == config.train.max_steps and config.checkpoint.at_end
+            if stop or self.step % config.checkpoint.interval == 0 or at_end:
                 self.save()
         if self.step == first and self.resume_point is None and stop is None:
             self.save()  # a run of 0 steps saves its initial state (tools/convert_checkpoint.py --from hf)

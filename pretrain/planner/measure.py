@@ -64,7 +64,7 @@ def measured_gib(case: Case, settings: list[str], shards: str, run_dir: Path, ti
     launcher = ["-m", "pretrain.launch", "--nproc", str(case.nproc)] if case.nproc > 1 else ["-m", "pretrain"]
     command = [sys.executable, *launcher, "--config", case.config, "--set", f"data.prefixes=[{shards}]",
                f"run.dir={run_dir}", "data.split=90,10,0", "eval.interval=0", f"train.max_steps={STEPS}",
-               f"checkpoint.interval={STEPS + 1000}", "logging.tensorboard=false", *settings]
+               f"checkpoint.interval={STEPS + 1000}", "checkpoint.at_end=false", "logging.tensorboard=false", *settings]
     env = dict(os.environ, **MALLOC_ENV, DS_ACCELERATOR="cpu", PRETRAIN_DEVICE="cpu", PYTHONUNBUFFERED="1")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode:

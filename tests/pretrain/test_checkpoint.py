@@ -217,6 +217,15 @@ def test_a_kill_switch_present_at_start_trains_nothing_and_says_so(tmp_path, sha
     assert not (tmp_path / "metrics.jsonl").read_text() and not (tmp_path / "checkpoints" / "latest").exists()
 
 
+def test_without_a_save_at_the_end_only_the_interval_saves(tmp_path, shards):
+    """checkpoint.at_end=false (measurements that keep no weights): step 2 saved by the interval, step 3 not."""
+    result = train(tmp_path, shards, *SHORT, "train.max_steps=3", "checkpoint.interval=2", "checkpoint.at_end=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in metrics(tmp_path)] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [tag_for(2)]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == tag_for(2)
+
+
 @pytest.fixture
 def finished_copy(tmp_path, straight):
     """A copy of the straight run, to damage."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 
@@ -297,8 +296,8 @@ def shorter(case):
 @pytest.fixture(scope="module")
 def measured(gpt2_shards, tmp_path_factory) -> dict:
     """case name -> compare()'s result for every tested case, two runs at a time: a run's peak resident
-    memory does not depend on what else the machine runs, and each run has single-core phases (start-up,
-    the save at its end) that the other fills. The process baselines are measured first, one per rank
+    memory does not depend on what else the machine runs, and each run has single-core phases (start-up)
+    that the other fills. The process baselines are measured first, one per rank
     count and precision, and shared."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -309,9 +308,7 @@ def measured(gpt2_shards, tmp_path_factory) -> dict:
         first_of_each.setdefault((case.nproc, load_config(case.config, case.settings).train.precision), case)
 
     def measure(case) -> dict:
-        result = compare(case, gpt2_shards, work / case.name, baselines)
-        shutil.rmtree(work / case.name)  # the checkpoints each run saves at its end (0.5 to 2 GB), of no use here
-        return result
+        return compare(case, gpt2_shards, work / case.name, baselines)
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda case: baseline_gib(case, gpt2_shards, work / "baselines", baselines), first_of_each.values()))
