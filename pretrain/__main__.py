@@ -34,22 +34,30 @@ from pretrain import stop_signals
 
 stop_signals.install()  # before the imports below: a preemption during start-up must not kill the rank
 
-import torch  # noqa: E402
-
-# DeepSpeed picks its accelerator at import; an invalid PRETRAIN_DEVICE is reported in main().
-_cpu = os.environ.get("PRETRAIN_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available()
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if _cpu else "cuda")
-
-from pretrain.parallel.distributed import LaunchError, environment_from_launcher, wants_gpu  # noqa: E402
-
-from pretrain.checkpoint import CheckpointError  # noqa: E402
+from pretrain.blend import DataError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
-from pretrain.data import DataError  # noqa: E402
-from pretrain.huggingface import HFFormatError  # noqa: E402
+from pretrain.parallel.environment import LaunchError, environment_from_launcher, wants_gpu  # noqa: E402
 from pretrain.parallel.layout import LayoutError  # noqa: E402
-from pretrain.trainer import Trainer, TrainingDiverged, plan_run  # noqa: E402
+from pretrain.run_check import plan_run  # noqa: E402
 
-SETUP_ERRORS = (ConfigError, LayoutError, DataError, CheckpointError, LaunchError, HFFormatError)
+# What --check can raise: none of these modules imports torch, so a check takes a fraction of a second.
+CHECK_ERRORS = (ConfigError, LayoutError, DataError, LaunchError)
+
+
+def import_the_trainer():
+    """torch, DeepSpeed's accelerator choice, megatron-core and the trainer: a training run's imports (seconds).
+    Returns (Trainer, TrainingDiverged, every error that means a setting or file cannot work)."""
+    import torch
+
+    # DeepSpeed picks its accelerator at import; an invalid PRETRAIN_DEVICE is reported in main().
+    cpu = os.environ.get("PRETRAIN_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if cpu else "cuda")
+
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.huggingface import HFFormatError
+    from pretrain.trainer import Trainer, TrainingDiverged
+
+    return Trainer, TrainingDiverged, (*CHECK_ERRORS, CheckpointError, HFFormatError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,15 +97,16 @@ def main(argv=None) -> int:
         if args.check:
             return check(config, args.world_size)
         environment_from_launcher()
-    except (*SETUP_ERRORS, OSError) as error:
+    except (*CHECK_ERRORS, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    Trainer, TrainingDiverged, setup_errors = import_the_trainer()
     configure_logging()
     trainer = Trainer(config)
     try:
         trainer.setup()
         trainer.run()
-    except SETUP_ERRORS as error:
+    except setup_errors as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

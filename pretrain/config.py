@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from data_pipeline.tokenizers import padded_vocab_size
-from pretrain.model.gpt2 import GPTConfig
+from pretrain.model.shape import GPTConfig
 
 
 class ConfigError(ValueError):

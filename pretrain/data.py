@@ -11,7 +11,6 @@ or DP, and resuming at step k continues exactly where training stopped.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,9 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizers import Tokenizer
+from pretrain.blend import DataError
 from pretrain.config import Config
 from pretrain.parallel.layout import ParallelLayout
-
-
-class DataError(ValueError):
-    """Data settings that cannot work; names the setting and the file."""
 
 
 @dataclass
@@ -40,47 +36,6 @@ class MegatronTokenizerView:
     def of(cls, tokenizer: Tokenizer) -> "MegatronTokenizerView":
         identity = tokenizer.identity()
         return cls(tokenizer.eod_id, tokenizer.vocab_size, {"name": identity["name"], "sha256": identity["sha256"]})
-
-
-def _shards_of(prefix: str, tokenizer_sha256: str) -> list[tuple[str, float]]:
-    """(shard prefix, token count) for PREFIX: itself if PREFIX.bin exists, else the
-    shards listed in PREFIX.json (written by tools/preprocess_data.py)."""
-    if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
-        return [(prefix, 1.0)]
-    summary_path = Path(prefix + ".json")
-    if not summary_path.is_file():
-        raise DataError(f"data.prefixes: neither {prefix}.bin/.idx nor {prefix}.json exists; "
-                        "make shards with tools/preprocess_data.py --output-prefix PREFIX")
-    summary = json.loads(summary_path.read_text())
-    made_with = summary["tokenizer"]["sha256"]
-    if made_with != tokenizer_sha256:
-        raise DataError(f"{summary_path} was tokenized with {summary['tokenizer']['name']} (sha256 {made_with[:12]}), "
-                        f"not with data.tokenizer (sha256 {tokenizer_sha256[:12]}); set data.tokenizer to match")
-    directory = summary_path.parent
-    return [(str(directory / shard["name"]), float(shard["tokens"])) for shard in summary["shards"]]
-
-
-def resolve_blend(prefixes: list, tokenizer: Tokenizer) -> tuple[list[str], list[float]]:
-    """data.prefixes -> (shard prefixes, weights). A prefix made of several shards
-    shares its weight among them by token count."""
-    if not prefixes:
-        raise DataError("data.prefixes is empty; give shard prefixes, e.g. --set data.prefixes=[data/web]")
-    if all(isinstance(p, str) for p in prefixes):
-        weighted = [(1.0, p) for p in prefixes]
-    elif len(prefixes) % 2 == 0 and all(isinstance(w, (int, float)) and isinstance(p, str)
-                                        for w, p in zip(prefixes[::2], prefixes[1::2])):
-        weighted = list(zip(map(float, prefixes[::2]), prefixes[1::2]))
-    else:
-        raise DataError(f"data.prefixes={prefixes!r} must be prefixes, or alternating weight and prefix")
-    sha = tokenizer.identity()["sha256"]
-    paths, weights = [], []
-    for weight, prefix in weighted:
-        shards = _shards_of(prefix, sha)
-        total = sum(tokens for _, tokens in shards)
-        for shard, tokens in shards:
-            paths.append(shard)
-            weights.append(weight * tokens / total)
-    return paths, weights
 
 
 SPLIT_NAMES = ("train", "validation", "test")

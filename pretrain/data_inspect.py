@@ -27,7 +27,8 @@ import numpy as np
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from pretrain.config import Config, ConfigError
-from pretrain.data import build_datasets, micro_batches, resolve_blend, sample_range
+from pretrain.blend import resolve_blend
+from pretrain.data import build_datasets, micro_batches, sample_range
 from pretrain.parallel.layout import ParallelLayout
 
 SPLITS = ("train", "valid")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizers import GPT2BPETokenizer, Tokenizer
-from pretrain.model.gpt2 import GPTConfig
+from pretrain.model.shape import GPTConfig
 from pretrain.model.hf_mapping import hf_to_ours, ours_to_hf
 
 GPT2_VOCABULARY = 50257

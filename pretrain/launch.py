@@ -69,7 +69,9 @@ def preload() -> None:
     import megatron.core.datasets.blended_megatron_dataset_builder  # noqa: F401
     import megatron.core.datasets.gpt_dataset  # noqa: F401
 
-    import pretrain.__main__  # noqa: F401  (torch, megatron-core's layers, the trainer)
+    import pretrain.__main__
+
+    pretrain.__main__.import_the_trainer()  # torch, megatron-core's layers, the trainer
     from data_pipeline.library_imports import import_deepspeed_optimizers
 
     import_deepspeed_optimizers()

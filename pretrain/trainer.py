@@ -22,15 +22,13 @@ import torch.distributed as dist
 import yaml
 
 from data_pipeline.atomic import write_text_atomically
-from data_pipeline.tokenizers import Tokenizer, load_tokenizer
+from data_pipeline.tokenizers import load_tokenizer
 from pretrain import stop_signals
 from pretrain.checkpoint import CheckpointError, CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
-from pretrain.data import build_datasets, micro_batches, resolve_blend
-from pretrain.distill import FrozenTeacher, attach, check_distill, student_from_teacher
-from pretrain.evaluation import EvaluationError
+from pretrain.data import build_datasets, micro_batches
+from pretrain.distill import FrozenTeacher, attach, student_from_teacher
 from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
-from pretrain.model.gpt2 import GPTConfig
 from pretrain.model.presets import flops_per_token, parameter_count
 from pretrain.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, apply_compile, build_model
@@ -43,16 +41,14 @@ from pretrain.parallel.distributed import (
     initialize_model_parallel,
     model_parallel_config,
     on_rank_zero,
-    wants_gpu,
 )
+from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.engine import (
-    deepspeed_config,
     evaluate_loss,
     initialize_engine,
     loss_scale,
     train_step,
 )
-from pretrain.parallel.layout import ParallelLayout
 from pretrain.parallel.reshard import (
     checkpoint_client_state,
     convert_on_rank_zero,
@@ -61,7 +57,8 @@ from pretrain.parallel.reshard import (
     repair_after_universal_load,
 )
 from pretrain.schedule import lr_multiplier
-from pretrain.training_tasks import EngineScorer, TrainingTask, evaluate_tasks, read_training_tasks
+from pretrain.run_check import plan_run
+from pretrain.training_tasks import EngineScorer, evaluate_tasks
 from pretrain.weights import load_into
 
 log = logging.getLogger("pretrain")
@@ -96,86 +93,6 @@ class ResumePoint:
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradients."""
-
-
-@dataclass
-class RunPlan:
-    """What a config and a world size imply, checked before any process group exists."""
-
-    model_config: object
-    layout: ParallelLayout
-    tokenizer: Tokenizer
-    blend: tuple[list[str], list[float]]
-    tasks: list[TrainingTask]
-    teacher_config: GPTConfig | None = None
-    """distill.teacher's model shape; None when not distilling."""
-
-
-def check_settings(config: Config, world_size: int, on_gpu: bool | None = None) -> tuple[GPTConfig, ParallelLayout]:
-    """The checks of the model, layout, precision and DeepSpeed settings alone (no files read):
-    the model and layout, or the one-line error that names the setting. tools/plan.py --config
-    runs these for the GPUs it plans for (`on_gpu`; default: this machine)."""
-    tp = config.parallel.tensor_parallel_size
-    model_config = config.model.gpt_config(tp)
-    layout = ParallelLayout(
-        world_size, tp, config.parallel.pipeline_parallel_size, config.parallel.zero_stage,
-        config.parallel.micro_batch_size, config.parallel.global_batch_size,
-    ).validate(model_config)
-    try:  # the DeepSpeed config this run would generate; a refusal names the setting
-        deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, config.deepspeed,
-                         config.train.gradient_dtype)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if config.train.compile and (layout.zero_stage == 3 or layout.tensor_parallel_size > 1):
-        raise ConfigError("train.compile=true is tested with parallel.zero_stage <= 2 and "
-                          "parallel.tensor_parallel_size=1 only (ZeRO-3 gathers parameters inside the blocks; "
-                          "megatron-core's tensor-parallel layers communicate in backward); set train.compile=false")
-    if config.train.precision == "fp16" and not (wants_gpu() if on_gpu is None else on_gpu):
-        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
-    return model_config, layout
-
-
-def plan_run(config: Config, world_size: int) -> RunPlan:
-    """Validate the settings that can be checked without processes (layout against the
-    model and world size, precision, tokenizer, data prefixes); raise the one-line error
-    that names the setting. `python -m pretrain --check` runs only this."""
-    model_config, layout = check_settings(config, world_size)
-    if config.train.distributed_timeout_minutes <= 0:
-        raise ConfigError(f"train.distributed_timeout_minutes={config.train.distributed_timeout_minutes} must be positive")
-    if config.train.exit_after_minutes < 0:
-        raise ConfigError(f"train.exit_after_minutes={config.train.exit_after_minutes} must be at least 0 (0: never)")
-    for key, value in (("checkpoint.interval", config.checkpoint.interval), ("logging.interval", config.logging.interval)):
-        if value < 1:  # a step count every so many steps: 0 would divide by zero mid-run
-            raise ConfigError(f"{key}={value} must be at least 1")
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "
-                          f"has {tokenizer.vocab_size} tokens; set model.vocab_size={tokenizer.vocab_size}")
-    if config.model.init_from and not Path(config.model.init_from).exists():
-        raise ConfigError(f"model.init_from={config.model.init_from} does not exist; give a Hugging Face GPT-2 "
-                          "directory, a checkpoint of ours or a consolidated weights file")
-    tasks = plan_tasks(config, tokenizer, model_config.n_positions)
-    teacher_config = check_distill(config, model_config, layout, tokenizer)
-    if config.train.max_steps == 0 and not config.data.prefixes:  # saves the initial state only: no data needed
-        return RunPlan(model_config, layout, tokenizer, ([], []), tasks, teacher_config)
-    return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer), tasks,
-                   teacher_config)
-
-
-def plan_tasks(config: Config, tokenizer: Tokenizer, window: int) -> list[TrainingTask]:
-    """eval.tasks read and tokenized, or the ConfigError that names the file (and line)."""
-    section = config.eval
-    if section.tasks and section.interval <= 0:
-        raise ConfigError("eval.tasks are scored every eval.interval steps; set eval.interval > 0")
-    if section.interval > 0 and section.iterations < 1:
-        raise ConfigError(f"eval.iterations={section.iterations}: validation needs at least one global batch "
-                          "(or set eval.interval=0 to turn validation off)")
-    if section.task_max_examples < 0:
-        raise ConfigError(f"eval.task_max_examples={section.task_max_examples} must be at least 0 (0: all)")
-    try:
-        return read_training_tasks(section.tasks, tokenizer, section.task_max_examples, window)
-    except EvaluationError as error:
-        raise ConfigError(f"eval.tasks: {error}") from None
 
 
 def host_name() -> str:

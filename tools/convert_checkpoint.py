@@ -149,7 +149,7 @@ def from_hf_settings(args: argparse.Namespace, checkpoint_dir: Path, run_dir: Pa
 
 
 def from_hf(args: argparse.Namespace) -> str:
-    from pretrain.trainer import plan_run
+    from pretrain.run_check import plan_run
 
     output = Path(args.output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)

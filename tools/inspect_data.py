@@ -210,7 +210,7 @@ def inspect_step(args: argparse.Namespace) -> dict:
     import yaml
 
     from pretrain.config import ConfigError, load_config
-    from pretrain.data import DataError
+    from pretrain.blend import DataError
     from pretrain.data_inspect import InspectError, samples_at_step
     from pretrain.parallel.layout import LayoutError
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,31 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.loss import head_loss, head_scores
-
-
-@dataclass
-class GPTConfig:
-    n_layer: int = 12
-    """Transformer blocks."""
-    n_embd: int = 768
-    """Hidden size C."""
-    n_head: int = 12
-    """Attention heads; must divide by the tensor-parallel size."""
-    n_positions: int = 1024
-    """Context length (learned positions)."""
-    vocab_size: int = 50257
-    """Real vocabulary; the embedding is padded to `padded_vocab_size` rows."""
-    padded_vocab_size: int = 50304
-    """Rows of the embedding: vocab_size rounded up to a multiple of 128 x TP."""
-    dropout: float = 0.0
-    """Embedding, attention and residual dropout; 0 for pretraining."""
-    layer_norm_epsilon: float = 1e-5
-    init_std: float = 0.02
-    """N(0, init_std) for every weight; residual projections use init_std / sqrt(2 n_layer)."""
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+from pretrain.model.shape import GPTConfig
 
 
 class Initializer:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.model.gpt2 import TIED_EMBEDDING, GPTConfig
+from pretrain.model.gpt2 import TIED_EMBEDDING
+from pretrain.model.shape import GPTConfig
 
 
 def _qkv_hf_to_ours(tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:

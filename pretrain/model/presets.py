@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.model.gpt2 import GPTConfig
+from pretrain.model.shape import GPTConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

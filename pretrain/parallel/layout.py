@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.model.gpt2 import GPTConfig
+from pretrain.model.shape import GPTConfig
 
 
 class LayoutError(ValueError):

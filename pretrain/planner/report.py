@@ -103,7 +103,7 @@ def run_from_config(config, cluster: Cluster) -> RunShape:
     """The run a config describes on `cluster`, after the trainer's own checks of its settings
     (pretrain.trainer.check_settings, for GPUs); a ConfigError or LayoutError names the setting."""
     from pretrain.planner.memory import REDUCE_BUCKET_SIZE
-    from pretrain.trainer import check_settings
+    from pretrain.run_check import check_settings
 
     model, layout = check_settings(config, cluster.world_size, on_gpu=True)
     bucket = config.deepspeed.get("zero_optimization", {}).get("reduce_bucket_size", REDUCE_BUCKET_SIZE)

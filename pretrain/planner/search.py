@@ -8,8 +8,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from pretrain.model.gpt2 import GPTConfig
-from pretrain.parallel.engine import gradient_dtype_refusal
+from pretrain.model.shape import GPTConfig
+from pretrain.parallel.deepspeed_config import gradient_dtype_refusal
 from pretrain.parallel.layout import LayoutError, ParallelLayout
 from pretrain.planner.hardware import Cluster
 from pretrain.planner.memory import GIB, MemoryEstimate, RunShape, peak_memory

@@ -6,7 +6,7 @@ modelled; its dense layers are GPT-2's, so the same trainer would run them."""
 from __future__ import annotations
 
 from data_pipeline.tokenizers import padded_vocab_size
-from pretrain.model.gpt2 import GPTConfig
+from pretrain.model.shape import GPTConfig
 from pretrain.model.presets import CONFIGS, model_config, preset_path
 
 # name: (layers, width, heads, batch in 2048-token sequences: the paper's 0.5M, 1M, 2M and 3.2M

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pretrain.model.gpt2 import GPTConfig
+from pretrain.model.shape import GPTConfig
 from pretrain.model.hf_mapping import canonical_name
 
 TINY = GPTConfig(n_layer=4, n_embd=64, n_head=4, n_positions=32, vocab_size=1000, padded_vocab_size=1024)
@@ -67,7 +67,8 @@ def run_rank(rank: int, scenario: Scenario, port: int, out_dir: str) -> None:
 
     from pretrain.parallel.build import apply_activation_checkpointing, build_model
     from pretrain.parallel.distributed import init_distributed, initialize_model_parallel, model_parallel_config
-    from pretrain.parallel.engine import deepspeed_config, initialize_engine, train_step
+    from pretrain.parallel.deepspeed_config import deepspeed_config
+    from pretrain.parallel.engine import initialize_engine, train_step
     from pretrain.parallel.layout import ParallelLayout
 
     init_distributed("gloo")

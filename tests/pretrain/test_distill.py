@@ -60,7 +60,8 @@ def straight_run(tmp_path_factory, shards, teacher) -> Path:
 def global_batch(shards: str, step: int, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, labels) of global batch `step`, as the trainer reads it on any layout."""
     from data_pipeline.tokenizers import load_tokenizer
-    from pretrain.data import build_datasets, micro_batches, resolve_blend
+    from pretrain.blend import resolve_blend
+    from pretrain.data import build_datasets, micro_batches
     from pretrain.parallel.layout import ParallelLayout
 
     config = load_config(TINY, [*SHORT, *data_settings(shards), "eval.interval=0", "train.max_steps=4"])
@@ -190,7 +191,7 @@ def test_the_student_starts_from_the_named_teacher_blocks_on_a_pipeline(tmp_path
 
 
 def check(shards: str, *settings: str, world_size: int = 1):
-    from pretrain.trainer import plan_run
+    from pretrain.run_check import plan_run
 
     return plan_run(load_config(TINY, [*SHORT, *data_settings(shards), *settings]), world_size)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.parallel.distributed import LaunchError, choose_gpu, environment_from_launcher, wants_gpu
+from pretrain.parallel.distributed import choose_gpu
+from pretrain.parallel.environment import LaunchError, environment_from_launcher, wants_gpu
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                     "SLURM_LOCALID", "SLURM_NNODES", "SLURM_STEP_NUM_NODES", "PRETRAIN_DEVICE")

@@ -10,7 +10,8 @@ import torch
 
 from pretrain.model.gpt2 import GPT2, GPTConfig
 from pretrain.parallel.distributed import free_port, init_distributed, model_parallel_config
-from pretrain.parallel.engine import deepspeed_config, loss_scale
+from pretrain.parallel.deepspeed_config import deepspeed_config
+from pretrain.parallel.engine import loss_scale
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.planner.memory import DEEPSPEED_CLASSES, RunShape
 from tests.pretrain.ranks import start_ranks

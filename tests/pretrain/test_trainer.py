@@ -119,9 +119,33 @@ def test_impossible_settings_stop_at_start_up_naming_the_setting(tmp_path, shard
         assert part in result.stderr
 
 
+def test_check_imports_no_torch_and_says_ok_or_names_the_setting(shards):
+    """`python -m pretrain --check` in a fresh interpreter on a CPU: the verdict without torch, DeepSpeed or
+    megatron-core (3 s of imports before; slurm/pretrain.sbatch runs it before every job)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    probe = ("import sys; from pretrain.__main__ import main; code = main(sys.argv[1:]); "
+             "print('imported:', sorted(m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules)); "
+             "sys.exit(code)")
+    common = [sys.executable, "-c", probe, "--config", TINY, "--check", "--world-size", "2", "--set",
+              *data_settings(shards)]
+    env = {**__import__("os").environ, "PRETRAIN_DEVICE": "cpu"}
+    ok = subprocess.run(common, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: 2 ranks, TP=1 PP=1 DP=2 ZeRO-1" in ok.stdout and "imported: []" in ok.stdout
+    refused = subprocess.run([*common, "parallel.tensor_parallel_size=3"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "imported: []" in refused.stdout
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line, no traceback
+    assert "world size 2 is not a multiple of parallel.tensor_parallel_size" in refused.stderr
+
+
 def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(tmp_path, shards, training_task_files):
     from pretrain.config import ConfigError
-    from pretrain.trainer import plan_run
+    from pretrain.run_check import plan_run
 
     bad = tmp_path / "hellaswag.jsonl"
     bad.write_text('{"context": "A man", "choices": ["runs", "sits"], "label": 0}\n{"context": "A dog", "label": 1}\n')
@@ -168,7 +192,8 @@ def test_global_batch_is_the_same_for_every_data_parallel_size(single_process_gr
     import torch
 
     from data_pipeline.tokenizers import load_tokenizer
-    from pretrain.data import build_datasets, micro_batches, resolve_blend
+    from pretrain.blend import resolve_blend
+    from pretrain.data import build_datasets, micro_batches
     from pretrain.parallel.layout import ParallelLayout
 
     config = load_config(TINY, [*data_settings(shards), "train.max_steps=6", "eval.interval=0"])
