@@ -8,9 +8,9 @@
 #
 # Needs root and Debian's slurmctld, slurmd, slurm-client and munge packages (.ci/run installs
 # them). Everything lives under $SLURM_TEST_DIR (default /tmp/gpt2-slurm-cluster); clients find
-# the cluster through SLURM_CONF, so a machine's own /etc/slurm is left alone. Both nodes claim 8
+# the cluster through SLURM_CONF, so a machine's own /etc/slurm is left alone. Both nodes claim 16
 # CPUs whatever the machine has (SlurmdParameters=config_overrides): the tests run independent jobs
-# side by side (an 8-rank job beside four 2-rank ones) on 2 real cores.
+# side by side (an 8-rank job, four 2-rank ones and the data jobs) on 2 real cores.
 # cred_expire=10: a requeued job may start again after 10 s instead of Slurm's default 120 (it must
 # wait until its revoked credential expires, or slurmd refuses it as "Job credential revoked").
 set -euo pipefail
@@ -58,7 +58,7 @@ SchedulerParameters=sched_interval=2
 KillWait=30
 InactiveLimit=0
 MinJobAge=600
-NodeName=node[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=17001-17002 CPUs=8 RealMemory=8000 State=UNKNOWN
+NodeName=node[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=17001-17002 CPUs=16 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
 EOF
 }

@@ -180,8 +180,9 @@ def curate_time_limit(workdir: Path, raw_corpus: tuple[Path, Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def scenarios(slurm_cluster, tmp_path_factory, text_corpus, raw_corpus):
-    """name -> Future of (work directory, the scenario's record), all started at once."""
+def scenarios(slurm_cluster, pretrain_scenarios, tmp_path_factory, text_corpus, raw_corpus):
+    """name -> Future of (work directory, the scenario's record), all started at once, after the session's
+    training jobs (`pretrain_scenarios`: they train while these wait on Slurm)."""
     runs = [(preprocess_on_two_nodes, text_corpus), (preprocess_requeued, text_corpus),
             (preprocess_undecodable, text_corpus), (curate_on_two_nodes, raw_corpus), (curate_time_limit, raw_corpus)]
     pool = ThreadPoolExecutor(max_workers=len(runs))
