@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import CheckpointError, tag_for
+from tests.conftest import SMALL_VOCABULARY
 from tests.training import train
 
 # The config's own 256-token windows (not tests.conftest.SHORT): the Hugging Face export is compared on 256 tokens.
@@ -26,12 +27,23 @@ def consolidated(run_dir: Path):
     return consolidate(run_dir)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, gpt2_shards):
+def one_process(tmp_path_factory, shards: str):
     run_dir = tmp_path_factory.mktemp("one-process")
-    result = train(run_dir, gpt2_shards, *STEPS)
+    result = train(run_dir, shards, *STEPS)
     assert result.returncode == 0, result.stderr[-3000:]
     return consolidated(run_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, gpt2_shards):
+    """GPT-2's vocabulary: the Hugging Face export is compared with transformers' GPT-2."""
+    return one_process(tmp_path_factory, gpt2_shards)
+
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory, shards):
+    """The training tests' 2,000-token vocabulary (tests/conftest.py's `shards`): a fifth of the step."""
+    return one_process(tmp_path_factory, shards)
 
 
 @pytest.mark.slow
@@ -41,14 +53,15 @@ def reference(tmp_path_factory, gpt2_shards):
 @pytest.mark.parametrize("nproc,settings,source", [
     (2, ["parallel.tensor_parallel_size=2", "parallel.zero_stage=3"], "fp32 master weights"),
 ], ids=["tp2-zero3"])
-def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(reference, gpt2_shards, tmp_path, nproc,
+def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(small_reference, shards, tmp_path, nproc,
                                                                        settings, source):
-    result = train(tmp_path, gpt2_shards, *STEPS, *settings, nproc=nproc)
+    reference = small_reference
+    result = train(tmp_path, shards, *STEPS, *settings, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     ours = consolidated(tmp_path / "checkpoints")
     assert ours.source == source and ours.manifest["step"] == reference.manifest["step"] == 2
     assert ours.state.keys() == reference.state.keys()
-    assert ours.state["0.word.weight"].shape == (50257, 128)  # unpadded
+    assert ours.state["0.word.weight"].shape == (SMALL_VOCABULARY, 128)  # unpadded (2,048 rows in the model)
     differences = {name: (ours.state[name] - tensor).abs().max().item() for name, tensor in reference.state.items()}
     print(f"\n{' '.join(settings)}: largest difference from the one-process weights {max(differences.values()):.1e}")
     # Round-off between layouts grows through Adam's first steps, which divide by sqrt(v): where a
