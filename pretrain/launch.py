@@ -65,13 +65,13 @@ def ranks_on_cpu() -> bool:
 
 def preload() -> None:
     """What every rank imports before its first step, imported once here so that forks share it."""
+    import pretrain.__main__
+
+    pretrain.__main__.import_the_trainer()  # first: it sets DS_ACCELERATOR before DeepSpeed is imported
+
     import deepspeed.pipe  # noqa: F401
     import megatron.core.datasets.blended_megatron_dataset_builder  # noqa: F401
     import megatron.core.datasets.gpt_dataset  # noqa: F401
-
-    import pretrain.__main__
-
-    pretrain.__main__.import_the_trainer()  # torch, megatron-core's layers, the trainer
     from data_pipeline.library_imports import import_deepspeed_optimizers
 
     import_deepspeed_optimizers()

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The smallest shape that still runs every path of a training run: gpt2-tiny with 64-token windows
 # (a step costs a third of the 256-token one). Tests that need the full window say so.
 SHORT = ("model.n_positions=64",)
-SMALL_VOCABULARY = 2000  # the training tests' tokenizer (the `shards` fixture)
+SMALL_VOCABULARY = 2100  # the training tests' tokenizer (the `shards` fixture): 2,176 rows at TP 1, 2,304 at TP 2
 
 
 @pytest.fixture(scope="session")
@@ -52,14 +52,15 @@ def gpt2_shards(tmp_path_factory, real_documents) -> str:
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory, real_documents) -> str:
-    """The same real text as shards of a 2,000-piece SentencePiece BPE tokenizer trained on it: 3 shards,
+    """The same real text as shards of a 2,100-piece SentencePiece BPE tokenizer trained on it: 3 shards,
     ~1.2M tokens. Read-only: shared by every module that trains (tests/training.py's `data_settings` gives
     a run the tokenizer and vocabulary their PREFIX.json records).
 
     Why not GPT-2's 50,257 tokens: in gpt2-tiny (4 blocks of 128) the output layer over them is 89% of a
-    step's FLOPs and of its Adam state. Over 2,000 tokens (padded to 2,048, so the padding columns are
-    still masked, and split over tensor-parallel ranks) the same 12-step run took 6.0 s instead of 14.4 s,
-    and every path of a run is the same."""
+    step's FLOPs and of its Adam state. Over 2,000 tokens the same 12-step run took 6.0 s instead of 14.4 s,
+    and every path of a run is the same: 2,100 tokens are padded to 2,176 rows at TP 1 and 2,304 at TP 2 (a
+    multiple of 128 x TP), so the padding columns are masked, and a resume on another tensor-parallel size
+    strips and re-pads them, as with GPT-2's 50,257 (50,304 and 50,432)."""
     from data_pipeline.preprocess import preprocess
     from data_pipeline.sample_text import write_jsonl
     from data_pipeline.tokenizers import train_sentencepiece

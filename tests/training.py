@@ -69,13 +69,14 @@ def assert_task_figures_equal(ours: dict, expected: dict, rel: float = 1e-5) -> 
 
 
 # "The same run" in fp32 is compared within these tolerances, as a margin. A forked run's step-1 loss once
-# differed by 3 float32 ulps from run to run (10.845475 or 10.845479 for gpt2-tiny at 64 tokens, about one
-# run in four; gradient norm and step 2 the same): MKL's AVX-512 code path. tests/forkserver.py pins MKL's
-# AVX2 path (MKL_CBWR), which gave the same loss in 24 forked runs of 24. A resume or a teacher that lost
-# any state moves these figures by far more.
+# differed by 3 float32 ulps from run to run (10.845475 or 10.845479 for gpt2-tiny at 64 tokens on GPT-2's
+# vocabulary, which the training tests then used; about one run in four; gradient norm and step 2 the same):
+# MKL's AVX-512 code path. tests/forkserver.py pins MKL's AVX2 path (MKL_CBWR), which gave the same loss in
+# 24 forked runs of 24. A resume or a teacher that lost any state moves these figures by far more.
 SAME = 1e-6  # relative, for losses and gradient norms
-# The logged KL is a difference of two sums near 10.8 (cross-entropy with and without the teacher), so 3 ulps
-# of those became 4e-6 of it; the objective holds it times alpha T^2.
+# The logged KL is a difference of two sums (cross-entropy with and without the teacher; near 10.8 on GPT-2's
+# vocabulary, 7.7 on the tests' 2,100 tokens), so 3 ulps of those became 4e-6 of it; the objective holds it
+# times alpha T^2.
 SAME_KL = 2e-5  # absolute
 
 

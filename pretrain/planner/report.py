@@ -101,7 +101,7 @@ def print_plan(plan: Plan, top: int, too_big: int, extra: list[str]) -> None:
 
 def run_from_config(config, cluster: Cluster) -> RunShape:
     """The run a config describes on `cluster`, after the trainer's own checks of its settings
-    (pretrain.trainer.check_settings, for GPUs); a ConfigError or LayoutError names the setting."""
+    (pretrain.run_check.check_settings, for GPUs); a ConfigError or LayoutError names the setting."""
     from pretrain.planner.memory import REDUCE_BUCKET_SIZE
     from pretrain.run_check import check_settings
 
@@ -151,6 +151,11 @@ def check_config(args, cluster: Cluster) -> int:
     return 0 if candidate.fits else 1
 
 
+def amount(size: float) -> str:
+    """Bytes as GiB with two decimals, or as whole MiB below a tenth of a GiB (where 0.00 GiB would say nothing)."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else f"{size / 2**20:.0f} MiB"
+
+
 def teacher_note(teacher: str, run: RunShape) -> str:
     """What the memory model leaves out of a distillation run: the frozen teacher's weights, in the
     run's precision, cut as the student's layers are (its activations are those of one block)."""
@@ -167,5 +172,5 @@ def teacher_note(teacher: str, run: RunShape) -> str:
                                                                   * run.layout.pipeline_parallel_size)
     head = 5 * CHUNK_ELEMENTS * 4  # the teacher's logits, both soft distributions and their difference, fp32
     return (f"note: the frozen teacher (distill.teacher, {parameters / 1e6:,.1f}M parameters) is not counted "
-            f"above: add about {share / GIB:.2f} GiB per GPU for its {run.precision} weights, and up to "
+            f"above: add about {amount(share)} per GPU for its {run.precision} weights, and up to "
             f"{head / GIB:.2f} GiB on the last stage for its logits in the output head's chunk")

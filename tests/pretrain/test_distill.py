@@ -5,6 +5,7 @@ same curve; the student can start from the teacher's blocks; impossible settings
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -217,10 +218,10 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(tmp_path, shard
     save_consolidated(weights, tmp_path / "teacher.pt")
     with pytest.raises(ConfigError, match="moved-away'. which cannot be read here"):
         check(shards, "model.n_layer=2", f"distill.teacher={tmp_path / 'teacher.pt'}")
-    weights.tokenizer, weights.config.vocab_size = ours, 2048  # the student's tokenizer, a record that disagrees
+    weights.tokenizer, weights.config.vocab_size = ours, 2176  # the student's tokenizer, a record that disagrees
     save_consolidated(weights, tmp_path / "teacher.pt")
-    with pytest.raises(ConfigError, match=f"has a 2048-token vocabulary, but its tokenizer '{ours}', the student's, "
-                                          f"has {SMALL_VOCABULARY} tokens"):
+    with pytest.raises(ConfigError, match=re.escape(f"has a 2176-token vocabulary, but its tokenizer '{ours}', the "
+                                                    f"student's, has {SMALL_VOCABULARY} tokens")):
         check(shards, "model.n_layer=2", f"distill.teacher={tmp_path / 'teacher.pt'}")
     assert check(shards, "model.n_layer=2", f"distill.teacher={teacher}").teacher_config.n_layer == 4
 
@@ -262,9 +263,9 @@ def test_the_planner_says_what_the_teacher_adds_to_each_gpu(teacher, capsys):
     code = main(arguments)
     out = capsys.readouterr().out
     assert code == 0, out
-    # 4 blocks of 128 (793,088), 64 positions (8,192), 2,000 tokens (256,000) and the final LayerNorm (256):
-    # 1.06M parameters, in bf16, halved by TP 2: 1 MB, 0.00 GiB
-    note = "the frozen teacher (distill.teacher, 1.1M parameters) is not counted above: add about 0.00 GiB"
+    # 4 blocks of 128 (793,088), 64 positions (8,192), 2,100 tokens (268,800) and the final LayerNorm (256):
+    # 1,070,336 parameters, in bf16 (2 bytes), halved by TP 2: 1.02 MiB (fp32 would be 2, no TP split 2, both 4)
+    note = "the frozen teacher (distill.teacher, 1.1M parameters) is not counted above: add about 1 MiB per GPU"
     assert note in out
     assert main([*arguments, "--json"]) == 0
     assert note in json.loads(capsys.readouterr().out)["teacher_note"]

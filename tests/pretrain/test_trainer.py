@@ -104,7 +104,8 @@ def test_compiled_blocks_train_the_eager_curve(tmp_path, shards, single_process_
 @pytest.mark.parametrize("settings,message", [
     (["parallel.pipeline_parallel_size=2", "parallel.zero_stage=2"], "DeepSpeed supports only ZeRO-0/1 with pipelines"),
     (["data.prefixes=[/nonexistent/web]"], "data.prefixes: neither /nonexistent/web.bin/.idx nor /nonexistent/web.json"),
-    (["model.vocab_size=32000"], ("model.vocab_size=32000 but data.tokenizer ", "has 2000 tokens; set model.vocab_size=2000")),
+    (["model.vocab_size=32000"], ("model.vocab_size=32000 but data.tokenizer ",
+                                   f"has {SMALL_VOCABULARY} tokens; set model.vocab_size={SMALL_VOCABULARY}")),
     (["train.precision=fp64"], "train.precision='fp64' must be one of bf16, fp16, fp32"),
     (["train.precision=bf16", "parallel.zero_stage=0"], "train.gradient_dtype=fp32 needs parallel.zero_stage >= 1"),
     (["train.compile=true", "parallel.zero_stage=3"], "train.compile=true is tested with parallel.zero_stage <= 2"),

@@ -42,7 +42,7 @@ def reference(tmp_path_factory, gpt2_shards):
 
 @pytest.fixture(scope="module")
 def small_reference(tmp_path_factory, shards):
-    """The training tests' 2,000-token vocabulary (tests/conftest.py's `shards`): a fifth of the step."""
+    """The training tests' 2,100-token vocabulary (tests/conftest.py's `shards`): a fifth of the step."""
     return one_process(tmp_path_factory, shards)
 
 
@@ -61,7 +61,7 @@ def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(small_ref
     ours = consolidated(tmp_path / "checkpoints")
     assert ours.source == source and ours.manifest["step"] == reference.manifest["step"] == 2
     assert ours.state.keys() == reference.state.keys()
-    assert ours.state["0.word.weight"].shape == (SMALL_VOCABULARY, 128)  # unpadded (2,048 rows in the model)
+    assert ours.state["0.word.weight"].shape == (SMALL_VOCABULARY, 128)  # unpadded (2,304 rows at TP 2)
     differences = {name: (ours.state[name] - tensor).abs().max().item() for name, tensor in reference.state.items()}
     print(f"\n{' '.join(settings)}: largest difference from the one-process weights {max(differences.values()):.1e}")
     # Round-off between layouts grows through Adam's first steps, which divide by sqrt(v): where a

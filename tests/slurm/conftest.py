@@ -43,8 +43,9 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def pretrain_scenarios(slurm_cluster, tmp_path_factory, shards, training_task_files):
     """The training jobs of test_pretrain_sbatch.py, started when the first Slurm module asks: name ->
-    (work directory, Future of the scenario's record). test_data_sbatch.py starts them before its own jobs,
-    which mostly wait on Slurm while these keep the cores busy (tests/slurm/pretrain_jobs.py)."""
+    (work directory, Future of the scenario's record). test_data_sbatch.py starts them before its own jobs
+    when both modules run, as theirs mostly wait on Slurm while these keep the cores busy
+    (tests/slurm/pretrain_jobs.py). At the session's end, scenarios still running stop where they are."""
     from tests.slurm.pretrain_jobs import start
 
     started, stop = start(tmp_path_factory, shards, training_task_files)

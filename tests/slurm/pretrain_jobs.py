@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SHORT
-from tests.slurm.jobs import job, wait_for, wait_until_done
+from tests.slurm import jobs
+from tests.slurm.jobs import job
 from tests.training import TINY, data_settings, metrics, reference_settings, train
 
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
@@ -32,6 +34,15 @@ STEPS = 12  # the DP=2 runs; the schedule depends on it, so every DP=2 run uses 
 # ---- helpers ------------------------------------------------------------------------------
 
 SUBMITTED: list[str] = []  # every job of this module, cancelled at its end (a failed scenario leaves none running)
+CANCELLED = threading.Event()  # set at the session's end: a scenario still running submits nothing and stops waiting
+
+
+def wait_for(condition, what: str, timeout: float = 300, interval: float = 0.5):
+    return jobs.wait_for(condition, what, timeout, interval, cancelled=CANCELLED)
+
+
+def wait_until_done(job_id: str, timeout: float = 400) -> dict:
+    return jobs.wait_until_done(job_id, timeout, cancelled=CANCELLED)
 
 
 def submit(workdir: Path, shards: str, *settings: str, nodes: int = 2, tasks_per_node: int = 1,
@@ -42,6 +53,8 @@ def submit(workdir: Path, shards: str, *settings: str, nodes: int = 2, tasks_per
                "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", "--signal=B:USR1@30", *options,
                str(SBATCH), TINY, "--set", *data_settings(shards), f"run.dir={workdir / 'run'}",
                "eval.interval=0", "logging.interval=1", *SHORT, *settings]
+    if CANCELLED.is_set():
+        raise RuntimeError("the session is ending: not submitting another job")
     env = dict(os.environ, PRETRAIN_DEVICE="cpu", PRETRAIN_PYTHON=sys.executable)
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -177,7 +190,8 @@ def start(tmp_path_factory, shards: str, task_files: list[str]):
         started[scenario.__name__] = (workdir, pool.submit(scenario, workdir, shards, *more))
 
     def stop() -> None:
-        subprocess.run(["scancel", *SUBMITTED], capture_output=True)  # threads still waiting see their jobs end
+        CANCELLED.set()
+        subprocess.run(["scancel", *SUBMITTED], capture_output=True)
         pool.shutdown(wait=True)
 
     return started, stop

@@ -180,9 +180,11 @@ def curate_time_limit(workdir: Path, raw_corpus: tuple[Path, Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def scenarios(slurm_cluster, pretrain_scenarios, tmp_path_factory, text_corpus, raw_corpus):
+def scenarios(slurm_cluster, request, tmp_path_factory, text_corpus, raw_corpus):
     """name -> Future of (work directory, the scenario's record), all started at once, after the session's
-    training jobs (`pretrain_scenarios`: they train while these wait on Slurm)."""
+    training jobs when their tests are selected too (`pretrain_scenarios`: they train while these wait on Slurm)."""
+    if any(item.nodeid.startswith("tests/slurm/test_pretrain_sbatch.py") for item in request.session.items):
+        request.getfixturevalue("pretrain_scenarios")
     runs = [(preprocess_on_two_nodes, text_corpus), (preprocess_requeued, text_corpus),
             (preprocess_undecodable, text_corpus), (curate_on_two_nodes, raw_corpus), (curate_time_limit, raw_corpus)]
     pool = ThreadPoolExecutor(max_workers=len(runs))
