@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class RunPlan:
     """What a config and a world size imply, checked before any process group exists."""
 
-    model_config: object
+    model_config: GPTConfig
     layout: ParallelLayout
     tokenizer: Tokenizer
     blend: tuple[list[str], list[float]]

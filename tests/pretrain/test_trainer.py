@@ -123,6 +123,7 @@ def test_impossible_settings_stop_at_start_up_naming_the_setting(tmp_path, shard
 def test_check_imports_no_torch_and_says_ok_or_names_the_setting(shards):
     """`python -m pretrain --check` in a fresh interpreter on a CPU: the verdict without torch, DeepSpeed or
     megatron-core (3 s of imports before; slurm/pretrain.sbatch runs it before every job)."""
+    import os
     import subprocess
     import sys
 
@@ -133,7 +134,7 @@ def test_check_imports_no_torch_and_says_ok_or_names_the_setting(shards):
              "sys.exit(code)")
     common = [sys.executable, "-c", probe, "--config", TINY, "--check", "--world-size", "2", "--set",
               *data_settings(shards)]
-    env = {**__import__("os").environ, "PRETRAIN_DEVICE": "cpu"}
+    env = {**os.environ, "PRETRAIN_DEVICE": "cpu"}
     ok = subprocess.run(common, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert "ok: 2 ranks, TP=1 PP=1 DP=2 ZeRO-1" in ok.stdout and "imported: []" in ok.stdout

@@ -1,9 +1,9 @@
 """The training jobs of tests/slurm/test_pretrain_sbatch.py: slurm/pretrain.sbatch submitted on the test cluster,
 each scenario in its own thread (submit, wait for a state, act, record what it saw).
 
-They start once per session (`pretrain_scenarios` in tests/slurm/conftest.py), when the first Slurm module
-asks for them: tests/slurm/test_data_sbatch.py's jobs spend most of their time waiting on Slurm (requeues,
-job starts), and these keep the cores busy meanwhile. Each test then checks its scenario's record.
+They start once per session (`pretrain_scenarios` in tests/slurm/conftest.py): with tests/slurm/test_data_sbatch.py
+when both modules run, since its jobs spend most of their time waiting on Slurm (requeues, job starts) and these
+keep the cores busy meanwhile. Each test then checks its scenario's record.
 """
 
 from __future__ import annotations
