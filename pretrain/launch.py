@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 
-from pretrain.parallel.distributed import free_port
+from pretrain.parallel.distributed import host_rendezvous
 
 
 def main(argv=None) -> int:
@@ -37,13 +37,11 @@ def main(argv=None) -> int:
     if start is fork_rank:
         preload()
         share_the_cores(args.nproc)
-    # Picked after the imports: rank 0 binds it when its store starts, and until then another process may
-    # take it (seen for one-process runs, which now bind port 0). torchrun's agent-held store closes this.
-    port = str(free_port())
+    store, rendezvous = host_rendezvous(args.nproc)  # the store serves the ranks until they end
     children = []
     for rank in range(args.nproc):
         children.append(start({"RANK": str(rank), "WORLD_SIZE": str(args.nproc), "LOCAL_RANK": str(rank),
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, rest))
+                               **rendezvous}, rest))
 
     def forward(signum, _frame):
         for child in children:
@@ -52,7 +50,9 @@ def main(argv=None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, forward)
-    return wait_for(children)
+    code = wait_for(children)
+    del store
+    return code
 
 
 def ranks_on_cpu() -> bool:
@@ -154,18 +154,29 @@ def run_forked_rank(environment: dict, argv: list[str]) -> int:
     return code
 
 
-def wait_for(children: list) -> int:
-    """Wait for every child; if one fails, stop the rest (they would hang in a collective)."""
+STOP_GRACE_SECONDS = 10.0
+
+
+def wait_for(children: list, grace: float = STOP_GRACE_SECONDS) -> int:
+    """Wait for every child; if one fails, stop the rest (they would hang in a collective): SIGTERM, then
+    SIGKILL for those still there after `grace` seconds. A rank waiting for the failed one at start-up, or
+    in a collective, takes SIGTERM as a request to save after its step, which never comes."""
     while True:
         codes = [child.poll() for child in children]
-        failed = [code for code in codes if code not in (None, 0)]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
+            rank, code = failed[0]
+            print(f"pretrain.launch: rank {rank} exited with code {code}; stopping the other ranks", file=sys.stderr)
+            for child in children:
+                child.terminate()
+            deadline = time.monotonic() + grace
+            while any(child.poll() is None for child in children) and time.monotonic() < deadline:
+                time.sleep(0.1)
             for child in children:
                 if child.poll() is None:
-                    child.terminate()
-            for child in children:
+                    child.send_signal(signal.SIGKILL)
                 child.wait()
-            return failed[0]
+            return code
         if all(code == 0 for code in codes):
             return 0
         time.sleep(0.2)

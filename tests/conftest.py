@@ -92,6 +92,23 @@ def run_tool(script: str, *args: str, timeout: float = 600, env: dict | None = N
                    env=dict(env or os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests that check a run started in the background go last (tests/head_start.py)."""
+    from tests.head_start import last
+
+    items.sort(key=lambda item: last(item.nodeid))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(request, tmp_path_factory):
+    """The long runs that start with the session, in the background (tests/head_start.py): name -> Future."""
+    from tests import head_start
+
+    runs, pool = head_start.start(request, tmp_path_factory)
+    yield runs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.fixture(scope="session")
 def training_task_files(tmp_path_factory, real_documents) -> list[str]:
     """The evaluation tasks the reference run scores (tests/training.py)."""

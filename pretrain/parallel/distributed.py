@@ -54,13 +54,20 @@ def bind_device() -> str:
             f"local rank {local_rank})")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    import socket
+def host_rendezvous(world_size: int, timeout_minutes: float = 10.0):
+    """A rendezvous store hosted by this process for `world_size` ranks it starts on this machine, as
+    torchrun's agent does: (the store, which must outlive the ranks; the variables each rank needs).
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    The store binds a free port itself, and every rank connects to it as a client. The other way, picking a
+    free port and letting rank 0 bind it seconds later, loses now and then on a busy machine: between the
+    pick and the bind another process (a gloo connection, another run) can take the port, and then rank 0
+    fails and the others wait for it."""
+    from datetime import timedelta
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(minutes=timeout_minutes))
+    return store, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                   "TORCHELASTIC_USE_AGENT_STORE": "True"}  # torch.distributed's env:// then only connects
 
 
 def collective_device() -> torch.device:

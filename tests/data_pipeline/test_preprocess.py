@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -251,11 +252,12 @@ def test_killed_run_resumes_to_identical_output(tmp_path, real_documents):
 
     prefix = str(tmp_path / "killed" / "c")
     command = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), *args, "--output-prefix", prefix]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.monotonic() + 120
     while journal_shards(prefix) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the tool and its tokenizing worker, as a node failure would
     process.wait()
     finished = journal_shards(prefix)
     assert 3 <= finished < total_shards, "the kill should land mid-run"

@@ -59,9 +59,8 @@ def local_view(named_tensors) -> dict[str, tuple[torch.Tensor, int | None]]:
     return view
 
 
-def run_rank(rank: int, scenario: Scenario, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(scenario.world_size), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+def run_rank(rank: int, scenario: Scenario, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(scenario.world_size), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.manual_seed(0)
     from megatron.core import parallel_state
 

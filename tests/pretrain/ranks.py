@@ -8,12 +8,25 @@ copied from the server, not reseeded)."""
 
 from __future__ import annotations
 
+import os
+
 import torch.multiprocessing as mp
 
+from pretrain.parallel.distributed import host_rendezvous
 from tests.forkserver import PRELOAD
 
 
 def start_ranks(function, args: tuple, nprocs: int) -> None:
-    """function(rank, *args) on `nprocs` processes; returns when all ended, raises if one failed."""
+    """function(rank, *args) on `nprocs` processes, with MASTER_ADDR and MASTER_PORT set to a rendezvous
+    this process hosts (pretrain.parallel.distributed.host_rendezvous); returns when all ended, raises if
+    one failed."""
     mp.set_forkserver_preload(PRELOAD)  # read when the server first starts, then kept for the session
-    mp.start_processes(function, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+    store, rendezvous = host_rendezvous(nprocs)
+    mp.start_processes(_in_rendezvous, args=(rendezvous, function, *args), nprocs=nprocs, join=True,
+                       start_method="forkserver")
+    del store  # kept until every rank has ended
+
+
+def _in_rendezvous(rank: int, rendezvous: dict, function, *args) -> None:
+    os.environ.update(rendezvous)
+    function(rank, *args)

@@ -72,3 +72,39 @@ def test_pretrain_device_selects_cpu_and_rejects_unknown_values(clean_environmen
     clean_environment.setenv("PRETRAIN_DEVICE", "tpu")
     with pytest.raises(LaunchError, match="PRETRAIN_DEVICE='tpu' must be cpu or cuda"):
         wants_gpu()
+
+
+def test_when_a_rank_fails_the_launcher_stops_the_others_even_one_that_ignores_sigterm(capfd):
+    """pretrain.launch's wait: the failed rank's code comes back at once, and a rank that takes SIGTERM only as
+    a request to save after its step (here: ignores it), as one waiting at start-up for the dead rank does, is
+    killed after the grace period instead of keeping the launcher forever."""
+    import subprocess
+    import sys
+    import time
+
+    from pretrain.launch import wait_for
+
+    waiting = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+    assert waiting.stdout.readline() == b"ready\n"
+    failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    began = time.monotonic()
+    assert wait_for([waiting, failing], grace=1.0) == 3
+    assert time.monotonic() - began < 10
+    assert waiting.returncode == -9
+    assert "rank 1 exited with code 3; stopping the other ranks" in capfd.readouterr().err
+
+
+def test_the_launchers_rendezvous_is_bound_before_any_rank_starts():
+    """The ranks connect to a store the launcher already holds (torchrun's agent store): no port is picked
+    for rank 0 to bind later, which another process could take in between."""
+    import socket
+
+    from pretrain.parallel.distributed import host_rendezvous
+
+    store, rendezvous = host_rendezvous(2)
+    assert rendezvous["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+    with socket.socket() as probe:
+        probe.connect((rendezvous["MASTER_ADDR"], int(rendezvous["MASTER_PORT"])))  # someone listens already
+    store.set("key", "value")
+    assert store.get("key") == b"value"

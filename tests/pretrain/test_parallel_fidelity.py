@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.parallel.distributed import free_port
 from tests.pretrain.fidelity_worker import Scenario, run_rank
 from tests.pretrain.ranks import start_ranks
 
@@ -39,7 +38,7 @@ def run(scenario: Scenario, out_root: str) -> dict:
     out = Path(out_root) / f"tp{scenario.tensor_parallel_size}pp{scenario.pipeline_parallel_size}dp{scenario.data_parallel_size}"
     out = out.with_name(out.name + f"z{scenario.zero_stage}ac{scenario.activation_checkpointing}")
     out.mkdir(parents=True, exist_ok=True)
-    start_ranks(run_rank, (scenario, free_port(), str(out)), scenario.world_size)
+    start_ranks(run_rank, (scenario, str(out)), scenario.world_size)
     results = [torch.load(out / f"rank{r}.pt") for r in range(scenario.world_size)]
     losses = {tuple(r["losses"]) for r in results}
     assert len(losses) == 1, "every rank must report the same global-batch loss"

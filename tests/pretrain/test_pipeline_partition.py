@@ -16,7 +16,7 @@ import pytest
 
 from pretrain.model.gpt2 import Initializer, layer_classes
 from pretrain.model.presets import model_config, parameter_count
-from pretrain.parallel.distributed import free_port, model_parallel_config
+from pretrain.parallel.distributed import model_parallel_config
 from pretrain.parallel.pipeline import layer_parameter_counts
 from tests.pretrain.ranks import start_ranks
 
@@ -106,9 +106,8 @@ def build_case(tp: int, pp: int, overrides: dict, method: str) -> dict:
     return result
 
 
-def run_rank(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+def run_rank(rank: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
     from pretrain.parallel.distributed import init_distributed, initialize_model_parallel
@@ -129,7 +128,7 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("pipeline_partition")
-    start_ranks(run_rank, (free_port(), str(out)), WORLD_SIZE)
+    start_ranks(run_rank, (str(out),), WORLD_SIZE)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
 

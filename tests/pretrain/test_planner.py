@@ -3,7 +3,6 @@ model predicts the peak memory real runs of this trainer reach (the slow test at
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from pretrain.config import load_config
 from pretrain.model.presets import model_config, parameter_count
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.planner.hardware import Cluster, accelerator
-from pretrain.planner.measure import CASES, TESTED, baseline_gib, compare
 from pretrain.planner.memory import (STAGE3_PREFETCH_BUCKET_SIZE, RunShape, estimate_memory, estimate_stage,
                                      peak_memory, stage_layers, stage_parameters)
 from pretrain.planner.report import run_from_config
@@ -22,6 +20,8 @@ from pretrain.planner.search import plan_layouts, refusal
 from pretrain.planner.targets import target_model
 from pretrain.planner.timing import step_time
 from tests.conftest import REPO
+from tests.head_start import finished
+from tests.pretrain.measured_memory import TESTED_CASES, measure_all, shorter
 
 H100_NODES = Cluster(8, 8, accelerator("h100"))
 
@@ -276,47 +276,21 @@ def test_paper_scale_needs_tensor_and_pipeline_parallelism():
 
 # ---- predicted against measured ---------------------------------------------------------------------------
 
-# The test runs each case at a shorter window than tools/bench_plan.py (the step is most of a run's CPU time,
-# and it grows with the tokens): 256 tokens where the predicted peak is the forward, whose activations stay its
-# largest part; 64 where it is the optimizer step, which holds no activations (pp2, and gpt2-124m already at 128).
-WINDOWS = {"dp2-zero2": 256, "dp2-zero3": 256, "tp2": 256, "micro4-checkpointing": 256, "pp2": 64,
-           "124m-dp2-zero1": 64}
-
-
 def peak_moment(case) -> str:
     """When rank 0's predicted peak falls: "forward" or "optimizer step"."""
     config = load_config(case.config, case.settings)
     return estimate_stage(run_from_config(config, Cluster(1, case.nproc, accelerator("h100"))), 0, resident=True).moment
 
 
-def shorter(case):
-    return dataclasses.replace(case, settings=[*case.settings, f"model.n_positions={WINDOWS[case.name]}"])
-
-
 @pytest.fixture(scope="module")
-def measured(gpt2_shards, tmp_path_factory) -> dict:
-    """case name -> compare()'s result for every tested case, two runs at a time: a run's peak resident
-    memory does not depend on what else the machine runs, and each run has single-core phases (start-up)
-    that the other fills. The process baselines are measured first, one per rank
-    count and precision, and shared."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    cases = [shorter(case) for case in CASES if case.name in TESTED]
-    work, baselines = tmp_path_factory.mktemp("plan"), {}
-    first_of_each = {}  # (ranks, precision) -> the first case that has them, as compare() alone would pick
-    for case in cases:
-        first_of_each.setdefault((case.nproc, load_config(case.config, case.settings).train.precision), case)
-
-    def measure(case) -> dict:
-        return compare(case, gpt2_shards, work / case.name, baselines)
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda case: baseline_gib(case, gpt2_shards, work / "baselines", baselines), first_of_each.values()))
-        return {result["case"]: result for result in pool.map(measure, cases)}
+def measured(background_runs, gpt2_shards, tmp_path_factory) -> dict:
+    """case name -> compare()'s result for every tested case (started when the session started, where the
+    session runs this test: tests/head_start.py; otherwise now, two runs at a time)."""
+    return finished(background_runs, "planner", lambda: measure_all(gpt2_shards, tmp_path_factory.mktemp("plan")))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [case for case in CASES if case.name in TESTED], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", TESTED_CASES, ids=lambda case: case.name)
 def test_predicted_peak_memory_is_within_20_percent_of_a_real_run(case, measured):
     assert peak_moment(shorter(case)) == peak_moment(case), "the shorter window must leave the peak where it was"
     result = measured[case.name]

@@ -520,7 +520,16 @@ def in_halves(texts: list[str]) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="session")
-def outcomes(real_documents) -> dict[str, Outcome]:
+def outcomes(background_runs, real_documents) -> dict[str, Outcome]:
+    """rule name -> Outcome (started when the session started, where the session runs this module:
+    tests/head_start.py)."""
+    from tests.head_start import finished
+
+    return finished(background_runs, "datatrove", lambda: compare_rules(real_documents))
+
+
+def compare_rules(real_documents: list[dict]) -> dict[str, Outcome]:
+    """Ours and datatrove's decision on every document of the agreement corpus, rule by rule."""
     corpus = agreement_corpus(real_documents)
     texts, kinds = [t for _, t in corpus], [k for k, _ in corpus]
     their_results, paper_results = in_halves(texts)

@@ -1,0 +1,65 @@
+"""Three long runs started when the session starts, one after the other in a background thread, while
+the rest of the suite runs: datatrove's decisions on the agreement corpus
+(tests/data_pipeline/curation/test_datatrove_agreement.py), the planner's measured memory
+(tests/pretrain/test_planner.py) and the demo (tests/tools/test_tools.py). The tests that check them
+run last (`last`, used by tests/conftest.py to order the session), so they find them finished.
+
+Why: most of the suite runs one process at a time (one intra-op thread each), which leaves a core idle
+for about a third of the session, while these three runs are a third of its CPU. Run in the foreground,
+each keeps both cores busy while everything else waits; in the background they fill the idle core.
+Nothing in them depends on timing: datatrove's and our decisions are computed, the planner's figure is
+a peak of resident memory, and the demo acts on the steps it reads from metrics.jsonl.
+
+One at a time (the planner's cases too), so that the background never asks for more than two cores.
+`background_runs` (tests/conftest.py) is the session's table, name -> Future, holding only the runs
+whose tests are selected; a test run without the others computes its run itself (`finished`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+DATATROVE_TESTS = "tests/data_pipeline/curation/test_datatrove_agreement.py::"
+PLANNER_TEST = "tests/pretrain/test_planner.py::test_predicted_peak_memory_is_within_20_percent_of_a_real_run"
+DEMO_TEST = "tests/tools/test_tools.py::test_demo_curates_tokenizes_trains_on_8_processes_is_interrupted_resumes_and_reshards"
+CONSUMERS = (DATATROVE_TESTS, PLANNER_TEST, DEMO_TEST)
+
+
+def last(nodeid: str) -> bool:
+    """Whether the test checks a background run (it then runs at the session's end)."""
+    return nodeid.startswith(CONSUMERS)
+
+
+def run_demo(out: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """tools/demo.py as `make demo` runs it, its output in `out` (DEMO_OUT)."""
+    from tests.conftest import run_tool
+
+    return out, run_tool("demo.py", env=dict(os.environ, DEMO_OUT=str(out)))
+
+
+def start(request, tmp_path_factory) -> tuple[dict[str, Future], ThreadPoolExecutor]:
+    def selected(test: str) -> bool:
+        return any(item.nodeid.startswith(test) for item in request.session.items)
+
+    runs: dict[str, Future] = {}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-start")
+    if selected(DATATROVE_TESTS):
+        from tests.data_pipeline.curation.test_datatrove_agreement import compare_rules
+
+        runs["datatrove"] = pool.submit(compare_rules, request.getfixturevalue("real_documents"))
+    if selected(PLANNER_TEST):
+        from tests.pretrain.measured_memory import measure_all
+
+        shards = request.getfixturevalue("gpt2_shards")
+        runs["planner"] = pool.submit(measure_all, shards, tmp_path_factory.mktemp("plan"), 1)
+    if selected(DEMO_TEST):
+        runs["demo"] = pool.submit(run_demo, tmp_path_factory.mktemp("demo"))
+    return runs, pool
+
+
+def finished(runs: dict[str, Future], name: str, compute):
+    """The background run's result if it was started, else `compute()` now."""
+    return runs[name].result() if name in runs else compute()
