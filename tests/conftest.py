@@ -99,6 +99,13 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: last(item.nodeid))
 
 
+def pytest_terminal_summary(terminalreporter):
+    from tests.head_start import summary
+
+    if summary():
+        terminalreporter.write_line(summary())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_runs(request, tmp_path_factory):
     """The long runs that start with the session, in the background (tests/head_start.py): name -> Future."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +34,25 @@ def last(nodeid: str) -> bool:
     return nodeid.startswith(CONSUMERS)
 
 
+SECONDS: dict[str, tuple[float, float]] = {}  # name -> (began, ended), seconds since the session's start
+
+
+def timed(name: str, began: float, function, *args):
+    """function(*args), its start and end recorded in SECONDS (for the summary: tests/conftest.py)."""
+    start = time.monotonic() - began
+    try:
+        return function(*args)
+    finally:
+        SECONDS[name] = (start, time.monotonic() - began)
+
+
+def summary() -> str:
+    """One line for the end of the session: when each background run ran."""
+    runs = ", ".join(f"{name} {end - start:.0f} s (from {start:.0f} s to {end:.0f} s)"
+                     for name, (start, end) in SECONDS.items())
+    return f"runs started with the session (tests/head_start.py): {runs}" if runs else ""
+
+
 def run_demo(out: Path) -> tuple[Path, subprocess.CompletedProcess]:
     """tools/demo.py as `make demo` runs it, its output in `out` (DEMO_OUT)."""
     from tests.conftest import run_tool
@@ -45,18 +65,19 @@ def start(request, tmp_path_factory) -> tuple[dict[str, Future], ThreadPoolExecu
         return any(item.nodeid.startswith(test) for item in request.session.items)
 
     runs: dict[str, Future] = {}
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-start")
+    pool, began = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-start"), time.monotonic()
     if selected(DATATROVE_TESTS):
         from tests.data_pipeline.curation.test_datatrove_agreement import compare_rules
 
-        runs["datatrove"] = pool.submit(compare_rules, request.getfixturevalue("real_documents"))
+        documents = request.getfixturevalue("real_documents")
+        runs["datatrove"] = pool.submit(timed, "datatrove", began, compare_rules, documents)
     if selected(PLANNER_TEST):
         from tests.pretrain.measured_memory import measure_all
 
         shards = request.getfixturevalue("gpt2_shards")
-        runs["planner"] = pool.submit(measure_all, shards, tmp_path_factory.mktemp("plan"), 1)
+        runs["planner"] = pool.submit(timed, "planner", began, measure_all, shards, tmp_path_factory.mktemp("plan"), 1)
     if selected(DEMO_TEST):
-        runs["demo"] = pool.submit(run_demo, tmp_path_factory.mktemp("demo"))
+        runs["demo"] = pool.submit(timed, "demo", began, run_demo, tmp_path_factory.mktemp("demo"))
     return runs, pool
 
 
