@@ -37,7 +37,9 @@ def main(argv=None) -> int:
     if start is fork_rank:
         preload()
         share_the_cores(args.nproc)
-    store, rendezvous = host_rendezvous(args.nproc)  # the store serves the ranks until they end
+    # The store serves the ranks until they end. Its server thread is running when the ranks are forked: a
+    # forked rank never touches the copy it inherits (it connects as a client, and leaves through os._exit).
+    store, rendezvous = host_rendezvous(args.nproc)
     children = []
     for rank in range(args.nproc):
         children.append(start({"RANK": str(rank), "WORLD_SIZE": str(args.nproc), "LOCAL_RANK": str(rank),

@@ -96,7 +96,7 @@ def pytest_collection_modifyitems(config, items):
     """The tests that check a run started in the background go last (tests/head_start.py)."""
     from tests.head_start import last
 
-    items.sort(key=lambda item: last(item.nodeid))
+    items.sort(key=last)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -114,6 +114,14 @@ def background_runs(request, tmp_path_factory):
     runs, pool = head_start.start(request, tmp_path_factory)
     yield runs
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def demo_run(background_runs, tmp_path_factory):
+    """(DEMO_OUT, the finished `tools/demo.py`), run in the background from the session's start."""
+    from tests.head_start import finished, run_demo
+
+    return finished(background_runs, "demo", lambda: run_demo(tmp_path_factory.mktemp("demo")))
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,11 @@ each keeps both cores busy while everything else waits; in the background they f
 Nothing in them depends on timing: datatrove's and our decisions are computed, the planner's figure is
 a peak of resident memory, and the demo acts on the steps it reads from metrics.jsonl.
 
-One at a time (the planner's cases too), so that the background never asks for more than two cores.
-`background_runs` (tests/conftest.py) is the session's table, name -> Future, holding only the runs
-whose tests are selected; a test run without the others computes its run itself (`finished`).
+One at a time (the planner's cases too), so that the background adds little to what a test of the
+suite asks for itself (the demo's 8 ranks take turns on the cores as in `make demo`).
+`background_runs` (tests/conftest.py) is the session's table, name -> Future, holding the runs whose
+fixtures (FIXTURES) a selected test uses; a fixture whose run was not started computes it itself
+(`finished`).
 """
 
 from __future__ import annotations
@@ -23,15 +25,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-DATATROVE_TESTS = "tests/data_pipeline/curation/test_datatrove_agreement.py::"
-PLANNER_TEST = "tests/pretrain/test_planner.py::test_predicted_peak_memory_is_within_20_percent_of_a_real_run"
-DEMO_TEST = "tests/tools/test_tools.py::test_demo_curates_tokenizes_trains_on_8_processes_is_interrupted_resumes_and_reshards"
-CONSUMERS = (DATATROVE_TESTS, PLANNER_TEST, DEMO_TEST)
+# name -> the fixture through which its tests take the run's result
+FIXTURES = {"datatrove": "outcomes", "planner": "measured", "demo": "demo_run"}
 
 
-def last(nodeid: str) -> bool:
+def last(item) -> bool:
     """Whether the test checks a background run (it then runs at the session's end)."""
-    return nodeid.startswith(CONSUMERS)
+    return any(fixture in item.fixturenames for fixture in FIXTURES.values())
 
 
 SECONDS: dict[str, tuple[float, float]] = {}  # name -> (began, ended), seconds since the session's start
@@ -53,31 +53,37 @@ def summary() -> str:
     return f"runs started with the session (tests/head_start.py): {runs}" if runs else ""
 
 
-def run_demo(out: Path) -> tuple[Path, subprocess.CompletedProcess]:
+def run_demo(out: Path, environment: dict | None = None) -> tuple[Path, subprocess.CompletedProcess]:
     """tools/demo.py as `make demo` runs it, its output in `out` (DEMO_OUT)."""
     from tests.conftest import run_tool
 
-    return out, run_tool("demo.py", env=dict(os.environ, DEMO_OUT=str(out)))
+    return out, run_tool("demo.py", env=dict(os.environ if environment is None else environment, DEMO_OUT=str(out)))
 
 
 def start(request, tmp_path_factory) -> tuple[dict[str, Future], ThreadPoolExecutor]:
-    def selected(test: str) -> bool:
-        return any(item.nodeid.startswith(test) for item in request.session.items)
-
+    """Submit the runs whose tests are selected. Each starts its processes with the environment of this
+    moment: tests on the main thread change os.environ for a while (a launcher's RANK and MASTER_ADDR, ...),
+    and a command started meanwhile would inherit them. A shared input that fails to build starts nothing:
+    the tests that need it then report the failure themselves."""
+    wanted = {name for name, fixture in FIXTURES.items()
+              if any(fixture in item.fixturenames for item in request.session.items)}
     runs: dict[str, Future] = {}
-    pool, began = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-start"), time.monotonic()
-    if selected(DATATROVE_TESTS):
-        from tests.data_pipeline.curation.test_datatrove_agreement import compare_rules
+    pool, began, environment = ThreadPoolExecutor(1, thread_name_prefix="head-start"), time.monotonic(), dict(os.environ)
+    try:
+        if "datatrove" in wanted:
+            from tests.data_pipeline.curation.test_datatrove_agreement import compare_rules
 
-        documents = request.getfixturevalue("real_documents")
-        runs["datatrove"] = pool.submit(timed, "datatrove", began, compare_rules, documents)
-    if selected(PLANNER_TEST):
-        from tests.pretrain.measured_memory import measure_all
+            documents = request.getfixturevalue("real_documents")
+            runs["datatrove"] = pool.submit(timed, "datatrove", began, compare_rules, documents)
+        if "planner" in wanted:
+            from tests.pretrain.measured_memory import measure_all
 
-        shards = request.getfixturevalue("gpt2_shards")
-        runs["planner"] = pool.submit(timed, "planner", began, measure_all, shards, tmp_path_factory.mktemp("plan"), 1)
-    if selected(DEMO_TEST):
-        runs["demo"] = pool.submit(timed, "demo", began, run_demo, tmp_path_factory.mktemp("demo"))
+            shards, work = request.getfixturevalue("gpt2_shards"), tmp_path_factory.mktemp("plan")
+            runs["planner"] = pool.submit(timed, "planner", began, measure_all, shards, work, 1, environment)
+    except Exception:  # noqa: BLE001  (reported by the tests that use the fixture)
+        pass
+    if "demo" in wanted:
+        runs["demo"] = pool.submit(timed, "demo", began, run_demo, tmp_path_factory.mktemp("demo"), environment)
     return runs, pool
 
 

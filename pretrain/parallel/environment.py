@@ -36,7 +36,7 @@ def environment_from_launcher() -> None:
             raise LaunchError("MASTER_PORT is not set: start multi-process runs with python -m pretrain.launch, "
                               "torchrun, or an sbatch script from slurm/")
         # Port 0: the store binds whatever port is free at that moment, and a single process needs no
-        # other to find it. A port picked early (free_port) and bound seconds later, after the imports,
+        # other to find it. A port picked early and bound seconds later, after the imports,
         # was sometimes taken by then on a busy machine (EADDRINUSE).
         os.environ["MASTER_PORT"] = "0"
 

@@ -58,14 +58,17 @@ def predicted_bytes(config_path: str, settings: list[str], world_size: int) -> i
     return estimate_stage(run, 0, resident=True).total
 
 
-def measured_gib(case: Case, settings: list[str], shards: str, run_dir: Path, timeout: int = 900) -> float:
-    """Rank 0's peak memory_gib over STEPS steps of `python -m pretrain` on `shards`."""
+def measured_gib(case: Case, settings: list[str], shards: str, run_dir: Path, timeout: int = 900,
+                 environment: dict | None = None) -> float:
+    """Rank 0's peak memory_gib over STEPS steps of `python -m pretrain` on `shards`, started with `environment`
+    (default: this process's)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a checkpoint left there would be resumed, not trained from
     launcher = ["-m", "pretrain.launch", "--nproc", str(case.nproc)] if case.nproc > 1 else ["-m", "pretrain"]
     command = [sys.executable, *launcher, "--config", case.config, "--set", f"data.prefixes=[{shards}]",
                f"run.dir={run_dir}", "data.split=90,10,0", "eval.interval=0", f"train.max_steps={STEPS}",
                f"checkpoint.interval={STEPS + 1000}", "checkpoint.at_end=false", "logging.tensorboard=false", *settings]
-    env = dict(os.environ, **MALLOC_ENV, DS_ACCELERATOR="cpu", PRETRAIN_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ if environment is None else environment, **MALLOC_ENV, DS_ACCELERATOR="cpu",
+               PRETRAIN_DEVICE="cpu", PYTHONUNBUFFERED="1")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode:
         raise RuntimeError(f"{case.name}: the run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -73,22 +76,24 @@ def measured_gib(case: Case, settings: list[str], shards: str, run_dir: Path, ti
     return max(json.loads(line)["memory_gib"] for line in lines if "memory_gib" in line)
 
 
-def baseline_gib(case: Case, shards: str, work: Path, cache: dict) -> float:
+def baseline_gib(case: Case, shards: str, work: Path, cache: dict, environment: dict | None = None) -> float:
     """The process baseline for the case's rank count and precision, measured on first use."""
     precision = load_config(case.config, case.settings).train.precision
     key = (case.nproc, precision)
     if key not in cache:
         settings = shrunk(case)
-        cache[key] = (measured_gib(case, settings, shards, work / f"baseline-{case.nproc}-{precision}")
+        cache[key] = (measured_gib(case, settings, shards, work / f"baseline-{case.nproc}-{precision}",
+                                   environment=environment)
                       - predicted_bytes(case.config, settings, case.nproc) / GIB)
     return cache[key]
 
 
-def compare(case: Case, shards: str, work: Path, baselines: dict | None = None) -> dict:
+def compare(case: Case, shards: str, work: Path, baselines: dict | None = None,
+            environment: dict | None = None) -> dict:
     """Measure the case (and the baseline, unless `baselines` holds it); predicted = baseline + the model's peak."""
-    baseline = baseline_gib(case, shards, work, {} if baselines is None else baselines)
+    baseline = baseline_gib(case, shards, work, {} if baselines is None else baselines, environment)
     model = predicted_bytes(case.config, case.settings, case.nproc) / GIB
-    measured = measured_gib(case, case.settings, shards, work / case.name)
+    measured = measured_gib(case, case.settings, shards, work / case.name, environment=environment)
     predicted = baseline + model
     return {"case": case.name, "nproc": case.nproc, "settings": case.settings, "baseline_gib": baseline,
             "model_gib": model, "predicted_gib": predicted, "measured_gib": measured,

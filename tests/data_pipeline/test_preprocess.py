@@ -257,6 +257,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path, real_documents):
     deadline = time.monotonic() + 120
     while journal_shards(prefix) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert process.poll() is None, "the tool ended before the kill"
     os.killpg(process.pid, signal.SIGKILL)  # the tool and its tokenizing worker, as a node failure would
     process.wait()
     finished = journal_shards(prefix)

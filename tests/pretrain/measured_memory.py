@@ -23,15 +23,16 @@ def shorter(case):
     return dataclasses.replace(case, settings=[*case.settings, f"model.n_positions={WINDOWS[case.name]}"])
 
 
-def measure_all(shards: str, work: Path, at_once: int = 2) -> dict:
+def measure_all(shards: str, work: Path, at_once: int = 2, environment: dict | None = None) -> dict:
     """case name -> compare()'s result for every tested case, `at_once` runs at a time: a run's peak resident
     memory does not depend on what else the machine runs. The process baselines are measured first, one per
-    rank count and precision, and shared."""
+    rank count and precision, and shared. The runs start with `environment` (default: this process's)."""
     cases, baselines = [shorter(case) for case in TESTED_CASES], {}
     first_of_each = {}  # (ranks, precision) -> the first case that has them, as compare() alone would pick
     for case in cases:
         first_of_each.setdefault((case.nproc, load_config(case.config, case.settings).train.precision), case)
     with ThreadPoolExecutor(at_once) as pool:
-        list(pool.map(lambda case: baseline_gib(case, shards, work / "baselines", baselines), first_of_each.values()))
+        list(pool.map(lambda case: baseline_gib(case, shards, work / "baselines", baselines, environment),
+                      first_of_each.values()))
         return {result["case"]: result for result in pool.map(lambda case: compare(case, shards, work / case.name,
-                                                                                     baselines), cases)}
+                                                                                     baselines, environment), cases)}

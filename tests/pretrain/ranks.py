@@ -2,9 +2,10 @@
 megatron-core once, instead of one fresh interpreter per rank (~3.5 s of imports each on this
 machine's cores). Each rank still initializes its own process group and parallel state.
 
-The server starts at the first call and keeps the environment of that moment: a rank function sets the
-variables it needs itself (MASTER_ADDR, RANK, ...) and seeds its own generators (numpy's global one is
-copied from the server, not reseeded)."""
+The server starts at the first call and keeps the environment of that moment: `start_ranks` sets the
+rendezvous (MASTER_ADDR, MASTER_PORT) in each rank, and a rank function sets the other variables it needs
+itself (RANK, WORLD_SIZE, ...) and seeds its own generators (numpy's global one is copied from the server,
+not reseeded)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ import pytest
 
 from data_pipeline.sample_text import write_jsonl
 from tests.conftest import run_tool
-from tests.head_start import finished, run_demo
 
 
 @pytest.mark.slow
@@ -37,8 +36,8 @@ def test_train_tokenizer_refuses_missing_input(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_curates_tokenizes_trains_on_8_processes_is_interrupted_resumes_and_reshards(background_runs, tmp_path):
-    tmp_path, result = finished(background_runs, "demo", lambda: run_demo(tmp_path))  # tests/head_start.py
+def test_demo_curates_tokenizes_trains_on_8_processes_is_interrupted_resumes_and_reshards(demo_run):
+    tmp_path, result = demo_run  # tests/head_start.py
     assert result.returncode == 0, result.stderr[-3000:]
     curated = json.loads((tmp_path / "curated" / "stats.json").read_text())
     assert curated["kept"] + curated["removed"] == curated["read"] > 480  # news, Wikipedia and the mirror's copies
