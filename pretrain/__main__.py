@@ -30,15 +30,15 @@ import os
 import signal
 import sys
 
-from pretrain import stop_signals
+from pretrain.training import stop_signals
 
 stop_signals.install()  # before the imports below: a preemption during start-up must not kill the rank
 
-from pretrain.blend import DataError  # noqa: E402
+from pretrain.training.blend import DataError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.parallel.environment import LaunchError, environment_from_launcher, wants_gpu  # noqa: E402
 from pretrain.parallel.layout import LayoutError  # noqa: E402
-from pretrain.run_check import plan_run  # noqa: E402
+from pretrain.training.run_check import plan_run  # noqa: E402
 
 # What --check can raise: none of these modules imports torch, so a check takes a fraction of a second.
 CHECK_ERRORS = (ConfigError, LayoutError, DataError, LaunchError)
@@ -53,9 +53,9 @@ def import_the_trainer():
     cpu = os.environ.get("PRETRAIN_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if cpu else "cuda")
 
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.huggingface import HFFormatError
-    from pretrain.trainer import Trainer, TrainingDiverged
+    from pretrain.checkpoint.sharded import CheckpointError
+    from pretrain.checkpoint.huggingface import HFFormatError
+    from pretrain.training.trainer import Trainer, TrainingDiverged
 
     return Trainer, TrainingDiverged, (*CHECK_ERRORS, CheckpointError, HFFormatError)
 

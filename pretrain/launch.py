@@ -132,7 +132,7 @@ def fork_rank(environment: dict, argv: list[str]) -> ForkedRank:
 
 def run_forked_rank(environment: dict, argv: list[str]) -> int:
     """In the child: what `python -m pretrain ARGV` would do, and its exit code."""
-    from pretrain import stop_signals
+    from pretrain.training import stop_signals
     from pretrain.__main__ import main as rank_main
 
     code = 1

@@ -29,8 +29,8 @@ PRELOAD = [
     "megatron.core.datasets.blended_megatron_dataset_builder",
     # Not pretrain.__main__: importing it installs the stop-signal handlers, and the server's children
     # (the ranks of tests/pretrain/ranks.py) must die on SIGTERM as fresh processes do.
-    "pretrain.trainer", "pretrain.launch", "pretrain.parallel.build", "pretrain.parallel.engine",
-    "pretrain.model.loss", "pretrain.inference", "pretrain.weights", "pretrain.huggingface",
+    "pretrain.training.trainer", "pretrain.launch", "pretrain.parallel.build", "pretrain.parallel.engine",
+    "pretrain.model.loss", "pretrain.inference.loading", "pretrain.checkpoint.weights", "pretrain.checkpoint.huggingface",
     "deepspeed.runtime.zero.muon.muon_optimizer",  # what DeepSpeed's engine imports to check the optimizer
 ]
 

@@ -1,7 +1,7 @@
 """Three long runs started when the session starts, one after the other in a background thread, while
 the rest of the suite runs: datatrove's decisions on the agreement corpus
 (tests/data_pipeline/curation/test_datatrove_agreement.py), the planner's measured memory
-(tests/pretrain/test_planner.py) and the demo (tests/tools/test_tools.py). The tests that check them
+(tests/pretrain/planner/test_planner.py) and the demo (tests/tools/test_tools.py). The tests that check them
 run last (`last`, used by tests/conftest.py to order the session), so they find them finished.
 
 Why: most of the suite runs one process at a time (one intra-op thread each), which leaves a core idle
@@ -76,7 +76,7 @@ def start(request, tmp_path_factory) -> tuple[dict[str, Future], ThreadPoolExecu
             documents = request.getfixturevalue("real_documents")
             runs["datatrove"] = pool.submit(timed, "datatrove", began, compare_rules, documents)
         if "planner" in wanted:
-            from tests.pretrain.measured_memory import measure_all
+            from tests.pretrain.planner.measured_memory import measure_all
 
             shards, work = request.getfixturevalue("gpt2_shards"), tmp_path_factory.mktemp("plan")
             runs["planner"] = pool.submit(timed, "planner", began, measure_all, shards, work, 1, environment)

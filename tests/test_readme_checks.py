@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-# `tests/pretrain/test_trainer.py::test_name[id]`: the file and the function are checked, not the id.
+# `tests/pretrain/training/test_trainer.py::test_name[id]`: the file and the function are checked, not the id.
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)::(test_\w+)(\[[^\]`]*\])?`")
 
 

@@ -34,7 +34,7 @@ def measure(variant: str, args) -> dict:
     import torch.nn.functional as F
 
     from data_pipeline.peak_memory import peak_rss_bytes, resident_bytes
-    from pretrain.inference import single_process_group
+    from pretrain.inference.loading import single_process_group
     from pretrain.model.loss import Distillation, head_loss
 
     single_process_group()

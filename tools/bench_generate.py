@@ -27,8 +27,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from pretrain.generation import SamplingOptions, generate  # noqa: E402
-from pretrain.inference import LoadedModel, single_process_group  # noqa: E402
+from pretrain.inference.generation import SamplingOptions, generate  # noqa: E402
+from pretrain.inference.loading import LoadedModel, single_process_group  # noqa: E402
 from pretrain.model.presets import model_config, parameter_count  # noqa: E402
 
 

@@ -17,7 +17,7 @@ weights, the same work for both) and compute the loss in fp32. Each repeat
 starts with --warmup untimed steps (a fresh optimizer allocates its state,
 kernels are chosen); repeats are interleaved and the best kept. On a GPU, MFU
 counts 6N + 12 L C T FLOPs per token against the device's bf16 dense peak
-(pretrain/metrics.py device_peak_tflops), and peak memory is the most a
+(pretrain/training/metrics.py device_peak_tflops), and peak memory is the most a
 model's steps held on the device, less the other model's resident weights.
 Without transformers installed only ours is measured. --json writes the
 figures for scripts (tools/gpu_check.sh builds its summary from it).
@@ -42,7 +42,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data_pipeline.peak_memory import peak_rss_bytes  # noqa: E402
-from pretrain.metrics import device_peak_tflops  # noqa: E402
+from pretrain.training.metrics import device_peak_tflops  # noqa: E402
 from pretrain.model.gpt2 import GPT2, language_model_loss  # noqa: E402
 from pretrain.parallel.build import apply_compile  # noqa: E402
 from pretrain.model.presets import flops_per_token, model_config, parameter_count  # noqa: E402

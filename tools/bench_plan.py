@@ -8,7 +8,7 @@ Each case trains for a few steps (python -m pretrain, or pretrain.launch for sev
 real text (gensim's news and Wikipedia, tokenized here) and reports rank 0's peak resident
 memory; the prediction is the memory model's peak for that rank plus the measured process
 baseline (pretrain/planner/measure.py says how). The same cases run in
-tests/pretrain/test_planner.py, which requires each within 20%.
+tests/pretrain/planner/test_planner.py, which requires each within 20%.
 """
 
 from __future__ import annotations

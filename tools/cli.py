@@ -34,11 +34,11 @@ def non_negative(text: str) -> int:
 
 
 def load_model_or_explain(checkpoint: str, device: str | None, quiet: bool = False):
-    """pretrain.inference.load_model, or ValueError in one line naming what to fix (the path, the device)."""
+    """pretrain.inference.loading.load_model, or ValueError in one line naming what to fix (the path, the device)."""
     import torch
 
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.inference import load_model
+    from pretrain.checkpoint.sharded import CheckpointError
+    from pretrain.inference.loading import load_model
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this machine has no GPU that torch can use; use --device cpu")

@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.cli import OneLineErrorParser  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from pretrain.checkpoint import LATEST, CheckpointError  # noqa: E402
+from pretrain.checkpoint.sharded import LATEST, CheckpointError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
-from pretrain.huggingface import DTYPES, HFFormatError  # noqa: E402
+from pretrain.checkpoint.huggingface import DTYPES, HFFormatError  # noqa: E402
 from pretrain.parallel.layout import LayoutError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,8 +95,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def to_hf_or_fp32(args: argparse.Namespace) -> str:
     from data_pipeline.tokenizers import GPT2BPETokenizer, load_tokenizer
-    from pretrain.huggingface import write_hf_directory
-    from pretrain.inference import load_weights, save_consolidated
+    from pretrain.checkpoint.huggingface import write_hf_directory
+    from pretrain.inference.loading import load_weights, save_consolidated
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def as_umask_allows(directory: Path) -> None:
 
 def from_hf_settings(args: argparse.Namespace, checkpoint_dir: Path, run_dir: Path) -> list[str]:
     """The trainer's settings for a 0-step run that saves the Hugging Face weights in our layout."""
-    from pretrain.huggingface import hf_tokenizer_spec, read_hf_config
+    from pretrain.checkpoint.huggingface import hf_tokenizer_spec, read_hf_config
 
     source = Path(args.input).resolve()  # the trainer runs from the repository root
     config = read_hf_config(source)
@@ -149,7 +149,7 @@ def from_hf_settings(args: argparse.Namespace, checkpoint_dir: Path, run_dir: Pa
 
 
 def from_hf(args: argparse.Namespace) -> str:
-    from pretrain.run_check import plan_run
+    from pretrain.training.run_check import plan_run
 
     output = Path(args.output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Evaluate a model as the GPT-2 paper does, zero-shot, by log-likelihood: perplexity on text, and
-tasks scored with lm-evaluation-harness's definitions (pretrain/evaluation.py).
+tasks scored with lm-evaluation-harness's definitions (pretrain/inference/evaluation.py).
 
 --input (perplexity): a .bin/.idx shard prefix or the --output-prefix of tools/preprocess_data.py
 (its PREFIX.json lists the shards), a jsonl file (plain, .gz, .zst; the text under --text-key), or
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.cli import OneLineErrorParser, add_checkpoint_argument, load_model_or_explain, positive  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from pretrain.evaluation import (  # noqa: E402
+from pretrain.inference.evaluation import (  # noqa: E402
     PARSERS,
     Document,
     EvaluationError,

@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def sampling_options(args: argparse.Namespace):
-    from pretrain.generation import SamplingOptions
+    from pretrain.inference.generation import SamplingOptions
 
     return SamplingOptions(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples, seed=args.seed,
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         if not Path(args.checkpoint).exists():
             raise ValueError(f"--checkpoint {args.checkpoint} does not exist")
         prompt = read_prompt(args)
-        from pretrain.generation import generate
+        from pretrain.inference.generation import generate
 
         loaded = load(args)
         generation = generate(loaded, loaded.tokenizer.encode(prompt), sampling_options(args))

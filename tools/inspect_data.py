@@ -210,8 +210,8 @@ def inspect_step(args: argparse.Namespace) -> dict:
     import yaml
 
     from pretrain.config import ConfigError, load_config
-    from pretrain.blend import DataError
-    from pretrain.data_inspect import InspectError, samples_at_step
+    from pretrain.training.blend import DataError
+    from pretrain.training.data_inspect import InspectError, samples_at_step
     from pretrain.parallel.layout import LayoutError
 
     if not Path(args.config).is_file():

@@ -21,7 +21,7 @@ One run config, as slurm/pretrain.sbatch would start it:
   fit, 2 if the trainer would refuse it.
 
 The memory model follows this trainer's allocations (pretrain/planner/memory.py); its CPU
-variant is checked against real runs (tests/pretrain/test_planner.py; docs/benchmarks.md), the
+variant is checked against real runs (tests/pretrain/planner/test_planner.py; docs/benchmarks.md), the
 GPU variant printed here not yet. The time
 model is an estimate: the trainer's FLOPs at an assumed --efficiency of the GPU's peak, plus
 communication by stated formulas (pretrain/planner/timing.py); it has not been measured on a GPU.

@@ -263,7 +263,7 @@ class GPT2(nn.Module):
         log-likelihood of its labels (head_scores). With a `cache`, `token_ids` (B, T) are the
         tokens after the `cache.length` cached ones: their positions follow them, their attention also
         sees them, and the cache keeps their keys and values. With a teacher's last hidden states
-        (`self.distillation` set: pretrain/distill.py), the loss is the distillation objective."""
+        (`self.distillation` set: pretrain/training/distill.py), the loss is the distillation objective."""
         x = self.hidden_states(token_ids, cache)
         if labels is None:
             return lm_head(self.embedding, x)  # (B, T, V / tp)

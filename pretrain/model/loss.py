@@ -204,7 +204,7 @@ def head_scores(x: torch.Tensor, embedding, labels: torch.Tensor, chunk_tokens: 
     """Per sequence of hidden states x (B, T, C), over the positions whose label is not IGNORE:
     (B, 2) fp64 of [sum of log p(label), positions where the label is not the argmax].
 
-    The log-likelihood scoring of zero-shot tasks (pretrain/evaluation.py's ModelScorer) with the
+    The log-likelihood scoring of zero-shot tasks (pretrain/inference/evaluation.py's ModelScorer) with the
     vocabulary split over tensor-parallel ranks; every rank gets the whole figures. The logits are
     fp32 whatever the model's dtype (bf16 logits tie often), and the argmax is the first index of
     the maximum, as torch's and the harness's; a NaN logit is never the argmax."""

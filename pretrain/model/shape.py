@@ -1,6 +1,6 @@
 """The model's shape: what a config, a layout check, the planner and a checkpoint's record need to know
 about a GPT-2 without building it. No torch here, so `python -m pretrain --check` starts in a fraction of a
-second (pretrain/run_check.py)."""
+second (pretrain/training/run_check.py)."""
 
 from __future__ import annotations
 

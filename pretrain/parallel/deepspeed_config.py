@@ -41,7 +41,7 @@ def deepspeed_config(layout: ParallelLayout, precision: str = "fp32", gradient_c
         "gradient_clipping": gradient_clipping,
         "zero_optimization": {"stage": layout.zero_stage},
         # ZeRO accepts only optimizer classes it lists; ours is torch's AdamW plus a
-        # skip on non-finite gradients (pretrain/optim.py), the same update otherwise.
+        # skip on non-finite gradients (pretrain/training/optim.py), the same update otherwise.
         "zero_allow_untested_optimizer": True,
         # immediate_grad_update: BF16_Optimizer folds each gradient into its fp32 buffer as
         # backward produces it. Without it, the fp32 buffer takes the bf16 gradient after each

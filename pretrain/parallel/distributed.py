@@ -155,7 +155,7 @@ def on_rank_zero(work, done, failure_marker: Path, rank: int, what: str, poll_se
     must be one every rank sees, as checkpoints need anyway.
     """
     from data_pipeline.atomic import write_text_atomically
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint.sharded import CheckpointError
 
     if rank == 0:
         for path in (failure_marker, *stale):

@@ -43,7 +43,7 @@ def loss_scale(optimizer) -> float | None:
 def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], teacher=None) -> float:
     """One optimizer step over this data-parallel rank's micro-batches; returns the
     mean loss over the whole global batch (all micro-batches, all DP ranks). With a
-    `teacher` (pretrain/distill.py FrozenTeacher), the loss is the distillation objective."""
+    `teacher` (pretrain/training/distill.py FrozenTeacher), the loss is the distillation objective."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     if isinstance(engine, PipelineEngine):

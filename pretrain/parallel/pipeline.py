@@ -79,7 +79,7 @@ def head_inputs(embedding: WordEmbedding, x):
 
 
 def pipeline_loss(outputs: tuple, labels, distillation=None):
-    """The training loss; while distilling (pretrain/distill.py), the labels of each micro-batch come
+    """The training loss; while distilling (pretrain/training/distill.py), the labels of each micro-batch come
     with the teacher's last hidden states, as (labels, teacher_hidden)."""
     x, embedding = outputs
     if isinstance(labels, tuple):

@@ -101,9 +101,9 @@ def print_plan(plan: Plan, top: int, too_big: int, extra: list[str]) -> None:
 
 def run_from_config(config, cluster: Cluster) -> RunShape:
     """The run a config describes on `cluster`, after the trainer's own checks of its settings
-    (pretrain.run_check.check_settings, for GPUs); a ConfigError or LayoutError names the setting."""
+    (pretrain.training.run_check.check_settings, for GPUs); a ConfigError or LayoutError names the setting."""
     from pretrain.planner.memory import REDUCE_BUCKET_SIZE
-    from pretrain.run_check import check_settings
+    from pretrain.training.run_check import check_settings
 
     model, layout = check_settings(config, cluster.world_size, on_gpu=True)
     bucket = config.deepspeed.get("zero_optimization", {}).get("reduce_bucket_size", REDUCE_BUCKET_SIZE)
@@ -159,7 +159,7 @@ def amount(size: float) -> str:
 def teacher_note(teacher: str, run: RunShape) -> str:
     """What the memory model leaves out of a distillation run: the frozen teacher's weights, in the
     run's precision, cut as the student's layers are (its activations are those of one block)."""
-    from pretrain.inference import describe_weights
+    from pretrain.inference.loading import describe_weights
     from pretrain.model.loss import CHUNK_ELEMENTS
     from pretrain.model.presets import parameter_count
 

@@ -73,7 +73,7 @@ def test_a_config_file_that_is_not_yaml_is_named_with_its_line(tmp_path):
 @pytest.mark.parametrize("key", ["checkpoint.interval", "logging.interval"])
 def test_an_interval_of_zero_steps_is_refused_at_start_up_naming_it(key):
     """Both are "every N steps"; 0 used to pass --check and then divide by zero after the first step."""
-    from pretrain.run_check import plan_run
+    from pretrain.training.run_check import plan_run
 
     with pytest.raises(ConfigError, match=f"^{key}=0 must be at least 1$"):
         plan_run(load_config(None, [f"{key}=0"]), world_size=1)

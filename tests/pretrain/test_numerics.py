@@ -118,8 +118,8 @@ def _skip_worker(rank: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import deepspeed
 
-    from pretrain.optim import SkipNonFiniteAdamW
-    from pretrain.trainer import parameter_groups
+    from pretrain.training.optim import SkipNonFiniteAdamW
+    from pretrain.training.trainer import parameter_groups
 
     init_distributed("gloo")
     results = {}

@@ -3,7 +3,7 @@
 A requeue, a time limit, a killed rank and the kill switch must each leave the metrics of the
 uninterrupted `python -m pretrain.launch` run on the same layout, every step once (within 1e-6); a
 multi-node TP2 x PP2 x DP2 start must train the one-process reference run's curve, validation loss and
-task figures (within 1e-5, as tests/pretrain/test_trainer.py requires of every layout).
+task figures (within 1e-5, as tests/pretrain/training/test_trainer.py requires of every layout).
 
 The jobs are independent, so they run side by side (tests/slurm/pretrain_jobs.py): one thread per scenario
 submits its job, waits for the step it acts at (a state, not a time), acts, and records what it saw; each
@@ -69,7 +69,7 @@ def test_impossible_config_fails_in_seconds_before_any_rank_starts(impossible_co
 
 def test_tp2_pp2_dp2_on_two_nodes_trains_the_one_process_curve(scenarios, single_process_run):
     """The same losses, validation loss and task figures as the trainer's one-process reference run, as
-    `python -m pretrain.launch` gives on this layout (tests/pretrain/test_trainer.py)."""
+    `python -m pretrain.launch` gives on this layout (tests/pretrain/training/test_trainer.py)."""
     workdir, record, text = outcome(scenarios, "three_d_on_two_nodes")
     state = record["state"]
     assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-3000:]

@@ -20,7 +20,7 @@ def tiny_hf_model(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from data_pipeline.tokenizers import load_tokenizer
-    from pretrain.huggingface import write_tokenizer_files
+    from pretrain.checkpoint.huggingface import write_tokenizer_files
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**TINY_HF))

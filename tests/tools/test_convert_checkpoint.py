@@ -77,7 +77,7 @@ def test_training_continues_from_the_converted_checkpoint_on_its_layout_and_on_o
 
 
 def test_to_fp32_writes_one_file_of_full_weights(tiny_hf_model, tmp_path, capsys):
-    from pretrain.inference import load_weights
+    from pretrain.inference.loading import load_weights
 
     output = tmp_path / "weights.pt"
     code, stderr = convert(capsys, "--to", "fp32", "--checkpoint", str(tiny_hf_model), "--output", str(output))

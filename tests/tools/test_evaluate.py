@@ -1,4 +1,4 @@
-"""tools/evaluate.py and pretrain/evaluation.py: every figure against an independent computation with
+"""tools/evaluate.py and pretrain/inference/evaluation.py: every figure against an independent computation with
 transformers' GPT2LMHeadModel and GPT2TokenizerFast on the same tiny model, written out here as the
 definitions say (lm-evaluation-harness's lambada_openai, hellaswag and mean_stderr; a sliding window
 whose windows each score the tokens the previous one did not)."""
@@ -236,7 +236,7 @@ def expected_tasks(hf, lambada_texts, choice_task) -> dict:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_hf_model):
-    from pretrain.inference import load_model
+    from pretrain.inference.loading import load_model
 
     return load_model(tiny_hf_model, device="cpu")
 
@@ -259,7 +259,7 @@ def last_json(out: str) -> dict:
 
 @pytest.mark.parametrize("stride", [WINDOW, 48])
 def test_perplexity_equals_transformers_sliding_window(hf, loaded, texts, expected_perplexity, stride):
-    from pretrain.evaluation import Document, ModelScorer, score_documents
+    from pretrain.inference.evaluation import Document, ModelScorer, score_documents
 
     lengths = [len(hf[1](text).input_ids) for text in texts]
     assert max(lengths) > 2 * WINDOW and min(lengths) < WINDOW, lengths
@@ -317,7 +317,7 @@ def test_cli_refuses_a_malformed_input_record_naming_file_and_line(capsys, tmp_p
 
 
 def test_rolling_windows_predict_every_token_once_with_at_least_window_minus_stride_context():
-    from pretrain.evaluation import rolling_requests
+    from pretrain.inference.evaluation import rolling_requests
 
     tokens = list(range(1, 301))
     for stride in (1, 7, 50, WINDOW):
@@ -333,7 +333,7 @@ def test_rolling_windows_predict_every_token_once_with_at_least_window_minus_str
 
 
 def test_lambada_accuracy_and_perplexity_equal_the_harness_definition(hf, loaded, task_files, expected_tasks):
-    from pretrain.evaluation import ModelScorer, encode_task, read_task, score_task
+    from pretrain.inference.evaluation import ModelScorer, encode_task, read_task, score_task
 
     task = read_task(task_files["lambada"])
     assert task.format == "lambada"
@@ -345,7 +345,7 @@ def test_lambada_accuracy_and_perplexity_equal_the_harness_definition(hf, loaded
 def test_greedy_is_true_only_when_every_continuation_token_is_the_argmax(hf, loaded, texts):
     """The random tiny model never predicts a real word (acc is 0 on real text), so the greedy flag
     that LAMBADA's acc counts is checked on the model's own greedy continuation, and on it altered."""
-    from pretrain.evaluation import ModelScorer
+    from pretrain.inference.evaluation import ModelScorer
 
     model, tokenizer = hf
     context = tokenizer(texts[1]).input_ids[:40]
@@ -361,7 +361,7 @@ def test_greedy_is_true_only_when_every_continuation_token_is_the_argmax(hf, loa
 
 
 def test_lambada_sums_count_greedy_examples_and_average_the_log_likelihoods(tmp_path):
-    from pretrain.evaluation import encode_task, read_task, score_task
+    from pretrain.inference.evaluation import encode_task, read_task, score_task
 
     path = write_jsonl(tmp_path / "lambada.jsonl", [{"text": "a b c"}, {"text": "d e"}, {"text": "f g h i"}])
     fixed = {"a b": (-1.0, True), "d": (-2.0, False), "f g h": (-6.0, True)}
@@ -375,7 +375,7 @@ def test_lambada_sums_count_greedy_examples_and_average_the_log_likelihoods(tmp_
 
 
 def test_long_contexts_lose_their_beginning_never_the_continuation(hf, loaded, lambada_texts):
-    from pretrain.evaluation import EvaluationError, ModelScorer, fit_to_window
+    from pretrain.inference.evaluation import EvaluationError, ModelScorer, fit_to_window
 
     context, continuation = list(range(300)), [7, 8, 9]
     kept, whole = fit_to_window(context, continuation, WINDOW)
@@ -396,7 +396,7 @@ def test_long_contexts_lose_their_beginning_never_the_continuation(hf, loaded, l
 
 
 def test_hellaswag_records_are_preprocessed_as_the_harness_does(task_files):
-    from pretrain.evaluation import read_task
+    from pretrain.inference.evaluation import read_task
 
     task = read_task(task_files["hellaswag"])
     assert task.format == "hellaswag"
@@ -408,7 +408,7 @@ def test_hellaswag_records_are_preprocessed_as_the_harness_does(task_files):
 
 @pytest.mark.parametrize("name", ["hellaswag", "choice"])
 def test_multiple_choice_acc_and_acc_norm_equal_the_harness_definition(loaded, task_files, expected_tasks, name):
-    from pretrain.evaluation import ModelScorer, encode_task, read_task, score_task
+    from pretrain.inference.evaluation import ModelScorer, encode_task, read_task, score_task
 
     sums = score_task(encode_task(read_task(task_files[name]), loaded.tokenizer),
                       ModelScorer(loaded.logits, WINDOW, 5), WINDOW)
@@ -419,7 +419,7 @@ def test_multiple_choice_acc_and_acc_norm_equal_the_harness_definition(loaded, t
 
 
 def test_acc_norm_divides_by_the_choice_length_without_its_leading_space(tmp_path):
-    from pretrain.evaluation import encode_task, read_task, score_task
+    from pretrain.inference.evaluation import encode_task, read_task, score_task
 
     # sums -2.2 over "ab" and -4.2 over "abcd": per character -1.1 < -1.05, so "abcd" wins; with the
     # space counted (3 and 5 characters) -0.733 > -0.84 and "ab" would win.
@@ -434,7 +434,7 @@ def test_acc_norm_divides_by_the_choice_length_without_its_leading_space(tmp_pat
 
 
 def test_stderr_is_the_sample_stderr_of_the_mean_of_0_1_scores():
-    from pretrain.evaluation import binary_mean_stderr
+    from pretrain.inference.evaluation import binary_mean_stderr
 
     for scores in ([1, 0, 0, 1, 1], [0, 0, 0, 1], [1] * 9 + [0] * 3, [0, 0]):
         assert binary_mean_stderr(sum(scores), len(scores)) == pytest.approx(stderr_of(scores), rel=1e-12)
@@ -443,7 +443,7 @@ def test_stderr_is_the_sample_stderr_of_the_mean_of_0_1_scores():
 
 def test_parts_of_a_task_add_up_to_the_whole(loaded, task_files):
     """What data-parallel ranks do: each scores part (rank, world), and the sums are all-reduced."""
-    from pretrain.evaluation import ModelScorer, Sums, encode_task, read_task, score_task
+    from pretrain.inference.evaluation import ModelScorer, Sums, encode_task, read_task, score_task
 
     task = encode_task(read_task(task_files["choice"]), loaded.tokenizer)
     scorer = ModelScorer(loaded.logits, WINDOW, 8)

@@ -1,4 +1,4 @@
-"""Generation (pretrain/generation.py, the KV cache in pretrain/model/gpt2.py) and tools/generate.py."""
+"""Generation (pretrain/inference/generation.py, the KV cache in pretrain/model/gpt2.py) and tools/generate.py."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 
-from pretrain.generation import SamplingOptions, generate, top_k_filter, top_p_filter
+from pretrain.inference.generation import SamplingOptions, generate, top_k_filter, top_p_filter
 from tests.conftest import run_tool
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_hf_model):
-    from pretrain.inference import load_model
+    from pretrain.inference.loading import load_model
 
     return load_model(tiny_hf_model, device="cpu")
 
@@ -40,7 +40,7 @@ def lively_hf_model(tiny_hf_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lively(lively_hf_model):
-    from pretrain.inference import load_model
+    from pretrain.inference.loading import load_model
 
     return load_model(lively_hf_model, device="cpu")
 

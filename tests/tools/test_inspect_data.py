@@ -109,8 +109,8 @@ def trainer_batches(shards: str, step: int, world_size: int, data_rank: int, tmp
     """What the trainer's own build_datasets + micro_batches feed (tokens, labels) at `step`."""
     from data_pipeline.tokenizers import load_tokenizer
     from pretrain.config import load_config
-    from pretrain.blend import resolve_blend
-    from pretrain.data import build_datasets, micro_batches
+    from pretrain.training.blend import resolve_blend
+    from pretrain.training.data import build_datasets, micro_batches
     from pretrain.parallel.layout import ParallelLayout
 
     config = load_config(TINY, [f"data.prefixes=[{shards}]", *settings])

@@ -23,17 +23,17 @@ import yaml
 
 from data_pipeline.atomic import write_text_atomically
 from data_pipeline.tokenizers import load_tokenizer
-from pretrain import stop_signals
-from pretrain.checkpoint import CheckpointError, CheckpointManager, config_hash
+from pretrain.training import stop_signals
+from pretrain.checkpoint.sharded import CheckpointError, CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
-from pretrain.data import build_datasets, micro_batches
-from pretrain.distill import FrozenTeacher, attach, student_from_teacher
-from pretrain.metrics import MetricsWriter, device_peak_tflops, memory_gib
+from pretrain.training.data import build_datasets, micro_batches
+from pretrain.training.distill import FrozenTeacher, attach, student_from_teacher
+from pretrain.training.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.presets import flops_per_token, parameter_count
-from pretrain.optim import SkipNonFiniteAdamW
+from pretrain.training.optim import SkipNonFiniteAdamW
 from pretrain.parallel.build import apply_activation_checkpointing, apply_compile, build_model
-from pretrain.huggingface import is_hf_directory
-from pretrain.inference import Weights, load_weights, save_consolidated
+from pretrain.checkpoint.huggingface import is_hf_directory
+from pretrain.inference.loading import Weights, load_weights, save_consolidated
 from pretrain.parallel.distributed import (
     bind_device,
     collective_device,
@@ -49,17 +49,17 @@ from pretrain.parallel.engine import (
     loss_scale,
     train_step,
 )
-from pretrain.parallel.reshard import (
+from pretrain.checkpoint.reshard import (
     checkpoint_client_state,
     convert_on_rank_zero,
     group_settings,
     reshard_refusal,
     repair_after_universal_load,
 )
-from pretrain.schedule import lr_multiplier
-from pretrain.run_check import plan_run
-from pretrain.training_tasks import EngineScorer, evaluate_tasks
-from pretrain.weights import load_into
+from pretrain.training.schedule import lr_multiplier
+from pretrain.training.run_check import plan_run
+from pretrain.training.tasks import EngineScorer, evaluate_tasks
+from pretrain.checkpoint.weights import load_into
 
 log = logging.getLogger("pretrain")
 STOP_FILE = "STOP"  # RUN_DIR/STOP: the kill switch
@@ -102,7 +102,7 @@ def host_name() -> str:
 
 def git_commit() -> str:
     """The commit this code runs from, "+ local changes" when the tree differs, or why unknown."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()

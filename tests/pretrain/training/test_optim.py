@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from pretrain.optim import SkipNonFiniteAdamW
+from pretrain.training.optim import SkipNonFiniteAdamW
 from tests.pretrain.ranks import start_ranks
 
 

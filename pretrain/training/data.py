@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizers import Tokenizer
-from pretrain.blend import DataError
+from pretrain.training.blend import DataError
 from pretrain.config import Config
 from pretrain.parallel.layout import ParallelLayout
 

@@ -92,7 +92,7 @@ class MetricsWriter:
             return " | ".join(parts)
         loss = "skipped (non-finite)" if m["loss"] is None else f"{m['loss']:.4f}"
         distilling = [_figure(name.replace("_", " "), m[name], ".4f") for name in ("lm_loss", "kl_loss", "cosine_loss")
-                      if name in m]  # the objective's terms (pretrain/distill.py)
+                      if name in m]  # the objective's terms (pretrain/training/distill.py)
         parts = [f"step {m['step']:>6}", f"loss {loss}", *distilling, f"lr {m['lr']:.3e}",
                  f"grad norm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "grad norm -",
                  f"loss scale {m['loss_scale']:g}" if m.get("loss_scale") else None,

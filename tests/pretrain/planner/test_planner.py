@@ -21,7 +21,7 @@ from pretrain.planner.targets import target_model
 from pretrain.planner.timing import step_time
 from tests.conftest import REPO
 from tests.head_start import finished
-from tests.pretrain.measured_memory import TESTED_CASES, measure_all, shorter
+from tests.pretrain.planner.measured_memory import TESTED_CASES, measure_all, shorter
 
 H100_NODES = Cluster(8, 8, accelerator("h100"))
 

@@ -2,7 +2,7 @@
 model, precision and DeepSpeed settings, the tokenizer against model.vocab_size, the data prefixes, the
 evaluation tasks, the distillation teacher. `python -m pretrain --check` runs only this, and imports torch
 only for what needs it (a GPU to ask about, task files to score, a teacher to read), so a check on a CPU
-login node takes well under a second; every rank runs it again at start-up (pretrain/trainer.py)."""
+login node takes well under a second; every rank runs it again at start-up (pretrain/training/trainer.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
-from pretrain.blend import resolve_blend
+from pretrain.training.blend import resolve_blend
 from pretrain.config import Config, ConfigError
 from pretrain.model.shape import GPTConfig
 from pretrain.parallel.deepspeed_config import deepspeed_config
@@ -19,7 +19,7 @@ from pretrain.parallel.environment import wants_gpu
 from pretrain.parallel.layout import ParallelLayout
 
 if TYPE_CHECKING:
-    from pretrain.training_tasks import TrainingTask
+    from pretrain.training.tasks import TrainingTask
 
 
 @dataclass
@@ -81,7 +81,7 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
     tasks = plan_tasks(config, tokenizer, model_config.n_positions)
     teacher_config = None
     if config.distill.teacher or config.distill.init_from_teacher_layers:
-        from pretrain.distill import check_distill  # reads the teacher's record: torch
+        from pretrain.training.distill import check_distill  # reads the teacher's record: torch
 
         teacher_config = check_distill(config, model_config, layout, tokenizer)
     if config.train.max_steps == 0 and not config.data.prefixes:  # saves the initial state only: no data needed
@@ -102,8 +102,8 @@ def plan_tasks(config: Config, tokenizer: Tokenizer, window: int) -> list[Traini
         raise ConfigError(f"eval.task_max_examples={section.task_max_examples} must be at least 0 (0: all)")
     if not section.tasks:
         return []
-    from pretrain.evaluation import EvaluationError  # scoring code: torch
-    from pretrain.training_tasks import read_training_tasks
+    from pretrain.inference.evaluation import EvaluationError  # scoring code: torch
+    from pretrain.training.tasks import read_training_tasks
 
     try:
         return read_training_tasks(section.tasks, tokenizer, section.task_max_examples, window)

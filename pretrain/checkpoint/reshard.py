@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError, first_unreadable
+from pretrain.checkpoint.sharded import CheckpointError, first_unreadable
 from pretrain.model.gpt2 import TIED_EMBEDDING
 from pretrain.model.shape import GPTConfig
 from pretrain.parallel.distributed import on_rank_zero

@@ -1,5 +1,5 @@
 """data.prefixes resolved to shard prefixes and blend weights, each prefix checked against the tokenizer its
-shards were made with. No torch: `python -m pretrain --check` runs this (pretrain/run_check.py)."""
+shards were made with. No torch: `python -m pretrain --check` runs this (pretrain/training/run_check.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The planner's memory model against real runs: each tested case of pretrain/planner/measure.py run for
-a few steps, with the process baselines they share (tests/pretrain/test_planner.py checks the figures;
+a few steps, with the process baselines they share (tests/pretrain/planner/test_planner.py checks the figures;
 tests/head_start.py starts the runs when the session starts)."""
 
 from __future__ import annotations

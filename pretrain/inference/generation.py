@@ -1,4 +1,4 @@
-"""Autoregressive sampling from a loaded model (pretrain/inference.py), with a KV cache.
+"""Autoregressive sampling from a loaded model (pretrain/inference/loading.py), with a KV cache.
 
 `generate` continues one prompt `num_samples` times, as one batch: each step turns
 the logits of the last position into a token, greedily or by sampling (temperature,
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from pretrain.inference import LoadedModel
+from pretrain.inference.loading import LoadedModel
 from pretrain.model.gpt2 import KVCache
 
 

@@ -1,6 +1,6 @@
 """Zero-shot tasks scored while training (eval.tasks), as llm.c scores HellaSwag: every eval.interval
 steps, on the engine as it is (any tensor, pipeline and data-parallel layout, any ZeRO stage),
-with the definitions of tools/evaluate.py (pretrain/evaluation.py).
+with the definitions of tools/evaluate.py (pretrain/inference/evaluation.py).
 
 The examples are divided over data-parallel ranks (`score_task`'s parts); each model replica
 scores its share through `EngineScorer`, a LogLikelihood whose forward passes are micro-batches
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.evaluation import EncodedTask, EvaluationError, Request, Sums, check_fits, check_request, \
+from pretrain.inference.evaluation import EncodedTask, EvaluationError, Request, Sums, check_fits, check_request, \
     encode_task, read_task, score_task
 from pretrain.model.loss import IGNORE
 

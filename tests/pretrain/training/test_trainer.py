@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import load_config
-from pretrain.schedule import lr_multiplier
+from pretrain.training.schedule import lr_multiplier
 from tests.conftest import SHORT, SMALL_VOCABULARY
 from tests.training import (FREQUENT_WORDS, TINY, assert_same_as_reference, assert_task_figures_equal, data_settings,
                             metrics, reference_settings, train, with_tasks)
@@ -147,7 +147,7 @@ def test_check_imports_no_torch_and_says_ok_or_names_the_setting(shards):
 
 def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(tmp_path, shards, training_task_files):
     from pretrain.config import ConfigError
-    from pretrain.run_check import plan_run
+    from pretrain.training.run_check import plan_run
 
     bad = tmp_path / "hellaswag.jsonl"
     bad.write_text('{"context": "A man", "choices": ["runs", "sits"], "label": 0}\n{"context": "A dog", "label": 1}\n')
@@ -194,8 +194,8 @@ def test_global_batch_is_the_same_for_every_data_parallel_size(single_process_gr
     import torch
 
     from data_pipeline.tokenizers import load_tokenizer
-    from pretrain.blend import resolve_blend
-    from pretrain.data import build_datasets, micro_batches
+    from pretrain.training.blend import resolve_blend
+    from pretrain.training.data import build_datasets, micro_batches
     from pretrain.parallel.layout import ParallelLayout
 
     config = load_config(TINY, [*data_settings(shards), "train.max_steps=6", "eval.interval=0"])

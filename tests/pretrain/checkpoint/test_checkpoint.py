@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import tag_for
+from pretrain.checkpoint.sharded import tag_for
 from tests import cli
 from tests.conftest import REPO, SHORT
 from tests.training import SAME, metrics, train, train_command, train_env
@@ -194,7 +194,7 @@ def test_a_stop_signal_while_an_import_walks_loggings_registry_is_only_recorded(
     arrives inside such a walk every time."""
     code = """if True:
         import logging, os, signal
-        from pretrain import stop_signals
+        from pretrain.training import stop_signals
         stop_signals.install()
         logging.getLogger("some.library")
         for _ in logging.Logger.manager.loggerDict.values():  # as every setLevel does (torch's import calls it)
@@ -319,7 +319,7 @@ def test_resuming_on_other_data_is_refused_naming_each_changed_key_unless_allowe
 
 
 def test_retention_with_keep_every(single_process_group, tmp_path):
-    from pretrain.checkpoint import CheckpointManager
+    from pretrain.checkpoint.sharded import CheckpointManager
 
     for step in range(1, 11):
         (tmp_path / tag_for(step)).mkdir()

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer, padded_vocab_size
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint.sharded import CheckpointError
 from pretrain.config import Config, ConfigError, DistillSection
-from pretrain.huggingface import HFFormatError
-from pretrain.inference import Weights, describe_weights
+from pretrain.checkpoint.huggingface import HFFormatError
+from pretrain.inference.loading import Weights, describe_weights
 from pretrain.model.gpt2 import GPT2, TIED_EMBEDDING, GPTConfig
 from pretrain.model.loss import Distillation
 from pretrain.parallel.layout import LayoutError, ParallelLayout
@@ -133,7 +133,7 @@ class FrozenTeacher:
                  topology, parallel, precision: str, partition_method: str):
         from pretrain.parallel.build import build_model
         from pretrain.parallel.distributed import collective_device
-        from pretrain.weights import load_into
+        from pretrain.checkpoint.weights import load_into
 
         self.config, self.pipeline = config, layout.pipeline_parallel_size > 1
         self.device = collective_device()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, tag_for
+from pretrain.checkpoint.sharded import CheckpointError, tag_for
 from tests.conftest import SMALL_VOCABULARY
 from tests.training import train
 
@@ -22,7 +22,7 @@ STEPS = ("train.max_steps=2", "schedule.warmup=1", "train.precision=fp32")
 
 
 def consolidated(run_dir: Path):
-    from pretrain.weights import consolidate
+    from pretrain.checkpoint.weights import consolidate
 
     return consolidate(run_dir)
 
@@ -74,7 +74,7 @@ def test_a_parallel_checkpoint_consolidates_to_the_one_process_weights(small_ref
 def test_a_damaged_checkpoint_is_named(reference, tmp_path):
     import shutil
 
-    from pretrain.weights import consolidate
+    from pretrain.checkpoint.weights import consolidate
 
     copy = tmp_path / "checkpoints"
     shutil.copytree(reference.directory.parent, copy)
@@ -105,7 +105,7 @@ def test_the_hugging_face_export_computes_what_our_model_computes(reference, tmp
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from pretrain.inference import Weights, build_model
+    from pretrain.inference.loading import Weights, build_model
     from tests.conftest import run_tool
 
     output = tmp_path / "hf"

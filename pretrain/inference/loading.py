@@ -1,7 +1,7 @@
 """A trained model in one process, for the tools that use it (generation, evaluation).
 
 `load_weights` reads full-size weights from any of the three forms a model leaves
-this system in: a checkpoint of ours (any layout, pretrain/weights.py), a Hugging
+this system in: a checkpoint of ours (any layout, pretrain/checkpoint/weights.py), a Hugging
 Face GPT-2 directory, or a consolidated file (`tools/convert_checkpoint.py --to
 fp32`). `load_model` builds our GPT2 on them, in one process (tensor-parallel size
 1), in evaluation mode.
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
-from pretrain.checkpoint import MANIFEST, CheckpointError
+from pretrain.checkpoint.sharded import MANIFEST, CheckpointError
 from pretrain.model.gpt2 import GPT2, GPTConfig
 
 CONSOLIDATED_FORMAT = "gpt2-slurm consolidated weights, v1"
@@ -39,8 +39,8 @@ class Weights:
 def load_weights(path: str | os.PathLike, work_dir: str | None = None) -> Weights:
     """Full-size weights from a checkpoint of ours, a Hugging Face directory or a consolidated file."""
     from data_pipeline.tokenizers import padded_vocab_size
-    from pretrain.huggingface import hf_tokenizer_spec, is_hf_directory, read_hf_directory
-    from pretrain.weights import consolidate
+    from pretrain.checkpoint.huggingface import hf_tokenizer_spec, is_hf_directory, read_hf_directory
+    from pretrain.checkpoint.weights import consolidate
 
     path = Path(path)
     if path.is_file():
@@ -59,8 +59,8 @@ def describe_weights(path: str | os.PathLike) -> tuple[GPTConfig, str]:
     """The model shape and data.tokenizer of what load_weights would read, without reading the weights
     (a checkpoint's manifest, a Hugging Face config.json, a consolidated file's header)."""
     from data_pipeline.tokenizers import padded_vocab_size
-    from pretrain.huggingface import hf_tokenizer_spec, is_hf_directory, read_hf_config
-    from pretrain.weights import find_checkpoint
+    from pretrain.checkpoint.huggingface import hf_tokenizer_spec, is_hf_directory, read_hf_config
+    from pretrain.checkpoint.weights import find_checkpoint
 
     path = Path(path)
     if path.is_file():
@@ -78,7 +78,7 @@ def describe_weights(path: str | os.PathLike) -> tuple[GPTConfig, str]:
 
 
 def _describe_checkpoint(record: Path) -> tuple[GPTConfig, str]:
-    from pretrain.weights import model_config_of
+    from pretrain.checkpoint.weights import model_config_of
 
     try:
         manifest = json.loads(record.read_text())
@@ -164,7 +164,7 @@ def build_model(weights: Weights, device: str | torch.device = "cpu", dtype: tor
     from pretrain.parallel.build import without_empty_extra_state
     from pretrain.parallel.distributed import model_parallel_config
     from pretrain.parallel.layout import ParallelLayout
-    from pretrain.weights import load_into
+    from pretrain.checkpoint.weights import load_into
 
     single_process_group()
     model = without_empty_extra_state(GPT2(weights.config, model_parallel_config(ParallelLayout(world_size=1))))

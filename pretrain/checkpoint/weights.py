@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizers import padded_vocab_size
-from pretrain.checkpoint import LATEST, MANIFEST, CheckpointError, verify_files
+from pretrain.checkpoint.sharded import LATEST, MANIFEST, CheckpointError, verify_files
 from pretrain.model.shape import GPTConfig
 from pretrain.model.hf_mapping import canonical_name, canonical_names, module_name, pad_vocabulary
-from pretrain.parallel.reshard import UNIVERSAL, run_ds_to_universal, tensor_parallel_split
+from pretrain.checkpoint.reshard import UNIVERSAL, run_ds_to_universal, tensor_parallel_split
 
 @dataclass
 class Consolidated:

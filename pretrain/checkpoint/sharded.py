@@ -12,7 +12,7 @@ On load, every file the manifest lists must exist with its recorded size, and
 the model shape must match the config; otherwise the error names the file or the
 mismatch. A run never silently starts fresh over a checkpoint it cannot read.
 A checkpoint saved on another layout is loaded through its universal form
-(pretrain/parallel/reshard.py).
+(pretrain/checkpoint/reshard.py).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class CheckpointManager:
         return manifest
 
     def load(self, engine, tag: str, universal: Path | None = None) -> None:
-        """Load `tag` as saved, or from its universal form (pretrain/parallel/reshard.py) on another layout."""
+        """Load `tag` as saved, or from its universal form (pretrain/checkpoint/reshard.py) on another layout."""
         directory = self.directory / tag
         where = (universal.parent, universal.name) if universal else (self.directory, tag)
         try:

@@ -1,5 +1,5 @@
-"""The scoring behind eval.tasks, against pretrain/evaluation.py's ModelScorer on the same logits.
-(The trainer end to end, in several layouts and against tools/evaluate.py: tests/pretrain/test_trainer.py.)"""
+"""The scoring behind eval.tasks, against pretrain/inference/evaluation.py's ModelScorer on the same logits.
+(The trainer end to end, in several layouts and against tools/evaluate.py: tests/pretrain/training/test_trainer.py.)"""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pretrain.evaluation import ModelScorer
+from pretrain.inference.evaluation import ModelScorer
 from pretrain.model.loss import IGNORE, head_scores
-from pretrain.training_tasks import fill_row
+from pretrain.training.tasks import fill_row
 
 VOCAB, PADDED, WIDTH, WINDOW = 50, 64, 16, 12
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import tag_for
+from pretrain.checkpoint.sharded import tag_for
 from tests.conftest import SHORT
 from tests.training import metrics, train
 
@@ -149,8 +149,8 @@ def test_the_tensor_parallel_split_given_to_deepspeed_matches_megatron_core(sing
     """Each parameter's merge rule for the universal checkpoint agrees with how megatron-core splits it."""
     from pretrain.model.gpt2 import GPT2, GPTConfig
     from pretrain.parallel.distributed import model_parallel_config
-    from pretrain.parallel.reshard import tensor_parallel_split as split_rule
-    from pretrain.parallel.reshard import universal_checkpoint_info
+    from pretrain.checkpoint.reshard import tensor_parallel_split as split_rule
+    from pretrain.checkpoint.reshard import universal_checkpoint_info
 
     config = GPTConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=1000, padded_vocab_size=1024)
     model = GPT2(config, model_parallel_config(single_process_group))
@@ -163,4 +163,4 @@ def test_the_tensor_parallel_split_given_to_deepspeed_matches_megatron_core(sing
         else:
             expected = {0: "columns", 1: "rows"}[parameter.partition_dim]
         assert tensor_parallel_split(info, name) == expected, name
-        assert split_rule(name) == expected, name  # what pretrain/weights.py merges module weights by
+        assert split_rule(name) == expected, name  # what pretrain/checkpoint/weights.py merges module weights by

@@ -27,8 +27,8 @@ import numpy as np
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from pretrain.config import Config, ConfigError
-from pretrain.blend import resolve_blend
-from pretrain.data import build_datasets, micro_batches, sample_range
+from pretrain.training.blend import resolve_blend
+from pretrain.training.data import build_datasets, micro_batches, sample_range
 from pretrain.parallel.layout import ParallelLayout
 
 SPLITS = ("train", "valid")
@@ -201,7 +201,7 @@ def _check_pieces(pieces: list[Piece], dataset, sample: int, fed: list[int]) -> 
     if read != fed[:len(read)]:
         raise RuntimeError(f"sample {sample}: the documents megatron-core's indices name do not hold the tokens it "
                            "returns; this megatron-core lays out its indices differently from what "
-                           "pretrain/data_inspect.py reads (update sample_pieces)")
+                           "pretrain/training/data_inspect.py reads (update sample_pieces)")
 
 
 def _piece_tokens(indexed, piece: Piece) -> list[int]:

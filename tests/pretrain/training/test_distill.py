@@ -1,4 +1,4 @@
-"""Distillation in the trainer (pretrain/distill.py), end to end on real text: the logged objective
+"""Distillation in the trainer (pretrain/training/distill.py), end to end on real text: the logged objective
 equals a direct single-process computation (full logits, torch's cross entropy and KL) on every
 layout and after an update; alpha = 0 trains exactly the ordinary run; a resumed run continues the
 same curve; the student can start from the teacher's blocks; impossible settings are refused."""
@@ -61,8 +61,8 @@ def straight_run(tmp_path_factory, shards, teacher) -> Path:
 def global_batch(shards: str, step: int, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, labels) of global batch `step`, as the trainer reads it on any layout."""
     from data_pipeline.tokenizers import load_tokenizer
-    from pretrain.blend import resolve_blend
-    from pretrain.data import build_datasets, micro_batches
+    from pretrain.training.blend import resolve_blend
+    from pretrain.training.data import build_datasets, micro_batches
     from pretrain.parallel.layout import ParallelLayout
 
     config = load_config(TINY, [*SHORT, *data_settings(shards), "eval.interval=0", "train.max_steps=4"])
@@ -100,7 +100,7 @@ def initial_student():
 def direct(single_process_group, tmp_path_factory, shards, teacher) -> dict:
     """What every layout's run is held to: the teacher as read from disk, global batches 0 and 1, and step
     1's objective, computed from the initial student (the same on every layout)."""
-    from pretrain.inference import load_model
+    from pretrain.inference.loading import load_model
 
     work = tmp_path_factory.mktemp("direct")
     teacher_model = load_model(teacher, device="cpu", work_dir=str(work)).model
@@ -117,7 +117,7 @@ def test_logged_objective_equals_the_direct_computation_before_and_after_an_upda
         tmp_path, shards, teacher, straight_run, direct, nproc, layout):
     """Step 1 from the initial weights; step 2 from the step-1 checkpoint's, with the teacher as it was
     read from disk: had the teacher been trained or changed, step 2 would differ."""
-    from pretrain.inference import load_model
+    from pretrain.inference.loading import load_model
 
     run_dir = straight_run
     if layout:
@@ -175,7 +175,7 @@ def test_the_student_starts_from_the_named_teacher_blocks_on_a_pipeline(tmp_path
     """distill.init_from_teacher_layers=[3, 1]: student block 0 is teacher block 3, block 1 is block 1;
     the embeddings and the final LayerNorm are the teacher's, the position table cut to the student's
     shorter context (64 -> 32). Checked on the step-0 checkpoint of a two-stage pipeline, by name."""
-    from pretrain.inference import load_weights
+    from pretrain.inference.loading import load_weights
 
     result = distill(tmp_path / "run", shards, teacher, "train.max_steps=0", "distill.init_from_teacher_layers=[3,1]",
                      "model.n_positions=32", "parallel.pipeline_parallel_size=2", "parallel.zero_stage=0", nproc=2)
@@ -192,7 +192,7 @@ def test_the_student_starts_from_the_named_teacher_blocks_on_a_pipeline(tmp_path
 
 
 def check(shards: str, *settings: str, world_size: int = 1):
-    from pretrain.run_check import plan_run
+    from pretrain.training.run_check import plan_run
 
     return plan_run(load_config(TINY, [*SHORT, *data_settings(shards), *settings]), world_size)
 
@@ -201,7 +201,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(tmp_path, shard
     """Another SentencePiece model of the same size, trained on part of the same text: the same vocabulary
     size, other tokens."""
     from data_pipeline.tokenizers import train_sentencepiece
-    from pretrain.inference import load_weights, save_consolidated
+    from pretrain.inference.loading import load_weights, save_consolidated
 
     other = train_sentencepiece((document["text"] for document in real_documents[:150]), tmp_path / "other",
                                 SMALL_VOCABULARY, threads=1).files["model"]
