@@ -3,7 +3,9 @@
 Starts N local ranks of `python -m pretrain` (gloo on CPU, NCCL on GPUs) with
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set, forwards SIGTERM
 and SIGUSR1 to them (so a preempted run can save and exit), and exits with the
-first non-zero exit code among them. For several nodes, use srun (slurm/).
+first non-zero exit code among them. Ctrl-C asks the ranks to save after their step
+and exit, as SIGTERM does; a second Ctrl-C stops them at once (exit 130). For several
+nodes, use srun (slurm/).
 
 On CPU the ranks are forked from this process after it has imported torch,
 DeepSpeed, megatron-core and the trainer once: each rank would otherwise spend
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, required=True, help="processes to start on this machine")
     args, rest = parser.parse_known_args(argv)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(128 + signal.SIGINT))  # Ctrl-C before any rank: just stop
     if args.nproc < 1:
         print("error: --nproc must be at least 1", file=sys.stderr)
         return 2
@@ -45,16 +48,26 @@ def main(argv=None) -> int:
         children.append(start({"RANK": str(rank), "WORLD_SIZE": str(args.nproc), "LOCAL_RANK": str(rank),
                                **rendezvous}, rest))
 
+    interrupts = 0
+
     def forward(signum, _frame):
+        nonlocal interrupts
+        if signum == signal.SIGINT:  # Ctrl-C: the terminal sends it to the ranks too (one process group)
+            interrupts += 1
+            # The first asks every rank to save after its step, as SIGTERM does (the ranks that got the
+            # terminal's SIGINT get this too: one request); the second stops them at once.
+            signum = signal.SIGTERM if interrupts == 1 else signal.SIGKILL
+            if interrupts == 2:
+                print("pretrain.launch: second Ctrl-C: stopping the ranks now, without a checkpoint", file=sys.stderr)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, forward)
-    code = wait_for(children)
+    code = wait_for(children, quiet=lambda: interrupts > 1)
     del store
-    return code
+    return 128 + signal.SIGINT if interrupts > 1 else code
 
 
 def ranks_on_cpu() -> bool:
@@ -139,7 +152,6 @@ def run_forked_rank(environment: dict, argv: list[str]) -> int:
     try:
         os.environ.update(environment)
         stop_signals.install()  # the child inherited the launcher's handlers
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         code = rank_main(argv)
     except SystemExit as stop:  # argparse's exit 2, or sys.exit() somewhere below
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
@@ -159,16 +171,19 @@ def run_forked_rank(environment: dict, argv: list[str]) -> int:
 STOP_GRACE_SECONDS = 10.0
 
 
-def wait_for(children: list, grace: float = STOP_GRACE_SECONDS) -> int:
+def wait_for(children: list, grace: float = STOP_GRACE_SECONDS, quiet=lambda: False) -> int:
     """Wait for every child; if one fails, stop the rest (they would hang in a collective): SIGTERM, then
     SIGKILL for those still there after `grace` seconds. A rank waiting for the failed one at start-up, or
-    in a collective, takes SIGTERM as a request to save after its step, which never comes."""
+    in a collective, takes SIGTERM as a request to save after its step, which never comes. `quiet()` true:
+    the ranks were stopped on purpose, and the failure is not announced."""
     while True:
         codes = [child.poll() for child in children]
         failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
             rank, code = failed[0]
-            print(f"pretrain.launch: rank {rank} exited with code {code}; stopping the other ranks", file=sys.stderr)
+            if not quiet():
+                print(f"pretrain.launch: rank {rank} exited with code {code}; stopping the other ranks",
+                      file=sys.stderr)
             for child in children:
                 child.terminate()
             deadline = time.monotonic() + grace

@@ -389,18 +389,18 @@ class Trainer:
             kept = [line for line, row in rows if row["step"] < step or (row["step"] == step and "event" not in row)]
             path.write_text("".join(line + "\n" for line in kept))
 
-    STOP_REASONS = ("signal:SIGTERM", "signal:SIGUSR1", "stop_file", "exit_after_minutes")
+    STOP_REASONS = ("signal:SIGTERM", "signal:SIGUSR1", "signal:SIGINT", "stop_file", "exit_after_minutes")
 
     def _stop_agreed(self, after_a_step: bool = True) -> str | None:
         """Why the run must stop now, if any rank has a reason; every rank gets the same answer,
         so all save together. Only rank 0 looks at the kill switch and the clock; the time
         budget counts only after a step, so that every run makes progress."""
         received = stop_signals.received()
-        reasons = [received == "SIGTERM", received == "SIGUSR1", False, False]
+        reasons = [received == "SIGTERM", received == "SIGUSR1", received == "SIGINT", False, False]
         if self.rank == 0:
             budget = self.config.train.exit_after_minutes
-            reasons[2] = (self.run_dir / STOP_FILE).exists()
-            reasons[3] = after_a_step and budget > 0 and time.monotonic() - self.started >= budget * 60
+            reasons[3] = (self.run_dir / STOP_FILE).exists()
+            reasons[4] = after_a_step and budget > 0 and time.monotonic() - self.started >= budget * 60
         flags = torch.tensor(reasons, dtype=torch.float32, device=collective_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return next((reason for reason, flag in zip(self.STOP_REASONS, flags.tolist()) if flag), None)

@@ -51,9 +51,9 @@ def straight(tmp_path_factory, shards):
     return run_dir
 
 
-def interrupt_after_step(process, run_dir: Path, step: int) -> str:
-    """SIGTERM once `step` is logged. Never earlier: on a slow, busy machine start-up alone can take
-    minutes, and a signal during start-up stops the run before training (its own test, below)."""
+def wait_for_step(process, run_dir: Path, step: int) -> None:
+    """Until `step` is logged. Never earlier: on a slow, busy machine start-up alone can take minutes, and a
+    signal during start-up stops the run before training (its own test, below)."""
     deadline = time.monotonic() + 900
     path = run_dir / "metrics.jsonl"
 
@@ -66,6 +66,26 @@ def interrupt_after_step(process, run_dir: Path, step: int) -> str:
             process.kill()
             raise AssertionError(f"the run did not log step {step} in 900 s: {process.communicate()[1][-3000:]}")
         time.sleep(0.05)
+
+
+def press_ctrl_c(pid: int) -> None:
+    """SIGINT to the process and every process below it, as a terminal sends it to its foreground job
+    (a process that has ended meanwhile is skipped)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return
+    for child in children:
+        press_ctrl_c(int(child))
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        pass
+
+
+def interrupt_after_step(process, run_dir: Path, step: int) -> str:
+    """SIGTERM once `step` is logged; the run's stderr, after checking that it exited 0."""
+    wait_for_step(process, run_dir, step)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
@@ -158,6 +178,40 @@ def test_sigterm_on_two_pipeline_stages_saves_and_the_rerun_continues_the_same_c
 
 
 @pytest.mark.slow
+def test_ctrl_c_saves_like_sigterm_and_a_second_ctrl_c_stops_at_once(tmp_path, shards):
+    """Under pretrain.launch, as a terminal delivers it (the launcher and its ranks): one Ctrl-C saves after
+    the step and exits 0; two stop the ranks at once (exit 130), without a checkpoint, even ranks that would
+    take long to finish their step. Neither prints a traceback."""
+    pipeline = "parallel.pipeline_parallel_size=2"
+    first = start(tmp_path, shards, pipeline, nproc=2)
+    wait_for_step(first, tmp_path, 2)
+    press_ctrl_c(first.pid)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert "received SIGINT: saving a checkpoint after this step, then exiting (Ctrl-C again" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert json.loads((tmp_path / "exit.json").read_text())["reason"] == "signal:SIGINT"
+    stopped_at = latest_step(tmp_path)
+    assert 2 <= stopped_at < STEPS
+
+    again = start(tmp_path, shards, pipeline, nproc=2)  # the same command again resumes from that checkpoint
+    wait_for_step(again, tmp_path, stopped_at + 1)
+    ranks = [int(pid) for pid in Path(f"/proc/{again.pid}/task/{again.pid}/children").read_text().split()]
+    for rank in ranks:  # held mid-step: however long their step and save would take, they are not done
+        os.kill(rank, signal.SIGSTOP)
+    press_ctrl_c(again.pid)
+    time.sleep(0.2)
+    press_ctrl_c(again.pid)
+    began = time.monotonic()
+    _, stderr = again.communicate(timeout=60)
+    assert again.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - began < 15
+    assert "second Ctrl-C: stopping the ranks now, without a checkpoint" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and "exited with code" not in stderr
+    assert latest_step(tmp_path) == stopped_at
+
+
+@pytest.mark.slow
 def test_exit_after_minutes_saves_records_why_and_the_rerun_continues_exactly(stopped_three_ways, straight):
     """A wall-time budget (for clusters whose signals are unreliable): save, exit 0, say why in exit.json."""
     first, stopped = stopped_three_ways["sigterm"]["latest"], stopped_three_ways["exit_after"]
@@ -185,6 +239,24 @@ def test_a_signal_during_start_up_stops_the_run_cleanly_before_training(tmp_path
     assert "received SIGUSR1" in stderr
     assert json.loads((tmp_path / "exit.json").read_text())["reason"] == "signal:SIGUSR1"
     assert not (tmp_path / "checkpoints" / "latest").exists()  # nothing trained, nothing to save
+
+
+def test_one_process_takes_ctrl_c_as_a_stop_request_and_a_second_as_exit_130():
+    """pretrain/training/stop_signals.py in a process of its own: the first SIGINT is recorded (the run saves
+    after its step), the second ends the process at once, each with one line and no traceback."""
+    code = ("import sys, time; sys.path.insert(0, {repo!r}); from pretrain.training import stop_signals; "
+            "stop_signals.install(); print('ready', flush=True)\n"
+            "while stop_signals.received() is None: time.sleep(0.01)\n"
+            "print('recorded', stop_signals.received(), flush=True); time.sleep(60)").format(repo=str(REPO))
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGINT)
+    assert process.stdout.readline() == "recorded SIGINT\n"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "received SIGINT: saving a checkpoint after this step, then exiting (Ctrl-C again" in stderr
+    assert "second Ctrl-C: exiting now, without a checkpoint" in stderr and "Traceback" not in stderr
 
 
 def test_a_stop_signal_while_an_import_walks_loggings_registry_is_only_recorded():
