@@ -6,17 +6,18 @@ login node takes well under a second; every rank runs it again at start-up (pret
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
-from pretrain.training.blend import resolve_blend
 from pretrain.config import Config, ConfigError
 from pretrain.model.shape import GPTConfig
 from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.environment import wants_gpu
 from pretrain.parallel.layout import ParallelLayout
+from pretrain.training.blend import resolve_blend
 
 if TYPE_CHECKING:
     from pretrain.training.tasks import TrainingTask
@@ -59,6 +60,22 @@ def check_settings(config: Config, world_size: int, on_gpu: bool | None = None) 
     return model_config, layout
 
 
+def check_writable(key: str, directory: Path) -> None:
+    """`directory` takes files, or can be made: probed with a directory made and removed in it (or in its
+    nearest existing parent), which finds what permission bits do not (a file in the way, /proc, a
+    read-only mount). Only a probe: the run makes the directory itself."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={directory} cannot be made: {existing} is a file; set {key} to a directory path")
+    try:
+        Path(tempfile.mkdtemp(prefix=".write-check-", dir=existing)).rmdir()
+    except OSError as error:
+        raise ConfigError(f"{key}={directory} cannot be written ({error.strerror} in {existing}); "
+                          f"set {key} to a writable place") from None
+
+
 def plan_run(config: Config, world_size: int) -> RunPlan:
     """Validate the settings that can be checked without processes (layout against the
     model and world size, precision, tokenizer, data prefixes); raise the one-line error
@@ -71,6 +88,9 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
     for key, value in (("checkpoint.interval", config.checkpoint.interval), ("logging.interval", config.logging.interval)):
         if value < 1:  # a step count every so many steps: 0 would divide by zero mid-run
             raise ConfigError(f"{key}={value} must be at least 1")
+    for key, directory in (("run.dir", config.run.dir), ("checkpoint.dir", config.checkpoint.dir)):
+        if directory:
+            check_writable(key, Path(directory))
     tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} but data.tokenizer {config.data.tokenizer!r} "

@@ -120,7 +120,7 @@ def test_impossible_settings_stop_at_start_up_naming_the_setting(tmp_path, shard
         assert part in result.stderr
 
 
-def test_check_imports_no_torch_and_says_ok_or_names_the_setting(shards):
+def test_check_imports_no_torch_and_says_ok_or_names_the_setting(shards, tmp_path):
     """`python -m pretrain --check` in a fresh interpreter on a CPU: the verdict without torch, DeepSpeed or
     megatron-core (3 s of imports before; slurm/pretrain.sbatch runs it before every job)."""
     import os
@@ -143,6 +143,36 @@ def test_check_imports_no_torch_and_says_ok_or_names_the_setting(shards):
     assert refused.returncode == 2 and "imported: []" in refused.stdout
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line, no traceback
     assert "world size 2 is not a multiple of parallel.tensor_parallel_size" in refused.stderr
+    (tmp_path / "a_file").write_text("")
+    unwritable = subprocess.run([*common, f"run.dir={tmp_path / 'a_file' / 'run'}"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert unwritable.returncode == 2 and unwritable.stderr.strip().splitlines() == [unwritable.stderr.strip()]
+    assert f"run.dir={tmp_path / 'a_file' / 'run'} cannot be made" in unwritable.stderr
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc", "checkpoint.dir under a file", "writable"])
+def test_a_run_or_checkpoint_directory_that_cannot_be_written_is_refused_at_start_up(tmp_path, shards, where):
+    """Before any process starts (`--check` too): a run.dir or checkpoint.dir whose place is a file, or that
+    no one can create (/proc), is one error naming the setting; a new directory under a writable one is fine
+    and is not made by the check."""
+    from pretrain.config import ConfigError
+    from pretrain.training.run_check import plan_run
+
+    (tmp_path / "a_file").write_text("not a directory")
+    key, value, message = {
+        "under a file": ("run.dir", tmp_path / "a_file" / "run", "is a file; set run.dir to a directory path"),
+        "under /proc": ("run.dir", Path("/proc/no_such_process/run"), "cannot be written"),
+        "checkpoint.dir under a file": ("checkpoint.dir", tmp_path / "a_file" / "ckpt", "is a file"),
+        "writable": ("run.dir", tmp_path / "new" / "run", None),
+    }[where]
+    config = load_config(TINY, [*data_settings(shards), f"{key}={value}"])
+    if message is None:
+        plan_run(config, 1)
+        assert not (tmp_path / "new").exists()
+        return
+    with pytest.raises(ConfigError) as refused:
+        plan_run(config, 1)
+    assert str(refused.value).startswith(f"{key}={value} ") and message in str(refused.value)
 
 
 def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(tmp_path, shards, training_task_files):
