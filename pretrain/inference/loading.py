@@ -108,16 +108,22 @@ def _shape(config: GPTConfig) -> dict:
                                                   "layer_norm_epsilon")}
 
 
+WHAT_TO_GIVE = ("give a checkpoint directory of ours, a Hugging Face GPT-2 directory, or a file written by "
+                "tools/convert_checkpoint.py --to fp32")
+
+
 def _read_consolidated(path: Path, mmap: bool = False) -> Weights:
     from data_pipeline.tokenizers import padded_vocab_size
 
     try:
         record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several kinds for a file that is not its format
-        raise CheckpointError(f"{path} is not a consolidated weights file ({type(error).__name__}: {error})") from None
+        # Not torch's message: for a pickle of other objects it advises weights_only=False, which would run
+        # the file's code and still not make it a model.
+        raise CheckpointError(f"{path} is not a model file of this project ({type(error).__name__} from torch.load); "
+                              f"{WHAT_TO_GIVE}") from None
     if not isinstance(record, dict) or record.get("format") != CONSOLIDATED_FORMAT:
-        raise CheckpointError(f"{path} is not a consolidated weights file of this project "
-                              "(write one with tools/convert_checkpoint.py --to fp32)")
+        raise CheckpointError(f"{path} is not a consolidated weights file of this project; {WHAT_TO_GIVE}")
     try:
         shape = record["model"]
         config = GPTConfig(**shape, padded_vocab_size=padded_vocab_size(shape["vocab_size"]))

@@ -287,3 +287,24 @@ def test_cli_names_a_damaged_checkpoint(tmp_path, capsys, damage):
     assert main(["--checkpoint", str(path), "--prompt", "hi", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(path) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", ["a pickled module", "a plain dict", "text"])
+def test_a_file_that_is_not_a_model_of_ours_is_named_with_what_to_give_instead(tmp_path, content):
+    """Not torch's advice to load with weights_only=False (which would run the file's code): what the file
+    is not, and what the tools take."""
+    from pretrain.checkpoint.sharded import CheckpointError
+    from pretrain.inference.loading import load_weights
+
+    path = tmp_path / "model.pt"
+    if content == "a pickled module":
+        torch.save(torch.nn.Linear(2, 2), path)
+    elif content == "a plain dict":
+        torch.save({"weight": torch.ones(2)}, path)
+    else:
+        path.write_text("not a model\n")
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path} is not a ") and "tools/convert_checkpoint.py --to fp32" in message
+    assert "weights_only" not in message and "\n" not in message
