@@ -34,6 +34,7 @@ from pretrain.training import stop_signals
 
 stop_signals.install()  # before the imports below: a preemption during start-up must not kill the rank
 
+from pretrain.checkpoint.resume import CheckpointError  # noqa: E402
 from pretrain.training.blend import DataError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.parallel.environment import LaunchError, environment_from_launcher, wants_gpu  # noqa: E402
@@ -41,7 +42,7 @@ from pretrain.parallel.layout import LayoutError  # noqa: E402
 from pretrain.training.run_check import plan_run  # noqa: E402
 
 # What --check can raise: none of these modules imports torch, so a check takes a fraction of a second.
-CHECK_ERRORS = (ConfigError, LayoutError, DataError, LaunchError)
+CHECK_ERRORS = (ConfigError, LayoutError, DataError, LaunchError, CheckpointError)
 
 
 def import_the_trainer():
@@ -53,11 +54,10 @@ def import_the_trainer():
     cpu = os.environ.get("PRETRAIN_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if cpu else "cuda")
 
-    from pretrain.checkpoint.sharded import CheckpointError
     from pretrain.checkpoint.huggingface import HFFormatError
     from pretrain.training.trainer import Trainer, TrainingDiverged
 
-    return Trainer, TrainingDiverged, (*CHECK_ERRORS, CheckpointError, HFFormatError)
+    return Trainer, TrainingDiverged, (*CHECK_ERRORS, HFFormatError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,8 +84,18 @@ def check(config, world_size: int | None) -> int:
     wants_gpu()  # PRETRAIN_DEVICE=cuda on a node whose torch sees no GPU stops here, not on every rank
     plan = plan_run(config, world_size)
     print(f"ok: {world_size} ranks, {plan.layout.describe()}; {len(plan.blend[0])} data shard(s)")
-    print(f"run_dir={config.run.dir}")
+    point = plan.resume_point
+    print(f"resume: {point.describe()}" if point else "resume: none (starts at step 0)")
+    print(f"run_dir={config.run.dir}")  # slurm/pretrain.sbatch reads this line
     return 0
+
+
+def report(error: Exception) -> None:
+    """An error that stops the run, printed by the first rank to meet it (the others meet the same one)."""
+    from pretrain.parallel.distributed import first_to_report
+
+    if first_to_report():
+        print(f"error: {error}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -107,10 +117,10 @@ def main(argv=None) -> int:
         trainer.setup()
         trainer.run()
     except setup_errors as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(error)
         return 2
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(error)
         return 3
     finally:
         trainer.close()

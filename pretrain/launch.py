@@ -40,6 +40,11 @@ def main(argv=None) -> int:
     if start is fork_rank:
         preload()
         share_the_cores(args.nproc)
+    refusal = check_before_starting(rest, args.nproc)
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(128 + signal.SIGINT))  # again: pretrain.__main__ set its own
     # The store serves the ranks until they end. Its server thread is running when the ranks are forked: a
     # forked rank never touches the copy it inherits (it connects as a client, and leaves through os._exit).
     store, rendezvous = host_rendezvous(args.nproc)
@@ -68,6 +73,23 @@ def main(argv=None) -> int:
     code = wait_for(children, quiet=lambda: interrupts > 1)
     del store
     return 128 + signal.SIGINT if interrupts > 1 else code
+
+
+def check_before_starting(argv: list[str], nproc: int) -> str | None:
+    """What `python -m pretrain --check` would refuse for `nproc` ranks (settings, data, the checkpoint to
+    resume), found once here: otherwise every rank would start, and print the same error. None: go on."""
+    from pretrain.__main__ import CHECK_ERRORS, parse_args
+    from pretrain.config import load_config
+    from pretrain.training.run_check import plan_run
+
+    arguments = parse_args(argv)  # a malformed command line: argparse's usage and exit 2, once
+    if arguments.check:
+        return None  # the rank checks, and says ok
+    try:
+        plan_run(load_config(arguments.config, arguments.set), nproc)
+    except (*CHECK_ERRORS, OSError) as error:
+        return str(error)
+    return None
 
 
 def ranks_on_cpu() -> bool:

@@ -89,7 +89,19 @@ def main(argv=None) -> int:
           f"{stats['bytes_in'] / 1e6:,.1f} MB in, {stats['bytes_out'] / 1e6:,.1f} MB out")
     print(f"documents: {Path(args.output) / 'documents'}   removed: {Path(args.output) / 'removed'}   "
           f"stats: {Path(args.output) / 'stats.json'}")
+    if stats["read"] and not stats["kept"]:
+        print(f"WARNING: every document was removed ({most_removing_stage(stats)}); "
+              "nothing is left to tokenize: check the input's fields and the config's thresholds", file=sys.stderr)
     return 0
+
+
+def most_removing_stage(stats: dict) -> str:
+    """'most by STAGE: REASON (N)': the reason that removed the most documents, for a curation that kept none."""
+    reasons = [(count, reason) for row in stats["stages"].values() for reason, count in row["dropped"].items()]
+    if not reasons:
+        return "no stage recorded a reason"
+    count, reason = max(reasons)
+    return f"most by {reason}: {count:,}"
 
 
 if __name__ == "__main__":

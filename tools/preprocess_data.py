@@ -97,6 +97,10 @@ def main(argv=None) -> int:
     if skipped["total"] > 20:
         print(f"  ... and {skipped['total'] - 20} more, all listed in {args.output_prefix}.json")
     print(f"summary: {args.output_prefix}.json")
+    if summary["tokens"] == 0:  # exit 0 (nothing failed), but a training run on this prefix is refused
+        print(f"WARNING: no tokens were written: every input record was empty or skipped, so {args.output_prefix} "
+              "cannot be trained on; check --input and --text-key, and the curation's stats.json if the text was "
+              "curated", file=sys.stderr)
     return 0
 
 

@@ -86,31 +86,6 @@ def checkpoint_client_state(config: GPTConfig) -> dict:
     return {UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(config)}
 
 
-def reshard_refusal(saved: dict, ours: dict) -> str | None:
-    """Why a checkpoint saved with layout `saved` cannot be resharded onto `ours`, or None if it can.
-
-    DeepSpeed's universal checkpoint covers ZeRO-1/2 (and its bf16 optimizer) in
-    any TP x PP x DP, and ZeRO-3 across data-parallel sizes. It has no ZeRO-0
-    path, cannot move optimizer state between ZeRO-3 and ZeRO-1/2, and under
-    ZeRO-3 restores megatron-core's tensor-parallel slices unsliced.
-    """
-    stages = (saved["zero_stage"], ours["zero_stage"])
-    keep = (f"resume on the saved layout (parallel.tensor_parallel_size={saved['tensor_parallel_size']} "
-            f"parallel.pipeline_parallel_size={saved['pipeline_parallel_size']} parallel.zero_stage={saved['zero_stage']}"
-            f", {saved['tensor_parallel_size'] * saved['pipeline_parallel_size'] * saved['data_parallel_size']} "
-            "processes)")
-    if 0 in stages:
-        return f"ZeRO-0 checkpoints cannot be resharded: {keep}, or use parallel.zero_stage=1 from the start"
-    if (stages[0] == 3) != (stages[1] == 3):
-        return (f"DeepSpeed cannot convert optimizer state between ZeRO-3 and ZeRO-1/2 "
-                f"(parallel.zero_stage {stages[0]} -> {stages[1]}): {keep}")
-    if 3 in stages and (saved["tensor_parallel_size"] > 1 or ours["tensor_parallel_size"] > 1):
-        return ("under ZeRO-3 only the data-parallel size may change (DeepSpeed does not re-slice megatron-core's "
-                f"tensor-parallel weights); keep parallel.tensor_parallel_size={saved['tensor_parallel_size']}, "
-                f"or {keep}")
-    return None
-
-
 def repair_after_universal_load(optimizer, expected: list[dict]) -> None:
     """Undo two things DeepSpeed's ZeRO-3 universal loader gets wrong (ZeRO-1/2 need neither).
 

@@ -28,16 +28,17 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.atomic import fsync_path, write_text_atomically
+# Defined without torch (--check reads checkpoints too); imported from here by the tools and the trainer.
+from pretrain.checkpoint.resume import (  # noqa: F401
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    verify_files,
+)
 
 log = logging.getLogger("pretrain")
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; names the file or the mismatch."""
 
 
 def tag_for(step: int) -> str:
@@ -64,17 +65,6 @@ def restore_random_state(state) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def verify_files(directory: Path, manifest: dict) -> None:
-    """Every file the manifest lists is there with its recorded size, or the error names it."""
-    for name, size in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {directory} is missing {name}; it cannot be used")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, the manifest says {size}: "
-                                  "truncated or overwritten; use an older checkpoint")
-
-
 def first_unreadable(checkpoint: Path) -> str | None:
     """Which file of a checkpoint torch cannot open, and why (a file damaged in place keeps its size,
     which the manifest checks); None if all open. Memory-mapped: nothing is read in full."""
@@ -99,16 +89,6 @@ class CheckpointManager:
                 log.warning("removing %s, an unfinished save", partial)
                 shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
-
-    def latest(self) -> str | None:
-        pointer = self.directory / LATEST
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        if not (self.directory / tag / MANIFEST).is_file():
-            raise CheckpointError(f"{pointer} names {tag}, but {self.directory / tag / MANIFEST} is missing; "
-                                  "restore that checkpoint or point latest at another step_* directory")
-        return tag
 
     # ---- save ----------------------------------------------------------------------
 
@@ -143,17 +123,6 @@ class CheckpointManager:
                 shutil.rmtree(self.directory / tag_for(step), ignore_errors=True)
 
     # ---- load ----------------------------------------------------------------------
-
-    def verify(self, tag: str, expected_model: dict) -> dict:
-        """The manifest of `tag`, after checking every file and the model shape."""
-        directory = self.directory / tag
-        manifest = json.loads((directory / MANIFEST).read_text())
-        verify_files(directory, manifest)
-        if manifest["model"] != expected_model:
-            differences = {k: (manifest["model"].get(k), v) for k, v in expected_model.items()
-                           if manifest["model"].get(k) != v}
-            raise CheckpointError(f"checkpoint {directory} holds a different model; (checkpoint, config): {differences}")
-        return manifest
 
     def load(self, engine, tag: str, universal: Path | None = None) -> None:
         """Load `tag` as saved, or from its universal form (pretrain/checkpoint/reshard.py) on another layout."""

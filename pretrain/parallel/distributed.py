@@ -70,6 +70,26 @@ def host_rendezvous(world_size: int, timeout_minutes: float = 10.0):
                    "TORCHELASTIC_USE_AGENT_STORE": "True"}  # torch.distributed's env:// then only connects
 
 
+REPORTED_KEY = "pretrain/error_reported"
+
+
+def first_to_report() -> bool:
+    """Whether this rank is the first of the job to report an error that stops it: the ranks claim the report
+    in the rendezvous store, so that an error every rank meets (a refused checkpoint, a divergence) is
+    printed once, by the rank that saw it first, not once per rank. True without a process group, and
+    where the store does not answer within seconds (its host may be gone): an error is never lost."""
+    from datetime import timedelta
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        return store.add(REPORTED_KEY, 1) == 1
+    except Exception:  # noqa: BLE001  (the store's host ended first: say it rather than nothing)
+        return True
+
+
 def collective_device() -> torch.device:
     """Where small tensors for collectives must live: the GPU under NCCL, else the CPU."""
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"

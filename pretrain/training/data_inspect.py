@@ -143,7 +143,7 @@ def samples_at_step(config: Config, step: int, data_rank: int = 0, world_size: i
     layout = inspection_layout(config, world_size)
     check_request(config, layout, split, step, data_rank)
     tokenizer = _tokenizer_for(config)
-    blend = resolve_blend(config.data.prefixes, tokenizer)
+    blend = resolve_blend(config.data.prefixes, tokenizer, sample_tokens=config.model.n_positions + 1)
     with tempfile.TemporaryDirectory(prefix="inspect_data_") as scratch:
         cache = Path(cache_dir) if cache_dir else Path(scratch) / "data_cache"
         private = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir=str(cache)))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
+from pretrain.checkpoint.resume import MODEL_SHAPE_KEYS, ResumePoint, find_resume_point
 from pretrain.config import Config, ConfigError
 from pretrain.model.shape import GPTConfig
 from pretrain.parallel.deepspeed_config import deepspeed_config
@@ -34,6 +35,8 @@ class RunPlan:
     tasks: list[TrainingTask]
     teacher_config: GPTConfig | None = None
     """distill.teacher's model shape; None when not distilling."""
+    resume_point: ResumePoint | None = None
+    """The checkpoint the run continues from, checked; None for a run that starts at step 0."""
 
 
 def check_settings(config: Config, world_size: int, on_gpu: bool | None = None) -> tuple[GPTConfig, ParallelLayout]:
@@ -104,10 +107,13 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
         from pretrain.training.distill import check_distill  # reads the teacher's record: torch
 
         teacher_config = check_distill(config, model_config, layout, tokenizer)
-    if config.train.max_steps == 0 and not config.data.prefixes:  # saves the initial state only: no data needed
-        return RunPlan(model_config, layout, tokenizer, ([], []), tasks, teacher_config)
-    return RunPlan(model_config, layout, tokenizer, resolve_blend(config.data.prefixes, tokenizer), tasks,
-                   teacher_config)
+    blend = ([], [])
+    if config.train.max_steps or config.data.prefixes:  # a run of 0 steps saves the initial state: no data needed
+        blend = resolve_blend(config.data.prefixes, tokenizer, sample_tokens=model_config.n_positions + 1)
+    checkpoints = Path(config.checkpoint.dir or Path(config.run.dir) / "checkpoints")
+    shape = {key: getattr(model_config, key) for key in MODEL_SHAPE_KEYS}
+    resume_point = find_resume_point(checkpoints, config, layout, shape, tokenizer.identity()["sha256"], blend)
+    return RunPlan(model_config, layout, tokenizer, blend, tasks, teacher_config, resume_point)
 
 
 def plan_tasks(config: Config, tokenizer: Tokenizer, window: int) -> list[TrainingTask]:

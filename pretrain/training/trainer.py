@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ import yaml
 from data_pipeline.atomic import write_text_atomically
 from data_pipeline.tokenizers import load_tokenizer
 from pretrain.training import stop_signals
-from pretrain.checkpoint.sharded import CheckpointError, CheckpointManager, config_hash
+from pretrain.checkpoint.resume import MODEL_SHAPE_KEYS, layout_record
+from pretrain.checkpoint.sharded import CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
 from pretrain.training.data import build_datasets, micro_batches
 from pretrain.training.distill import FrozenTeacher, attach, student_from_teacher
@@ -53,7 +53,6 @@ from pretrain.checkpoint.reshard import (
     checkpoint_client_state,
     convert_on_rank_zero,
     group_settings,
-    reshard_refusal,
     repair_after_universal_load,
 )
 from pretrain.training.schedule import lr_multiplier
@@ -75,20 +74,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-MODEL_SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
-
-
-@dataclass
-class ResumePoint:
-    tag: str
-    manifest: dict
-    reshard: bool
-    """Saved with another layout (TP, PP, DP or ZeRO stage): load it through the universal form."""
-    weights_only: bool = False
-    """A step-0 checkpoint on another layout or precision: it has no optimizer history, so only its
-    weights are loaded (any layout, ZeRO stage and precision) and the optimizer starts fresh."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,7 +107,6 @@ class Trainer:
         self.started = time.monotonic()  # for train.exit_after_minutes
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self.data_changes: list[str] = []  # what differs from the resumed checkpoint's data (when allowed)
 
     # ---- setup -------------------------------------------------------------------
 
@@ -140,7 +124,8 @@ class Trainer:
         topology = initialize_model_parallel(self.layout, config.train.distributed_timeout_minutes)
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
                                              config.checkpoint.keep_last, config.checkpoint.keep_every)
-        self.resume_point = self._find_resume_point()
+        self.checkpoints.clean_partial_saves()
+        self.resume_point = plan.resume_point  # run_check found and checked it, before the engine is built
         self._record_start()
         self._seed_random_state(topology)
         teacher_weights = None
@@ -164,9 +149,10 @@ class Trainer:
         self.resume()
         self.metrics = MetricsWriter(self.run_dir, config.logging.interval, config.logging.tensorboard,
                                      enabled=self.rank == 0)
-        if self.data_changes and self.rank == 0:  # allowed by checkpoint.allow_data_change: on record
-            log.warning("resuming on changed data (checkpoint.allow_data_change=true): %s", "; ".join(self.data_changes))
-            self.metrics.write({"step": self.step, "event": "data_changed", "changes": self.data_changes})
+        changes = self.resume_point.data_changes if self.resume_point else []
+        if changes and self.rank == 0:  # allowed by checkpoint.allow_data_change: on record
+            log.warning("resuming on changed data (checkpoint.allow_data_change=true): %s", "; ".join(changes))
+            self.metrics.write({"step": self.step, "event": "data_changed", "changes": changes})
 
     def _seed_random_state(self, topology) -> None:
         """Seed torch (CPU and every GPU) from train.seed, for dropout; a resumed run then
@@ -291,66 +277,13 @@ class Trainer:
         }
 
     def layout_record(self) -> dict:
-        """What decides how the model and optimizer state are cut; a change means resharding on resume."""
-        layout = self.layout
-        record = {"tensor_parallel_size": layout.tensor_parallel_size,
-                  "pipeline_parallel_size": layout.pipeline_parallel_size,
-                  "data_parallel_size": layout.data_parallel_size, "zero_stage": layout.zero_stage}
-        if layout.pipeline_parallel_size > 1:  # where the stages are cut
-            record["partition_method"] = self.config.model.partition_method
-        return record
+        return layout_record(self.layout, self.config.model.partition_method)
 
     def model_shape(self) -> dict:
         return {key: getattr(self.model_config, key) for key in MODEL_SHAPE_KEYS}
 
     def save(self) -> None:
         self.checkpoints.save(self.engine, self.step, self.manifest(), checkpoint_client_state(self.model_config))
-
-    def _find_resume_point(self) -> ResumePoint | None:
-        """The checkpoint to continue from (`latest`), checked, and whether it must be resharded."""
-        self.checkpoints.clean_partial_saves()
-        tag = self.checkpoints.latest()
-        if tag is None:
-            return None
-        manifest = self.checkpoints.verify(tag, self.model_shape())
-        if manifest["step"] == 0:  # no data consumed, no optimizer history: data, batch and layout are free
-            other = (manifest["layout"], manifest.get("precision")) != (self.layout_record(), self.config.train.precision)
-            return ResumePoint(tag, manifest, reshard=False, weights_only=other)
-        saved_batch, batch = manifest["data"]["global_batch_size"], self.layout.global_batch_size
-        if saved_batch != batch:
-            raise CheckpointError(
-                f"checkpoint {tag} was trained with parallel.global_batch_size={saved_batch}, this run has {batch}; "
-                f"the data order is counted in global batches, so keep parallel.global_batch_size={saved_batch}")
-        self.data_changes = self._data_changes(manifest)
-        if self.data_changes and not self.config.checkpoint.allow_data_change:
-            raise CheckpointError(
-                f"checkpoint {tag} was trained on other data: {'; '.join(self.data_changes)} (checkpoint -> this "
-                "run). Resuming would silently change the data order: restore those settings, or set "
-                "checkpoint.allow_data_change=true to continue on the new data (it is then logged and recorded "
-                "in metrics.jsonl)")
-        reshard = manifest["layout"] != self.layout_record()
-        refusal = reshard and reshard_refusal(manifest["layout"], self.layout_record())
-        if refusal:
-            raise CheckpointError(f"checkpoint {tag} was saved with layout {manifest['layout']}, this run is "
-                                  f"{self.layout_record()}: {refusal}")
-        return ResumePoint(tag, manifest, reshard)
-
-    def _data_changes(self, manifest: dict) -> list[str]:
-        """What decides the data order and differs from the checkpoint: 'key: saved -> now' each.
-        (A key an older manifest lacks is not compared.)"""
-        saved_data, saved_config = manifest.get("data", {}), manifest.get("config", {}).get("data", {})
-        compared = [
-            ("data.prefixes", saved_config.get("prefixes"), self.config.data.prefixes),
-            ("data.split", saved_config.get("split"), self.config.data.split),
-            ("train.seed", saved_data.get("seed"), self.config.train.seed),
-            ("data.tokenizer (sha256)", saved_data.get("tokenizer_sha256"), self.tokenizer.identity()["sha256"]),
-        ]
-        changes = [f"{key}: {saved!r} -> {now!r}" for key, saved, now in compared if saved not in (None, now)]
-        paths, weights = self.blend
-        if not changes and "shards" in saved_data and (saved_data["shards"], saved_data["weights"]) != (paths, weights):
-            changes.append(f"the shards behind data.prefixes (remade?): {saved_data['shards']} with weights "
-                           f"{saved_data['weights']} -> {paths} with weights {weights}")
-        return changes
 
     def resume(self) -> None:
         """Continue from the resume point, resharding it first if the layout changed."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 
@@ -56,3 +58,39 @@ def test_demo_curates_tokenizes_trains_on_8_processes_is_interrupted_resumes_and
     assert "TP=1 PP=2 DP=2 ZeRO-1" in result.stderr and "resumed from step_0000020 at step 20" in result.stderr
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, 31))
     assert f"tensorboard --logdir {tmp_path / 'run'}" in result.stdout
+
+
+def test_a_fully_filtered_corpus_is_warned_about_and_refused_before_training(tmp_path, real_documents):
+    """Real web-like text curated with the WebText recipe but without its Reddit metadata: every document is
+    removed. Each step says so loudly, and `--check` and the trainer refuse the prefix with one line naming it,
+    where training used to die with a TypeError from megatron-core; a shard too short for one sample likewise."""
+    from pretrain.config import load_config
+    from pretrain.training.blend import DataError
+    from pretrain.training.run_check import plan_run
+    from tests.conftest import REPO
+    from tests import cli
+
+    corpus = write_jsonl(tmp_path / "docs.jsonl", real_documents[:30])
+    curated = run_tool("curate.py", "--config", "configs/data/webtext.yaml", "--input", str(corpus),
+                       "--output", str(tmp_path / "curated"), "--workers", "1", "--quiet")
+    assert curated.returncode == 0, curated.stderr
+    assert "WARNING: every document was removed (most by metadata:score_missing: 30)" in curated.stderr
+    tokens = run_tool("preprocess_data.py", "--input", str(tmp_path / "curated" / "documents"),
+                      "--output-prefix", str(tmp_path / "web"), "--workers", "1", "--quiet")
+    assert tokens.returncode == 0, tokens.stderr
+    assert f"WARNING: no tokens were written: every input record was empty or skipped, so {tmp_path / 'web'}" \
+        in tokens.stderr
+    settings = [f"data.prefixes=[{tmp_path / 'web'}]", f"run.dir={tmp_path / 'run'}"]
+    check = cli.run([sys.executable, "-m", "pretrain", "--config", "configs/gpt2-tiny.yaml", "--check", "--set",
+                     *settings], cwd=REPO, env=os.environ, timeout=60)
+    assert check.returncode == 2 and check.stderr.strip().splitlines() == [check.stderr.strip()]
+    assert (f"data.prefixes: {tmp_path / 'web'} holds 0 tokens, fewer than one training sample needs "
+            f"(257 = model.n_positions + 1); its documents may all have been filtered out or skipped "
+            f"(see {tmp_path / 'web'}.json)") in check.stderr
+
+    short = write_jsonl(tmp_path / "short.jsonl", [{"text": real_documents[0]["text"][:400]}])
+    assert run_tool("preprocess_data.py", "--input", str(short), "--output-prefix", str(tmp_path / "short"),
+                    "--workers", "1", "--quiet").returncode == 0
+    shard = f"{tmp_path / 'short'}_00000"
+    with pytest.raises(DataError, match=f"data.prefixes: {shard} holds [0-9]+ tokens, fewer than one training "):
+        plan_run(load_config(str(REPO / "configs/gpt2-tiny.yaml"), [f"data.prefixes=[{shard}]", settings[1]]), 1)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint.sharded import tag_for
-from tests.conftest import SHORT
-from tests.training import metrics, train
+from tests import cli
+from tests.conftest import REPO, SHORT
+from tests.training import metrics, train, train_command, train_env
 
 GLOBAL_BATCH = 8  # configs/gpt2-tiny.yaml
 
@@ -75,6 +76,10 @@ def rewound(straight: Path, destination: Path, step: int) -> Path:
 @pytest.mark.slow
 def test_resume_on_new_layouts_continues_the_same_curve_and_data(straight, shards, tmp_path):
     run_dir = rewound(straight, tmp_path / "run", 3)
+    check = cli.run([*train_command(run_dir, shards, *SHORT, "train.max_steps=5"), "--check", "--world-size", "2"],
+                    cwd=REPO, env=train_env(), timeout=60)
+    assert check.returncode == 0, check.stderr
+    assert "resume: step_0000003 at step 3 (resharded from TP=2 PP=2 DP=2 ZeRO-1)" in check.stdout
 
     first = run_on(run_dir, shards, 1, 1, 2, "train.max_steps=5", "checkpoint.interval=100")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -124,7 +129,12 @@ def test_resume_on_another_layout_in_bf16_and_under_zero3(tmp_path, shards, sour
 ], ids=["global-batch", "zero-3", "zero-0"])
 def test_a_resume_that_cannot_continue_the_run_is_refused_naming_the_setting(straight, shards, tmp_path,
                                                                             settings, message):
+    """And `python -m pretrain --check` says so first, in one line, from the files alone (no torch)."""
     run_dir = rewound(straight, tmp_path / "run", 3)
+    command = train_command(run_dir, shards, *SHORT, "train.max_steps=5", *settings)
+    check = cli.run([*command, "--check"], cwd=REPO, env=train_env(), timeout=60)
+    assert check.returncode == 2 and check.stderr.strip().splitlines() == [check.stderr.strip()]
+    assert message in check.stderr and "checkpoint step_0000003 " in check.stderr
     result = run_on(run_dir, shards, 1, 1, 1, "train.max_steps=5", *settings)
     assert result.returncode == 2
     assert message in result.stderr
