@@ -219,9 +219,12 @@ def parse_json_record(raw: bytes):
     except UnicodeDecodeError as error:
         return None, ("invalid_utf8", f"invalid UTF-8 at byte {error.start}")
     try:
-        record = json.loads(line)
+        # Without its line break: else a string cut short at the end of the line reads as a control character
+        # in the string ("Invalid control character") at a column past the text, not as the unterminated string.
+        record = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as error:
-        return None, ("malformed_json", f"{error.msg} (column {error.colno})")
+        where = "column" if error.msg.endswith(" at") else "at column"  # "Unterminated string starting at"
+        return None, ("malformed_json", f"{error.msg} {where} {error.colno}")
     if not isinstance(record, dict):
         return None, ("not_an_object", f"a JSON {type(record).__name__}, not an object")
     return record, None

@@ -72,11 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configure_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
-    logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    logging.getLogger("pretrain.rank").setLevel(logging.INFO)  # every rank says where it runs
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from pretrain.training import console
+
+    console.configure(int(os.environ.get("RANK", "0")))
 
 
 def check(config, world_size: int | None) -> int:

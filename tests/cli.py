@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 from tests.forkserver import context
@@ -124,6 +125,9 @@ def _execute(args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     try:
         if args[1] == "-m":
             sys.argv = [args[2], *args[3:]]
+            # The server imported the module already; a fresh interpreter would not say so.
+            warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package",
+                                    category=RuntimeWarning)
             runpy.run_module(args[2], run_name="__main__", alter_sys=True)
         else:
             script = os.path.abspath(args[1])

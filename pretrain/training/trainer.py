@@ -56,7 +56,8 @@ from pretrain.checkpoint.reshard import (
     repair_after_universal_load,
 )
 from pretrain.training.schedule import lr_multiplier
-from pretrain.training.run_check import plan_run
+from pretrain.training import console
+from pretrain.training.run_check import check_writable, plan_run
 from pretrain.training.tasks import EngineScorer, evaluate_tasks
 from pretrain.checkpoint.weights import load_into
 
@@ -112,16 +113,19 @@ class Trainer:
 
     def setup(self) -> None:
         config = self.config
+        check_writable("run.dir", self.run_dir)  # before the log file is made in it
+        console.open_log_file(self.run_dir, int(os.environ.get("RANK", "0")))
         device = bind_device()
-        logging.getLogger("pretrain.rank").info("rank %s of %s on %s: %s", os.environ.get("RANK", "0"),
-                                                   os.environ.get("WORLD_SIZE", "1"), host_name(), device)
+        logging.getLogger(console.DETAIL).info("rank %s of %s on %s: %s", os.environ.get("RANK", "0"),
+                                               os.environ.get("WORLD_SIZE", "1"), host_name(), device)
         init_distributed(timeout_minutes=config.train.distributed_timeout_minutes)
         self.rank = dist.get_rank()
         plan = plan_run(config, dist.get_world_size())
         self.model_config, self.layout, self.tokenizer, self.blend = plan.model_config, plan.layout, plan.tokenizer, plan.blend
         self.tasks, self.teacher_config = plan.tasks, plan.teacher_config
         self._log_start(device)
-        topology = initialize_model_parallel(self.layout, config.train.distributed_timeout_minutes)
+        with console.prints_to_log():  # DeepSpeed prints its topology
+            topology = initialize_model_parallel(self.layout, config.train.distributed_timeout_minutes)
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
                                              config.checkpoint.keep_last, config.checkpoint.keep_every)
         self.checkpoints.clean_partial_saves()
@@ -131,8 +135,9 @@ class Trainer:
         teacher_weights = None
         if self.teacher_config is not None:
             teacher_weights = self._read_weights(config.distill.teacher, "distill.teacher", TEACHER_WEIGHTS)
-        self.engine = self._build_engine(topology, load_universal=self.resume_point is not None
-                                         and self.resume_point.reshard, initial=self._initial_weights(teacher_weights))
+        with console.prints_to_log():
+            self.engine = self._build_engine(topology, load_universal=self.resume_point is not None
+                                             and self.resume_point.reshard, initial=self._initial_weights(teacher_weights))
         self.teacher = None
         if teacher_weights is not None:
             self.teacher = self._build_teacher(teacher_weights, topology)
@@ -162,19 +167,26 @@ class Trainer:
         torch.manual_seed(self.config.train.seed + data_rank)
 
     def _log_start(self, device: str) -> None:
-        """Rank 0 records what runs where: the commit, the resolved config, every rank's host and device."""
+        """Rank 0 says what runs where in a few lines; every rank's host and device and the resolved config
+        go to the log file (console.py)."""
         placement = [None] * dist.get_world_size()
         dist.all_gather_object(placement, (host_name(), device))
         if self.rank != 0:
             return
-        resolved = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
-        hosts = sorted({host for host, _ in placement})
-        log.info("git commit %s; %d ranks on %d node(s): %s", git_commit(), len(placement), len(hosts),
-                 ", ".join(hosts))
+        detail = logging.getLogger(console.DETAIL)
         for rank, (host, where) in enumerate(placement):
-            log.info("rank %d: %s, %s", rank, host, where)
-        log.info("resolved config (also in %s):\n%s", self.run_dir / "config.yaml", resolved.rstrip())
-        log.info("%s; model %.1fM parameters", self.layout.describe(), parameter_count(self.model_config) / 1e6)
+            detail.info("rank %d: %s, %s", rank, host, where)
+        detail.info("resolved config:\n%s", yaml.safe_dump(self.config.to_dict(), sort_keys=False).rstrip())
+        hosts = sorted({host for host, _ in placement})
+        devices = sorted({where.split(" (")[0] if where.startswith("GPU") else where for _, where in placement})
+        log.info("git commit %s; %d ranks on %d node(s): %s; %s", git_commit(), len(placement), len(hosts),
+                 ", ".join(hosts), ", ".join(devices))
+        log.info("%s; model %.1fM parameters, %s", self.layout.describe(), parameter_count(self.model_config) / 1e6,
+                 self.config.train.precision)
+        if self.blend[0]:
+            log.info("data: %s (%d shard(s)); split %s", ", ".join(map(str, self.config.data.prefixes)),
+                     len(self.blend[0]), self.config.data.split)
+        log.info("config: %s; logs: %s", self.run_dir / "config.yaml", self.run_dir / console.LOG_DIRECTORY)
 
     def _record_start(self) -> None:
         """RUN_DIR/config.yaml for this start, and no exit record yet; only once the checkpoint to resume

@@ -78,6 +78,24 @@ def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run
     result = train(tmp_path, shards, *reference_settings(training_task_files), *settings, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_as_reference(tmp_path, single_process_run[0])
+    assert_compact_console(result.stderr, tmp_path, nproc)
+
+
+def assert_compact_console(console: str, run_dir: Path, nproc: int) -> None:
+    """The console holds rank 0's lines only: a start of five lines (placement, layout and model, data,
+    where the config and logs are, the resume point), then steps, evaluations, saves. What DeepSpeed,
+    megatron-core and torch say, and every rank's place, are in the per-rank log files."""
+    lines = console.strip().splitlines()
+    assert all(" [rank 0] INFO " in line for line in lines), [line for line in lines if "[rank 0] INFO" not in line]
+    start = lines[:next(i for i, line in enumerate(lines) if "| loss" in line)]
+    assert len(start) == 5, start
+    assert f"{nproc} ranks on 1 node(s)" in start[0] and "M parameters" in start[1] and "data: " in start[2]
+    assert f"config: {run_dir / 'config.yaml'}; logs: {run_dir / 'logs'}" in start[3]
+    assert "no checkpoint in" in start[4]
+    logs = sorted((run_dir / "logs").iterdir())
+    assert [path.name for path in logs] == [f"rank_{rank:05d}.log" for rank in range(nproc)]
+    details = logs[0].read_text()
+    assert "resolved config:" in details and "Using topology:" in details and f"rank {nproc - 1}: " in details
 
 
 @pytest.mark.slow
@@ -184,12 +202,15 @@ def test_task_files_that_cannot_be_scored_stop_at_start_up_naming_file_and_line(
     bad.write_text('{"context": "A man", "choices": ["runs", "sits"], "label": 0}\n{"context": "A dog", "label": 1}\n')
     long = tmp_path / "long.jsonl"  # a choice of ~300 tokens: more than the 256-token window
     long.write_text(json.dumps({"context": "A", "choices": ["word " * 300, "no"], "label": 1}) + "\n")
+    cut = tmp_path / "cut.jsonl"  # a line cut short in its string: that string named, where it starts
+    cut.write_text('{"text": "The cat sat on the mat"}\n{"text": "A dog ran\n{"text": "after"}\n')
     copy = tmp_path / "lambada.jsonl.gz"
     copy.write_bytes(__import__("gzip").compress(Path(training_task_files[0]).read_bytes()))
     cases = [
         (["eval.interval=0", with_tasks(training_task_files)], "eval.tasks are scored every eval.interval steps; set eval.interval > 0"),
         (["eval.tasks=[/nonexistent/hellaswag.jsonl]"], "eval.tasks: task file not found: /nonexistent/hellaswag.jsonl"),
         ([with_tasks([str(bad)])], f"eval.tasks: {bad}:2: "),
+        ([with_tasks([str(cut)])], f"eval.tasks: {cut}:2: Unterminated string starting at column 10 (malformed_json)"),
         ([with_tasks([training_task_files[0], str(copy)])], f"eval.tasks: {training_task_files[0]} and {copy} would both be logged as "
                                                    "'lambada'"),
         (["eval.task_max_examples=-1", with_tasks(training_task_files)], "eval.task_max_examples=-1 must be at least 0"),
