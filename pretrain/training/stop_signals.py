@@ -34,11 +34,15 @@ def _record(signum, _frame) -> None:
 
 
 def _say(message: str) -> None:
+    """Rank 0 says it: every rank gets the signal (srun and pretrain.launch pass it to all), and every
+    rank stops with it (the trainer agrees the stop), so other ranks' lines would repeat rank 0's."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank != "0":
+        return
     # One write to stderr, not logging: the handler runs between any two bytecodes of the main thread, and
     # a rank signalled while `import torch` walked logging's registry of loggers crashed with "dictionary
     # changed size during iteration" when the handler looked up its logger (a test saw it under load).
-    line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} [rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))}] "
-            f"WARNING {message}\n")
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} [rank 0] WARNING {message}\n"
     try:
         os.write(2, line.encode())
     except OSError:  # stderr closed: the request is recorded all the same
