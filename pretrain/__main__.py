@@ -12,7 +12,13 @@ to requeue. PRETRAIN_DEVICE=cpu trains with gloo on CPUs even where GPUs are vis
 
 --check validates the config for a world size (WORLD_SIZE, SLURM_NTASKS or
 --world-size) without starting anything: the layout against the model, the
-tokenizer, the data prefixes. It prints the layout and the run directory.
+tokenizer, the data prefixes (enough tokens for a sample), the run and checkpoint
+directories, and the checkpoint the run would resume from (everything the resume
+would refuse). It prints the layout, the resume point and the run directory.
+
+The console shows rank 0's start in five lines and one line per logged step;
+every rank's full log (placement, resolved config, the libraries' output) is in
+RUN_DIR/logs/rank_NNNNN.log.
 
 Exit codes: 0 done (finished, or stopped early with a checkpoint saved), 2 a
 setting, launch environment or checkpoint that cannot work (the message names

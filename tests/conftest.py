@@ -125,6 +125,15 @@ def demo_run(background_runs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def readme_tour(background_runs, demo_run, tmp_path_factory):
+    """(the directory, each README tour command's outcome), run after the demo in the background."""
+    from tests.head_start import finished
+    from tests.test_readme_commands import run_tour
+
+    return finished(background_runs, "tour", lambda: run_tour(lambda: demo_run, tmp_path_factory.mktemp("tour")))
+
+
+@pytest.fixture(scope="session")
 def training_task_files(tmp_path_factory, real_documents) -> list[str]:
     """The evaluation tasks the reference run scores (tests/training.py)."""
     from tests.training import write_task_files

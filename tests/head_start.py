@@ -1,7 +1,8 @@
-"""Three long runs started when the session starts, one after the other in a background thread, while
+"""Four long runs started when the session starts, one after the other in a background thread, while
 the rest of the suite runs: datatrove's decisions on the agreement corpus
 (tests/data_pipeline/curation/test_datatrove_agreement.py), the planner's measured memory
-(tests/pretrain/planner/test_planner.py) and the demo (tests/tools/test_tools.py). The tests that check them
+(tests/pretrain/planner/test_planner.py), the demo (tests/tools/test_tools.py) and the README's workflow
+on the demo's outputs (tests/test_readme_commands.py). The tests that check them
 run last (`last`, used by tests/conftest.py to order the session), so they find them finished.
 
 Why: most of the suite runs one process at a time (one intra-op thread each), which leaves a core idle
@@ -26,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 # name -> the fixture through which its tests take the run's result
-FIXTURES = {"datatrove": "outcomes", "planner": "measured", "demo": "demo_run"}
+FIXTURES = {"datatrove": "outcomes", "planner": "measured", "demo": "demo_run", "tour": "readme_tour"}
 
 
 def last(item) -> bool:
@@ -82,8 +83,13 @@ def start(request, tmp_path_factory) -> tuple[dict[str, Future], ThreadPoolExecu
             runs["planner"] = pool.submit(timed, "planner", began, measure_all, shards, work, 1, environment)
     except Exception:  # noqa: BLE001  (reported by the tests that use the fixture)
         pass
-    if "demo" in wanted:
+    if wanted & {"demo", "tour"}:  # the README's tour starts from the demo's outputs
         runs["demo"] = pool.submit(timed, "demo", began, run_demo, tmp_path_factory.mktemp("demo"), environment)
+    if "tour" in wanted:  # after the demo: the pool runs one at a time, in order
+        from tests.test_readme_commands import run_tour
+
+        runs["tour"] = pool.submit(timed, "tour", began, run_tour, runs["demo"].result, tmp_path_factory.mktemp("tour"),
+                                   environment)
     return runs, pool
 
 
