@@ -83,9 +83,15 @@ def configure_logging() -> None:
 
 
 def check(config, world_size: int | None) -> int:
-    world_size = world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    given = world_size or os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+    world_size = int(given or 1)
     wants_gpu()  # PRETRAIN_DEVICE=cuda on a node whose torch sees no GPU stops here, not on every rank
-    plan = plan_run(config, world_size)
+    try:
+        plan = plan_run(config, world_size)
+    except CHECK_ERRORS as error:
+        if given:
+            raise
+        raise type(error)(f"{error} (checked for 1 rank: give --world-size N for N)") from None
     print(f"ok: {world_size} ranks, {plan.layout.describe()}; {len(plan.blend[0])} data shard(s)")
     point = plan.resume_point
     print(f"resume: {point.describe()}" if point else "resume: none (starts at step 0)")

@@ -25,6 +25,7 @@ import time
 import traceback
 
 from pretrain.parallel.distributed import host_rendezvous
+from pretrain.training import stop_signals
 
 
 def main(argv=None) -> int:
@@ -32,10 +33,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, required=True, help="processes to start on this machine")
     args, rest = parser.parse_known_args(argv)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(128 + signal.SIGINT))  # Ctrl-C before any rank: just stop
     if args.nproc < 1:
         print("error: --nproc must be at least 1", file=sys.stderr)
         return 2
+    # Until the ranks start, a stop signal (SIGTERM, SIGUSR1, a first Ctrl-C) is recorded, as in a rank (the
+    # imports below install the same handlers), and ends the launcher before it starts any; a second Ctrl-C
+    # exits at once.
+    stop_signals.install(quiet=True)
     start = fork_rank if ranks_on_cpu() else spawn_rank
     if start is fork_rank:
         preload()
@@ -44,7 +48,11 @@ def main(argv=None) -> int:
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(128 + signal.SIGINT))  # again: pretrain.__main__ set its own
+    if stop_signals.received():
+        print(f"pretrain.launch: {stop_signals.received()} before any rank started: nothing was started",
+              file=sys.stderr)
+        return 128 + signal.SIGINT if stop_signals.received() == "SIGINT" else 0
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(128 + signal.SIGINT))  # Ctrl-C while forking: just stop
     # The store serves the ranks until they end. Its server thread is running when the ranks are forked: a
     # forked rank never touches the copy it inherits (it connects as a client, and leaves through os._exit).
     store, rendezvous = host_rendezvous(args.nproc)
@@ -173,7 +181,7 @@ def run_forked_rank(environment: dict, argv: list[str]) -> int:
     code = 1
     try:
         os.environ.update(environment)
-        stop_signals.install()  # the child inherited the launcher's handlers
+        stop_signals.install(quiet=False)  # the child inherited the launcher's handlers, and its silence
         code = rank_main(argv)
     except SystemExit as stop:  # argparse's exit 2, or sys.exit() somewhere below
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)

@@ -39,8 +39,9 @@ class ResumePoint:
 
 
 def layout_text(record: dict) -> str:
+    cut = f" (stages cut by {record['partition_method']})" if "partition_method" in record else ""
     return (f"TP={record['tensor_parallel_size']} PP={record['pipeline_parallel_size']} "
-            f"DP={record['data_parallel_size']} ZeRO-{record['zero_stage']}")
+            f"DP={record['data_parallel_size']} ZeRO-{record['zero_stage']}{cut}")
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
@@ -59,7 +60,11 @@ def latest_tag(directory: Path) -> str | None:
     pointer = Path(directory) / LATEST
     if not pointer.is_file():
         return None
-    tag = pointer.read_text().strip()
+    try:
+        tag = pointer.read_text().strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{pointer} is not a step name; point it at a step_* directory (echo step_NNNNNNN "
+                              f"> {pointer})") from None
     if not (Path(directory) / tag / MANIFEST).is_file():
         raise CheckpointError(f"{pointer} names {tag}, but {Path(directory) / tag / MANIFEST} is missing; "
                               "restore that checkpoint or point latest at another step_* directory")
@@ -73,6 +78,11 @@ def verified_manifest(directory: Path, expected_model: dict) -> dict:
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{directory / MANIFEST} cannot be read ({error}); restore it, or point "
                               f"{directory.parent / LATEST} at an older step_* directory") from None
+    missing = sorted({"files", "model", "step", "layout"} - set(manifest)) if isinstance(manifest, dict) else ["all"]
+    if missing:
+        raise CheckpointError(f"{directory / MANIFEST} is not a manifest of this project (missing: "
+                              f"{', '.join(missing)}); restore it, or point {directory.parent / LATEST} at an "
+                              "older step_* directory")
     verify_files(directory, manifest)
     if manifest["model"] != expected_model:
         differences = {k: (manifest["model"].get(k), v) for k, v in expected_model.items()
@@ -147,7 +157,7 @@ def find_resume_point(directory: Path, config, layout, model_shape: dict, tokeni
     if manifest["step"] == 0:  # no data consumed, no optimizer history: data, batch and layout are free
         other = (manifest["layout"], manifest.get("precision")) != (ours, config.train.precision)
         return ResumePoint(tag, manifest, reshard=False, weights_only=other)
-    saved_batch, batch = manifest["data"]["global_batch_size"], layout.global_batch_size
+    saved_batch, batch = manifest.get("data", {}).get("global_batch_size", layout.global_batch_size), layout.global_batch_size
     if saved_batch != batch:
         raise CheckpointError(
             f"checkpoint {tag} was trained with parallel.global_batch_size={saved_batch}, this run has {batch}; "

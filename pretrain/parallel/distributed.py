@@ -3,6 +3,7 @@ topology, set up once and checked to describe the same groups."""
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -85,7 +86,14 @@ def first_to_report() -> bool:
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=5))
-        return store.add(REPORTED_KEY, 1) == 1
+        first = store.add(REPORTED_KEY, 1) == 1
+        if dist.get_rank() == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            # Rank 0 hosts the store (srun, torchrun without an agent store): leaving at once would take it
+            # away from ranks about to claim, and they would print too. Up to 3 s for them to do so.
+            deadline = time.monotonic() + 3
+            while store.add(REPORTED_KEY, 0) < dist.get_world_size() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return first
     except Exception:  # noqa: BLE001  (the store's host ended first: say it rather than nothing)
         return True
 

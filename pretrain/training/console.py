@@ -104,6 +104,8 @@ class _LogStream:
 def prints_to_log():
     """What libraries print to stdout meanwhile (DeepSpeed's "Using topology: ...") goes to the log file."""
     stream = _LogStream()
-    with contextlib.redirect_stdout(stream):
-        yield
-    stream.write("\n")
+    try:
+        with contextlib.redirect_stdout(stream):
+            yield
+    finally:
+        stream.write("\n")

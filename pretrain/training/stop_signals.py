@@ -18,6 +18,7 @@ import time
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _received: str | None = None
 _interrupts = 0  # Ctrl-Cs so far
+_quiet = False
 
 
 def _record(signum, _frame) -> None:
@@ -37,7 +38,7 @@ def _say(message: str) -> None:
     """Rank 0 says it: every rank gets the signal (srun and pretrain.launch pass it to all), and every
     rank stops with it (the trainer agrees the stop), so other ranks' lines would repeat rank 0's."""
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    if rank != "0":
+    if rank != "0" or _quiet:
         return
     # One write to stderr, not logging: the handler runs between any two bytecodes of the main thread, and
     # a rank signalled while `import torch` walked logging's registry of loggers crashed with "dictionary
@@ -49,7 +50,12 @@ def _say(message: str) -> None:
         pass
 
 
-def install() -> None:
+def install(quiet: bool | None = None) -> None:
+    """Record stop signals from now on. `quiet`: say nothing when one comes (the launcher, which has no
+    step to save after); None keeps the last choice (an import that installs again changes nothing)."""
+    global _quiet
+    if quiet is not None:
+        _quiet = quiet
     for signum in SIGNALS:
         signal.signal(signum, _record)
 

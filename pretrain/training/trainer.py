@@ -178,7 +178,9 @@ class Trainer:
             detail.info("rank %d: %s, %s", rank, host, where)
         detail.info("resolved config:\n%s", yaml.safe_dump(self.config.to_dict(), sort_keys=False).rstrip())
         hosts = sorted({host for host, _ in placement})
-        devices = sorted({where.split(" (")[0] if where.startswith("GPU") else where for _, where in placement})
+        # "GPU 3 (NVIDIA H100 80GB HBM3; CUDA_VISIBLE_DEVICES=...)" -> "GPU (NVIDIA H100 80GB HBM3)"
+        devices = sorted({f"GPU ({where.split('(', 1)[1].split(';')[0]})" if where.startswith("GPU") else where
+                          for _, where in placement})
         log.info("git commit %s; %d ranks on %d node(s): %s; %s", git_commit(), len(placement), len(hosts),
                  ", ".join(hosts), ", ".join(devices))
         log.info("%s; model %.1fM parameters, %s", self.layout.describe(), parameter_count(self.model_config) / 1e6,

@@ -108,3 +108,32 @@ def test_the_launchers_rendezvous_is_bound_before_any_rank_starts():
         probe.connect((rendezvous["MASTER_ADDR"], int(rendezvous["MASTER_PORT"])))  # someone listens already
     store.set("key", "value")
     assert store.get("key") == b"value"
+
+
+def test_a_stop_signal_before_any_rank_starts_ends_the_launcher_starting_none(tmp_path, shards):
+    """SIGTERM while the launcher still imports and checks (seconds, before it starts a rank): it is recorded,
+    not fatal and not lost, and the launcher then exits 0 saying nothing was started; no run directory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from tests.training import data_settings
+
+    launcher = subprocess.Popen([sys.executable, "-m", "pretrain.launch", "--nproc", "2", "--config",
+                                 "configs/gpt2-tiny.yaml", "--set", *data_settings(shards),
+                                 f"run.dir={tmp_path / 'run'}"], cwd=REPO,
+                                env=dict(os.environ, PRETRAIN_DEVICE="cpu"), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until its SIGTERM handler is installed (the first thing it does)
+        caught = open(f"/proc/{launcher.pid}/status").read().split("SigCgt:")[1].split()[0]
+        if int(caught, 16) & (1 << (signal.SIGTERM - 1)):
+            break
+        time.sleep(0.005)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, stderr
+    assert stderr.strip() == "pretrain.launch: SIGTERM before any rank started: nothing was started"
+    assert not (tmp_path / "run").exists()

@@ -325,6 +325,7 @@ def test_retention_keeps_the_last_k_and_every_mth(straight):
     ("delete", "is missing mp_rank_00_model_states.pt"),
     ("overwrite", "mp_rank_00_model_states.pt cannot be read (RuntimeError: PytorchStreamReader failed"),
     ("shape", "holds a different model; (checkpoint, config): {'n_layer': (4, 2)}"),
+    ("manifest", "manifest.json is not a manifest of this project (missing: files, layout, model)"),
 ])
 def test_a_damaged_or_incompatible_checkpoint_is_an_error_naming_it(finished_copy, shards, damage, message):
     """Refused at start-up, naming the file or setting; the run directory stays as it was (its config.yaml,
@@ -341,9 +342,15 @@ def test_a_damaged_or_incompatible_checkpoint_is_an_error_naming_it(finished_cop
         with open(states, "r+b") as f:
             f.seek(-5000, os.SEEK_END)
             f.write(bytes(5000))
+    elif damage == "manifest":
+        (latest / "manifest.json").write_text('{"step": 4}')
     else:
         settings.append("model.n_layer=2")
     before = {name: (finished_copy / name).read_text() for name in ("config.yaml", "exit.json")}
+    if damage != "overwrite":  # `--check` reads sizes and the manifest, not the tensors: all but this one
+        check = cli.run([*train_command(finished_copy, shards, *DEFAULTS, *settings), "--check"], cwd=REPO,
+                        env=train_env(), timeout=60)
+        assert check.returncode == 2 and message in check.stderr and len(check.stderr.strip().splitlines()) == 1
     result = run(finished_copy, shards, *settings, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and result.stderr.count("Traceback") == 0

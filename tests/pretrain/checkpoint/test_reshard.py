@@ -135,6 +135,7 @@ def test_a_resume_that_cannot_continue_the_run_is_refused_naming_the_setting(str
     check = cli.run([*command, "--check"], cwd=REPO, env=train_env(), timeout=60)
     assert check.returncode == 2 and check.stderr.strip().splitlines() == [check.stderr.strip()]
     assert message in check.stderr and "checkpoint step_0000003 " in check.stderr
+    assert check.stderr.strip().endswith("(checked for 1 rank: give --world-size N for N)")  # none was given
     result = run_on(run_dir, shards, 1, 1, 1, "train.max_steps=5", *settings)
     assert result.returncode == 2
     assert message in result.stderr
