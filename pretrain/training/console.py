@@ -52,7 +52,10 @@ def configure(rank: int) -> None:
     root.addHandler(console)
     root.addHandler(_pending)
     logging.getLogger("pretrain").setLevel(logging.INFO)
-    # DeepSpeed's logger prints to stdout itself at its own level: through ours instead, warnings only.
+    # DeepSpeed's logger prints to stdout itself at its own level: through ours instead, warnings only. It is
+    # made when deepspeed is first imported, which one process (no launcher's preload) may not have done yet.
+    import deepspeed.utils.logging  # noqa: F401
+
     deepspeed = logging.getLogger("DeepSpeed")
     for handler in list(deepspeed.handlers):
         deepspeed.removeHandler(handler)

@@ -81,13 +81,32 @@ def test_other_layouts_train_the_same_curve(tmp_path, shards, single_process_run
     assert_compact_console(result.stderr, tmp_path, nproc)
 
 
+@pytest.mark.slow
+def test_one_fresh_process_prints_only_its_own_lines(tmp_path, shards):
+    """`python -m pretrain` in a fresh interpreter (no launcher, no fork server: DeepSpeed is first imported
+    after the console is set up): the console is compact there too, and stdout stays empty."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.training import train_command
+
+    result = subprocess.run(train_command(tmp_path, shards, *SHORT, "train.max_steps=1"), cwd=REPO,
+                            env=dict(os.environ, PRETRAIN_DEVICE="cpu"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == ""
+    assert_compact_console(result.stderr, tmp_path, 1)
+    assert "untested optimizer" in (tmp_path / "logs" / "rank_00000.log").read_text()  # DeepSpeed's, in the file
+
+
 def assert_compact_console(console: str, run_dir: Path, nproc: int) -> None:
     """The console holds rank 0's lines only: a start of five lines (placement, layout and model, data,
     where the config and logs are, the resume point), then steps, evaluations, saves. What DeepSpeed,
     megatron-core and torch say, and every rank's place, are in the per-rank log files."""
     lines = console.strip().splitlines()
     assert all(" [rank 0] INFO " in line for line in lines), [line for line in lines if "[rank 0] INFO" not in line]
-    start = lines[:next(i for i, line in enumerate(lines) if "| loss" in line)]
+    start = lines[:next(i for i, line in enumerate(lines) if "| loss" in line or "saved checkpoint" in line)]
     assert len(start) == 5, start
     assert f"{nproc} ranks on 1 node(s)" in start[0] and "M parameters" in start[1] and "data: " in start[2]
     assert f"config: {run_dir / 'config.yaml'}; logs: {run_dir / 'logs'}" in start[3]
