@@ -31,17 +31,26 @@ class ResumePoint:
     weights are loaded (any layout, ZeRO stage and precision) and the optimizer starts fresh."""
     data_changes: list[str] = field(default_factory=list)
     """What decides the data order and differs from the checkpoint (allowed by checkpoint.allow_data_change)."""
+    ours: dict | None = None
+    """This run's layout record."""
 
     def describe(self) -> str:
         how = ("its weights only (step 0)" if self.weights_only
-               else f"resharded from {layout_text(self.manifest['layout'])}" if self.reshard else "same layout")
+               else f"resharded from {reshard_text(self.manifest['layout'], self.ours)}" if self.reshard
+               else "same layout")
         return f"{self.tag} at step {self.manifest['step']} ({how})"
 
 
-def layout_text(record: dict) -> str:
-    cut = f" (stages cut by {record['partition_method']})" if "partition_method" in record else ""
+def layout_text(record: dict, cut: bool = False) -> str:
+    """'TP=2 PP=2 DP=2 ZeRO-1'; with `cut`, and where a pipeline has one, how its stages are cut."""
+    method = f", stages cut by {record['partition_method']}" if cut and "partition_method" in record else ""
     return (f"TP={record['tensor_parallel_size']} PP={record['pipeline_parallel_size']} "
-            f"DP={record['data_parallel_size']} ZeRO-{record['zero_stage']}{cut}")
+            f"DP={record['data_parallel_size']} ZeRO-{record['zero_stage']}{method}")
+
+
+def reshard_text(saved: dict, ours: dict | None) -> str:
+    """The saved layout, with the pipeline's cut where only that differs (model.partition_method)."""
+    return layout_text(saved, cut=ours is not None and layout_text(saved) == layout_text(ours))
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
@@ -174,4 +183,4 @@ def find_resume_point(directory: Path, config, layout, model_shape: dict, tokeni
     if refusal:
         raise CheckpointError(f"checkpoint {tag} was saved with layout {manifest['layout']}, this run is "
                               f"{ours}: {refusal}")
-    return ResumePoint(tag, manifest, reshard, data_changes=changes)
+    return ResumePoint(tag, manifest, reshard, data_changes=changes, ours=ours)

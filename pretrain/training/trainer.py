@@ -23,7 +23,7 @@ import yaml
 from data_pipeline.atomic import write_text_atomically
 from data_pipeline.tokenizers import load_tokenizer
 from pretrain.training import stop_signals
-from pretrain.checkpoint.resume import MODEL_SHAPE_KEYS, layout_record, layout_text
+from pretrain.checkpoint.resume import MODEL_SHAPE_KEYS, layout_record, reshard_text
 from pretrain.checkpoint.sharded import CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
 from pretrain.training.data import build_datasets, micro_batches
@@ -315,7 +315,8 @@ class Trainer:
         universal = None
         if point.reshard:
             log.info("checkpoint %s was saved on %s, this run is %s: resharding", point.tag,
-                     layout_text(point.manifest["layout"]), layout_text(self.layout_record()))
+                     reshard_text(point.manifest["layout"], self.layout_record()),
+                     reshard_text(self.layout_record(), point.manifest["layout"]))
             universal = convert_on_rank_zero(self.checkpoints.directory / point.tag, self.rank)
             settings = group_settings(self.engine.optimizer)  # before the load overwrites them
         self.checkpoints.load(self.engine, point.tag, universal)
