@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.cli import OneLineErrorParser  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from pretrain.checkpoint.resume import layout_text  # noqa: E402
 from pretrain.checkpoint.sharded import LATEST, CheckpointError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.checkpoint.huggingface import DTYPES, HFFormatError  # noqa: E402
@@ -176,7 +177,7 @@ def from_hf(args: argparse.Namespace) -> str:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     manifest = json.loads((output / (output / LATEST).read_text().strip() / "manifest.json").read_text())
-    return (f"wrote {output}: step 0, layout {manifest['layout']}, {manifest['precision']}; continue with "
+    return (f"wrote {output}: step 0, {layout_text(manifest['layout'])}, {manifest['precision']}; continue with "
             f"python -m pretrain --config CONFIG --set checkpoint.dir={output} data.prefixes=[...]")
 
 

@@ -309,8 +309,9 @@ class Trainer:
         if point.weights_only:  # loaded into the model before deepspeed.initialize (_initial_weights)
             if self.rank == 0:
                 self._forget_metrics_after(0)
-            log.info("started from the weights of %s (step 0, saved with layout %s, precision %s); the optimizer "
-                     "starts fresh", point.tag, point.manifest["layout"], point.manifest.get("precision"))
+            log.info("started from the weights of %s (step 0, saved on %s in %s); the optimizer starts fresh",
+                     point.tag, reshard_text(point.manifest["layout"], self.layout_record()),
+                     point.manifest.get("precision"))
             return
         universal = None
         if point.reshard:
