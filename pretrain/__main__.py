@@ -42,7 +42,12 @@ stop_signals.install()  # before the imports below: a preemption during start-up
 from pretrain.checkpoint.resume import CheckpointError  # noqa: E402
 from pretrain.training.blend import DataError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
-from pretrain.parallel.environment import LaunchError, environment_from_launcher, wants_gpu  # noqa: E402
+from pretrain.parallel.environment import (  # noqa: E402
+    LaunchError,
+    environment_from_launcher,
+    set_communication_defaults,
+    wants_gpu,
+)
 from pretrain.parallel.layout import LayoutError  # noqa: E402
 from pretrain.training.run_check import plan_run  # noqa: E402
 
@@ -116,6 +121,7 @@ def main(argv=None) -> int:
         if args.check:
             return check(config, args.world_size)
         environment_from_launcher()
+        set_communication_defaults(config.parallel.tensor_parallel_size)  # before CUDA starts
     except (*CHECK_ERRORS, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

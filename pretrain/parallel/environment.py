@@ -50,9 +50,57 @@ def wants_gpu() -> bool:
         raise LaunchError(f"PRETRAIN_DEVICE={device!r} must be cpu or cuda (or unset: cuda when a GPU is visible)")
     if device == "cpu":
         return False
+    import warnings
+
     import torch  # only here: a CPU run's --check needs no torch
 
-    if device == "cuda" and not torch.cuda.is_available():
+    with warnings.catch_warnings(record=True) as said:  # torch says why CUDA failed (an old driver) in a warning
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        torch_says = "; ".join(str(warning.message).strip() for warning in said if "CUDA" in str(warning.message))
         raise LaunchError("PRETRAIN_DEVICE=cuda but torch sees no GPU (CUDA_VISIBLE_DEVICES="
-                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); unset it or use PRETRAIN_DEVICE=cpu")
-    return torch.cuda.is_available()
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}; {cuda_versions()}"
+                          + (f"; torch says: {torch_says}" if torch_says else "") + "): install a torch built for "
+                          "a CUDA this driver supports (make setup TORCH_SPEC=...), or use PRETRAIN_DEVICE=cpu")
+    return available
+
+
+def set_communication_defaults(tensor_parallel_size: int) -> dict[str, str]:
+    """Set, where the user has not, what NCCL and CUDA read when they start (before any CUDA call): returns
+    the settings made.
+
+    - NCCL_DEBUG=WARN: NCCL says why a collective failed or hangs (a bad interface, a timeout) instead of
+      failing silently; INFO is the next level, for debugging a cluster's network.
+    - CUDA_DEVICE_MAX_CONNECTIONS=1 with tensor parallelism: one hardware queue, so kernels start in the
+      order they are issued and a tensor-parallel all-reduce issued before the next matrix multiply is not
+      held behind it (megatron-core's tensor-parallel layers assume this)."""
+    import os
+
+    wanted = {"NCCL_DEBUG": "WARN"}
+    if tensor_parallel_size > 1:
+        wanted["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    made = {key: value for key, value in wanted.items() if key not in os.environ}
+    os.environ.update(made)
+    return made
+
+
+DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+
+
+def cuda_versions(driver_file: str = DRIVER_VERSION_FILE) -> str:
+    """'torch 2.x built for CUDA 12.8; NVIDIA driver 550.54.15': the two versions whose mismatch most often
+    keeps torch from a GPU (a CUDA 12.x build needs a 525+ driver), or what is missing instead."""
+    import re
+
+    import torch
+
+    built = (f"torch {torch.__version__} built for CUDA {torch.version.cuda}" if torch.version.cuda
+             else f"torch {torch.__version__}, a CPU-only build")
+    try:
+        with open(driver_file, encoding="utf-8", errors="replace") as text:
+            first = text.readline()
+    except OSError:
+        return f"{built}; no NVIDIA driver loaded ({driver_file} is absent)"
+    version = re.search(r"Kernel Module(?: for \S+)?\s+([0-9][0-9.]*)", first)
+    return f"{built}; NVIDIA driver {version.group(1) if version else first.strip()}"

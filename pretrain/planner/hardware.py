@@ -45,12 +45,31 @@ def accelerator(name: str) -> Accelerator:
         raise ValueError(f"unknown GPU {name!r}; known: {', '.join(ACCELERATORS)}") from None
 
 
+# Dense bf16 TFLOP/s by the device name torch reports, most specific first: the same chip differs by form
+# factor (data sheets: H100 SXM 989, H100 NVL 835, H100 PCIe 756; H200 SXM 989, H200 NVL 835; A100 312 in
+# every form; GH200's Hopper 989). A name matched by none gets no MFU rather than a wrong one.
+DEVICE_PEAKS = (
+    ("H100 NVL", 835.0),
+    ("H100 PCIE", 756.0),
+    ("H100", 989.0),  # "NVIDIA H100 80GB HBM3" (SXM5)
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("H800 PCIE", 756.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("B200", 2250.0),
+)
+
+
 def peak_tflops_by_device_name(device_name: str) -> float | None:
     """Dense bf16 peak of a device as torch names it ("NVIDIA H100 80GB HBM3"), for MFU; None if unknown."""
     upper = device_name.upper()
-    for key, spec in ACCELERATORS.items():
-        if key.split("-")[0].upper() in upper:
-            return spec.bf16_tflops
+    for pattern, tflops in DEVICE_PEAKS:
+        if pattern in upper and not (pattern == "H200" and "GH200" in upper):
+            return tflops
     return None
 
 

@@ -177,6 +177,8 @@ class Trainer:
         for rank, (host, where) in enumerate(placement):
             detail.info("rank %d: %s, %s", rank, host, where)
         detail.info("resolved config:\n%s", yaml.safe_dump(self.config.to_dict(), sort_keys=False).rstrip())
+        detail.info("environment: %s", " ".join(f"{key}={os.environ[key]}" for key in sorted(os.environ)
+                                                 if key.startswith(("NCCL_", "CUDA_", "OMP_", "TORCH_"))))
         hosts = sorted({host for host, _ in placement})
         # "GPU 3 (NVIDIA H100 80GB HBM3; CUDA_VISIBLE_DEVICES=...)" -> "GPU (NVIDIA H100 80GB HBM3)"
         devices = sorted({f"GPU ({where.split('(', 1)[1].split(';')[0]})" if where.startswith("GPU") else where

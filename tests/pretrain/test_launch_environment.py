@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pretrain.parallel.distributed import choose_gpu
@@ -72,6 +74,43 @@ def test_pretrain_device_selects_cpu_and_rejects_unknown_values(clean_environmen
     clean_environment.setenv("PRETRAIN_DEVICE", "tpu")
     with pytest.raises(LaunchError, match="PRETRAIN_DEVICE='tpu' must be cpu or cuda"):
         wants_gpu()
+
+
+def test_nccl_warnings_on_and_one_cuda_queue_under_tensor_parallelism_unless_set(clean_environment):
+    from pretrain.parallel.environment import set_communication_defaults
+
+    for key in ("NCCL_DEBUG", "CUDA_DEVICE_MAX_CONNECTIONS"):  # recorded, so that what the function sets is undone
+        clean_environment.setenv(key, "recorded")
+        clean_environment.delenv(key)
+    assert set_communication_defaults(1) == {"NCCL_DEBUG": "WARN"}
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    clean_environment.setenv("NCCL_DEBUG", "INFO")  # the user's choice stays
+    assert set_communication_defaults(2) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    assert os.environ["NCCL_DEBUG"] == "INFO" and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+
+
+def test_a_gpu_torch_cannot_use_is_reported_with_the_driver_and_cuda_versions(clean_environment, tmp_path):
+    """PRETRAIN_DEVICE=cuda where torch sees no GPU (this machine: a CPU-only torch, no driver): the error names
+    both versions whose mismatch is the usual cause, and the fix."""
+    import torch
+
+    from pretrain.parallel.environment import cuda_versions
+
+    clean_environment.setenv("PRETRAIN_DEVICE", "cuda")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: there is nothing to report")
+    with pytest.raises(LaunchError) as refused:
+        wants_gpu()
+    assert f"torch {torch.__version__}" in str(refused.value)
+    assert "install a torch built for a CUDA this driver supports" in str(refused.value)
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
+                      "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    assert cuda_versions(str(driver)).endswith("; NVIDIA driver 550.54.15")
+    open_driver = tmp_path / "open"
+    open_driver.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build\n")
+    assert cuda_versions(str(open_driver)).endswith("; NVIDIA driver 570.86.15")
+    assert cuda_versions(str(tmp_path / "absent")).endswith(f"no NVIDIA driver loaded ({tmp_path / 'absent'} is absent)")
 
 
 def test_when_a_rank_fails_the_launcher_stops_the_others_even_one_that_ignores_sigterm(capfd):
