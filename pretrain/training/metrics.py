@@ -97,7 +97,9 @@ class MetricsWriter:
                  f"grad norm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "grad norm -",
                  f"loss scale {m['loss_scale']:g}" if m.get("loss_scale") else None,
                  f"{m['tokens_per_second']:,.0f} tok/s", f"{m['tflops_per_device']:.2f} TFLOP/s/device",
-                 f"MFU {m['mfu']:.1%}" if m.get("mfu") is not None else None, f"mem {m['memory_gib']:.2f} GiB"]
+                 f"MFU {m['mfu']:.1%} (compute {m['compute_mfu']:.1%})" if m.get("mfu") is not None else None,
+                 f"{m['step_seconds']:.2f} s/step (compute {m['compute_seconds']:.2f})" if "step_seconds" in m else None,
+                 f"mem {m['memory_gib']:.2f} GiB"]
         return " | ".join(p for p in parts if p)
 
     def close(self) -> None:

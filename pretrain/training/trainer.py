@@ -108,6 +108,7 @@ class Trainer:
         self.started = time.monotonic()  # for train.exit_after_minutes
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self._clock: float | None = None  # when the last step (or evaluation, or save) ended
 
     # ---- setup -------------------------------------------------------------------
 
@@ -366,12 +367,15 @@ class Trainer:
         skipped_before = self.engine.skipped_steps  # DeepSpeed's own checks (BF16_Optimizer, fp16 scaler)
         began = time.perf_counter()
         loss = train_step(self.engine, batches, self.teacher)
-        seconds = time.perf_counter() - began
+        ended = time.perf_counter()
         self.step += 1
         skipped = self.optimizer.guard.finish_step() or self.engine.skipped_steps > skipped_before
         self._count_skip(skipped, loss)
-        return {**self._step_metrics(loss, lr, seconds), **self._distillation_terms(), "skipped": skipped,
-                "skipped_steps": self.skipped_steps}
+        # From the previous step's end: everything a step costs (the batch read, the metrics written, the stop
+        # check), as a run's wall clock sees it. Evaluation and saves restart the clock: they have their own.
+        step_seconds, self._clock = ended - (self._clock or began), ended
+        return {**self._step_metrics(loss, lr, step_seconds, ended - began), **self._distillation_terms(),
+                "skipped": skipped, "skipped_steps": self.skipped_steps}
 
     def _distillation_terms(self) -> dict:
         """While distilling, the objective's terms over the global batch: lm_loss (the cross entropy
@@ -410,21 +414,23 @@ class Trainer:
                 f"gradients (train.max_consecutive_skips={limit}); the weights are those of the last good step. "
                 "Lower optim.lr, check the data, or resume from an earlier checkpoint")
 
-    def _step_metrics(self, loss: float, lr: float, seconds: float) -> dict:
+    def _step_metrics(self, loss: float, lr: float, step_seconds: float, compute_seconds: float) -> dict:
+        """The step's figures. tokens_per_second, tflops_per_device and mfu count the whole step, from the
+        previous step's end; the compute_ figures only its forward, backward and optimizer step, which is
+        what a kernel benchmark would report: the gap between the two is what the loop around them costs."""
         tokens = self.layout.global_batch_size * self.config.model.n_positions
-        tokens_per_second = tokens / seconds
         flops = flops_per_token(self.model_config, self.model_config.n_positions)
-        tflops = tokens_per_second * flops / self.layout.world_size / 1e12
         peak = device_peak_tflops()
         grad_norm = self.engine.get_global_grad_norm()
         scale = loss_scale(self.engine.optimizer) if self.config.train.precision == "fp16" else None
-        return {
-            "step": self.step, "loss": loss, "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "loss_scale": scale, "tokens_per_second": tokens_per_second, "tflops_per_device": tflops,
-            "mfu": tflops / peak if peak else None, "memory_gib": memory_gib(),
-            "consumed_samples": self.step * self.layout.global_batch_size,
-        }
+        figures = {"step": self.step, "loss": loss, "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "loss_scale": scale,
+                   "step_seconds": step_seconds, "compute_seconds": compute_seconds}
+        for prefix, seconds in (("", step_seconds), ("compute_", compute_seconds)):
+            tflops = tokens / seconds * flops / self.layout.world_size / 1e12
+            figures |= {f"{prefix}tokens_per_second": tokens / seconds, f"{prefix}tflops_per_device": tflops,
+                        f"{prefix}mfu": tflops / peak if peak else None}
+        return {**figures, "memory_gib": memory_gib(), "consumed_samples": self.step * self.layout.global_batch_size}
 
     def evaluate(self) -> dict:
         """Validation loss and perplexity over the first eval.iterations global batches of the valid split,
@@ -447,14 +453,17 @@ class Trainer:
         saving after the step that saw it; returns the reason, "finished" at the end."""
         config, first = self.config, self.step
         stop = self._stop_agreed(after_a_step=False)  # a kill switch left in place, a signal during start-up
+        self._clock = None  # the first step is timed from its own start (start-up is not a step's cost)
         while self.step < config.train.max_steps and stop is None:
             self.metrics.write(self.train_step())
             if config.eval.interval and self.step % config.eval.interval == 0:
                 self.metrics.write(self.evaluate())
+                self._clock = time.perf_counter()
             stop = self._stop_agreed()
             at_end = self.step == config.train.max_steps and config.checkpoint.at_end
             if stop or self.step % config.checkpoint.interval == 0 or at_end:
                 self.save()
+                self._clock = time.perf_counter()
         if self.step == first and self.resume_point is None and stop is None:
             self.save()  # a run of 0 steps saves its initial state (tools/convert_checkpoint.py --from hf)
         reason = "finished" if self.step >= config.train.max_steps else stop  # a stop in the last step: done

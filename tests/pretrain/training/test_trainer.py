@@ -14,7 +14,8 @@ from tests.conftest import SHORT, SMALL_VOCABULARY
 from tests.training import (FREQUENT_WORDS, TINY, assert_same_as_reference, assert_task_figures_equal, data_settings,
                             metrics, reference_settings, train, with_tasks)
 
-METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "consumed_samples"}
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "consumed_samples", "step_seconds",
+               "compute_seconds", "compute_tokens_per_second", "compute_tflops_per_device"}
 
 
 @pytest.mark.slow
@@ -24,6 +25,11 @@ def test_single_process_run_logs_every_form(single_process_run):
     steps = [row for row in rows if "loss" in row]
     assert [row["step"] for row in steps] == [1, 2, 3, 4]
     assert all(METRIC_KEYS <= row.keys() for row in steps)
+    # The step's time counts from the previous step's end (the loop around the compute included), so it is at
+    # least the compute's, and its throughput at most the compute's.
+    assert all(row["step_seconds"] >= row["compute_seconds"] > 0 for row in steps)
+    assert all(row["tokens_per_second"] <= row["compute_tokens_per_second"] for row in steps)
+    assert all(row["tokens_per_second"] == pytest.approx(8 * 64 / row["step_seconds"]) for row in steps)  # 64: SHORT
     assert [row["consumed_samples"] for row in steps] == [8, 16, 24, 32]
     assert steps[-1]["loss"] < steps[0]["loss"] < math.log(SMALL_VOCABULARY) + 0.5
     valid = [row for row in rows if "valid_loss" in row]
