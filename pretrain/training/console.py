@@ -56,11 +56,11 @@ def configure(rank: int) -> None:
     # made when deepspeed is first imported, which one process (no launcher's preload) may not have done yet.
     import deepspeed.utils.logging  # noqa: F401
 
-    deepspeed = logging.getLogger("DeepSpeed")
-    for handler in list(deepspeed.handlers):
-        deepspeed.removeHandler(handler)
-    deepspeed.setLevel(logging.WARNING)
-    deepspeed.propagate = True
+    library = logging.getLogger("DeepSpeed")
+    for handler in list(library.handlers):
+        library.removeHandler(handler)
+    library.setLevel(logging.WARNING)
+    library.propagate = True
     logging.captureWarnings(True)  # Python warnings (deprecations inside the libraries) become records
 
 
