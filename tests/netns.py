@@ -1,0 +1,67 @@
+"""Two network namespaces joined by a veth pair whose bandwidth `tc` limits: a slow network between two
+"nodes" on one machine, so that communication can cost as much as compute and its time can be measured.
+
+Addresses live only inside the namespaces this module creates (10.77.N.1 and .2); nothing else on the
+machine can reach them, and they reach nothing else. Needs root (`ip netns`, `tc`); `available()` says
+whether this machine allows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+
+def available() -> str | None:
+    """None where namespaces can be made here, else why not (for pytest.skip)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "iproute2 (ip, tc) is not installed"
+    return None
+
+
+def _run(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
+@dataclass(frozen=True)
+class Link:
+    namespaces: tuple[str, str]
+    addresses: tuple[str, str]
+    interfaces: tuple[str, str]
+    megabits: float
+    """The rate each direction is limited to."""
+
+    def command(self, side: int, argv: list[str]) -> list[str]:
+        """`argv` run inside namespace `side` (0 or 1), with gloo told which interface to use."""
+        return ["ip", "netns", "exec", self.namespaces[side], "env",
+                f"GLOO_SOCKET_IFNAME={self.interfaces[side]}", *argv]
+
+
+@contextlib.contextmanager
+def slow_link(megabits: float, tag: int = 0):
+    """A Link of `megabits` per direction (a token bucket on each end), removed afterwards."""
+    suffix = f"{os.getpid() % 10000}x{tag}"
+    namespaces = (f"pt{suffix}a", f"pt{suffix}b")
+    interfaces = (f"v{suffix}a", f"v{suffix}b")
+    addresses = (f"10.77.{tag}.1", f"10.77.{tag}.2")
+    try:
+        for namespace in namespaces:
+            _run("ip", "netns", "add", namespace)
+        _run("ip", "link", "add", interfaces[0], "type", "veth", "peer", "name", interfaces[1])
+        for namespace, interface, address in zip(namespaces, interfaces, addresses):
+            _run("ip", "link", "set", interface, "netns", namespace)
+            _run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", interface)
+            _run("ip", "-n", namespace, "link", "set", interface, "up")
+            _run("ip", "-n", namespace, "link", "set", "lo", "up")
+            # A token bucket: `megabits` sustained, a 256 kB burst, packets queued up to 50 ms.
+            _run("ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", interface, "root", "tbf",
+                 "rate", f"{megabits}mbit", "burst", "256kb", "latency", "50ms")
+        yield Link(namespaces, addresses, interfaces, megabits)
+    finally:
+        for namespace in namespaces:  # deleting a namespace removes its end of the veth pair, and so both
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
