@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""What building the model costs a rank at start-up, on CPU: seconds and peak host memory.
+
+    python tools/bench_startup.py --preset gpt2-1.5b
+    python tools/bench_startup.py --preset gpt2-124m --json
+
+One process builds the model as the trainer does (pretrain/parallel/build.py: megatron-core's layers,
+initialized from (seed, parameter name) on the CPU at full size, then split for tensor parallelism), for
+one rank of a TP=1 PP=1 layout, which holds the whole model. It reports the seconds the build takes and
+the process's peak resident memory before and after (ru_maxrss), and checks a few initial values against
+the seed so that a faster build can be compared value for value. The figures go in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt2-1.5b", help="a model preset (pretrain/model/presets.py)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    args = parser.parse_args(argv)
+
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.model.presets import model_config as preset, parameter_count
+    from pretrain.parallel.build import build_model
+    from pretrain.parallel.distributed import initialize_model_parallel, model_parallel_config
+    from pretrain.parallel.layout import ParallelLayout
+
+    config = preset(args.preset)
+    layout = ParallelLayout(world_size=1)
+    with tempfile.TemporaryDirectory(prefix="bench_startup_") as scratch:
+        dist.init_process_group("gloo", init_method=f"file://{scratch}/store", rank=0, world_size=1)
+        topology = initialize_model_parallel(layout)
+        before = peak_rss_gib()
+        began = time.perf_counter()
+        model = build_model(config, layout, topology, model_parallel_config(layout), args.seed)
+        seconds = time.perf_counter() - began
+        after = peak_rss_gib()
+        first = next(p for name, p in model.named_parameters() if name.endswith("qkv.weight"))
+        result = {"preset": args.preset, "parameters": parameter_count(config), "build_seconds": round(seconds, 2),
+                  "peak_rss_gib_before": round(before, 3), "peak_rss_gib_after": round(after, 3),
+                  "weights_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 3),
+                  "threads": torch.get_num_threads(),
+                  "first_qkv_values": [round(v, 6) for v in first.detach().flatten()[:3].tolist()]}
+        dist.destroy_process_group()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.preset} ({result['parameters'] / 1e6:,.0f}M parameters, {result['weights_gib']:.2f} GiB fp32): "
+              f"built in {seconds:.1f} s on {result['threads']} thread(s); peak RSS {before:.2f} GiB before, "
+              f"{after:.2f} GiB after")
+        print(f"first qkv values (seed {args.seed}): {result['first_qkv_values']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
