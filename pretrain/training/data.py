@@ -125,3 +125,27 @@ def micro_batches(dataset, step: int, layout: ParallelLayout, data_rank: int,
         tokens, labels = tokens.pin_memory(), labels.pin_memory()
     size = layout.micro_batch_size
     return [(tokens[i:i + size], labels[i:i + size]) for i in range(0, len(indices), size)]
+
+
+class NextBatch:
+    """The training micro-batches of each step, the next step's read in a background thread while this one
+    trains: reading and stacking a global batch's samples (megatron-core's index lookups, the memory-mapped
+    shards, pinning) then costs the step nothing. The order is the same as reading in place; nothing past
+    `steps` is read."""
+
+    def __init__(self, dataset, layout: ParallelLayout, data_rank: int, steps: int, pin_memory: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._read = lambda step: micro_batches(dataset, step, layout, data_rank, pin_memory=pin_memory)
+        self._steps, self._pending = steps, None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="next-batch")
+
+    def __call__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ahead, self._pending = self._pending, None
+        batches = ahead[1].result() if ahead is not None and ahead[0] == step else self._read(step)
+        if step + 1 < self._steps:
+            self._pending = (step + 1, self._pool.submit(self._read, step + 1))
+        return batches
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -26,7 +26,7 @@ from pretrain.training import stop_signals
 from pretrain.checkpoint.resume import MODEL_SHAPE_KEYS, layout_record, reshard_text
 from pretrain.checkpoint.sharded import CheckpointManager, config_hash
 from pretrain.config import Config, ConfigError
-from pretrain.training.data import build_datasets, micro_batches
+from pretrain.training.data import NextBatch, build_datasets, micro_batches
 from pretrain.training.distill import FrozenTeacher, attach, student_from_teacher
 from pretrain.training.metrics import MetricsWriter, device_peak_tflops, memory_gib
 from pretrain.model.presets import flops_per_token, parameter_count
@@ -109,6 +109,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._clock: float | None = None  # when the last step (or evaluation, or save) ended
+        self.next_batch: NextBatch | None = None
 
     # ---- setup -------------------------------------------------------------------
 
@@ -362,8 +363,10 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step on global batch `self.step`; returns its metrics."""
         lr = self._set_learning_rate()
-        batches = micro_batches(self.train_data, self.step, self.layout, self.data_rank,
-                                pin_memory=self.pin_memory)
+        if self.next_batch is None:
+            self.next_batch = NextBatch(self.train_data, self.layout, self.data_rank, self.config.train.max_steps,
+                                        pin_memory=self.pin_memory)
+        batches = self.next_batch(self.step)
         skipped_before = self.engine.skipped_steps  # DeepSpeed's own checks (BF16_Optimizer, fp16 scaler)
         began = time.perf_counter()
         loss = train_step(self.engine, batches, self.teacher)
@@ -487,5 +490,7 @@ class Trainer:
         write_text_atomically(self.run_dir / EXIT_RECORD, json.dumps(record) + "\n")
 
     def close(self) -> None:
+        if self.next_batch is not None:
+            self.next_batch.close()
         if self.metrics is not None:
             self.metrics.close()

@@ -291,6 +291,21 @@ def test_global_batch_is_the_same_for_every_data_parallel_size(single_process_gr
             assert torch.equal(global_batch(step, dp, micro), reference)
     assert not torch.equal(global_batch(0, 1, 8), global_batch(5, 1, 8))
 
+    # Read ahead in a background thread (NextBatch, the trainer's reader): the same batches, in order or after
+    # a jump (a resume), and nothing read past the run's last step.
+    from pretrain.training.data import NextBatch
+
+    layout = ParallelLayout(world_size=2, micro_batch_size=2, global_batch_size=8)
+    reader = NextBatch(train_data, layout, 1, steps=6)
+    try:
+        for step in (0, 1, 2, 4, 5):
+            expected = micro_batches(train_data, step, layout, 1)
+            got = reader(step)
+            assert [torch.equal(a, b) for (a, _), (b, _) in zip(got, expected)] == [True, True]
+        assert reader._pending is None  # step 5 is the last: nothing read ahead
+    finally:
+        reader.close()
+
 
 @pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, shards):
