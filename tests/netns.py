@@ -16,16 +16,22 @@ from dataclasses import dataclass
 
 
 def available() -> str | None:
-    """None where namespaces can be made here, else why not (for pytest.skip)."""
+    """None where namespaces can be made here, else why not (for pytest.skip): root, iproute2, and the
+    right to make a namespace (a container may lack CAP_SYS_ADMIN or CAP_NET_ADMIN even as root)."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     if not shutil.which("ip") or not shutil.which("tc"):
         return "iproute2 (ip, tc) is not installed"
-    return None
+    probe = f"ptprobe{os.getpid() % 100000}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None if made.returncode == 0 else f"cannot make a network namespace: {made.stderr.strip()}"
 
 
 def _run(*command: str) -> None:
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()}")
 
 
 @dataclass(frozen=True)
@@ -65,3 +71,4 @@ def slow_link(megabits: float, tag: int = 0):
     finally:
         for namespace in namespaces:  # deleting a namespace removes its end of the veth pair, and so both
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        subprocess.run(["ip", "link", "del", interfaces[0]], capture_output=True)  # if it never left this one

@@ -33,7 +33,7 @@
 #                  run's torch.cuda.max_memory_allocated (memory_gib), within 20%
 #   distil 90      python -m pretrain, a 2-layer student with the training stage's run as distill.teacher
 #                  (bf16 on the GPU): 3 steps with finite lm_loss and kl_loss
-#   trainer 1.5B 180  python -m pretrain on configs/gpt2-1.5b.yaml itself (one rank, micro batch 8, or 4 under
+#   trainer 1.5B 240  python -m pretrain on configs/gpt2-1.5b.yaml itself (one rank, micro batch 8, or 4 under
 #                  100 GB), 6 steps with train.compile=false then true: the trainer's step-to-step and compute-only
 #                  MFU (medians of steps 3-6) and the time of one checkpoint save
 # At the end ONE summary table, also written to $OUT/gpu_check.md when $OUT is set (the device tool
@@ -391,8 +391,13 @@ stage_trainer_xl() {  # LIMIT: python -m pretrain itself on the 1.5B config, com
             "parallel.global_batch_size=$(( 2 * micro ))" "train.max_steps=$steps" "train.compile=$compile" \
             "checkpoint.interval=1000" "checkpoint.at_end=$([[ $compile == false ]] && echo true || echo false)" \
             eval.interval=0 logging.interval=1 logging.tensorboard=false data.split=95,5,0
-        if (( STAGE_RC != 0 )); then
+        if (( STAGE_RC == 125 )); then  # the budget went to the stages before it
+            record "trainer 1.5B" SKIP "$STAGE_NOTE"
+            rm -rf "$WORK"/run-xl-*
+            return
+        elif (( STAGE_RC != 0 )); then
             record "trainer 1.5B" FAIL "python -m pretrain ($config, train.compile=$compile): $STAGE_NOTE"
+            rm -rf "$WORK"/run-xl-*
             return
         fi
         verdict=$("$PYTHON" - "$run_dir/metrics.jsonl" "$WORK/logs/trainer-xl-$compile.log" "$compile" <<'PY' 2>&1
@@ -413,9 +418,15 @@ if last_step and saved:
 print(text)
 PY
 )
+        if [[ $verdict != compile\ * ]]; then  # no figures: a traceback's last line says why
+            record "trainer 1.5B" FAIL "could not read the run's figures: $(tail -n 1 <<< "$verdict")"
+            rm -rf "$WORK"/run-xl-*
+            return
+        fi
         figures+="${figures:+; }$verdict"
+        [[ -n $OUT_DIR && -f $run_dir/metrics.jsonl ]] && cp "$run_dir/metrics.jsonl" "$OUT_DIR/metrics-xl-$compile.jsonl"
+        rm -rf "$run_dir"  # a 1.5B checkpoint is about 22 GB; nothing after this stage reads it
     done
-    [[ -n $OUT_DIR && -f $WORK/run-xl-false/metrics.jsonl ]] && cp "$WORK/run-xl-false/metrics.jsonl" "$OUT_DIR/metrics-xl.jsonl"
     record "trainer 1.5B" PASS "$config, micro batch $micro x 2, $steps steps, median of steps 3-$steps: $figures"
 }
 
@@ -537,7 +548,7 @@ main() {
         stage_bench gpt2-124m 32 10 90 ratio
         # The 1.5B figure from the trainer itself (it replaced the bare model's benchmark: tools/bench_model.py
         # --preset gpt2-1.5b still times that, with a plain optimizer).
-        stage_trainer_xl 180
+        stage_trainer_xl 240
         stage_train
     fi
     summary | tee "$WORK/gpu_check.md"

@@ -54,9 +54,12 @@ def wants_gpu() -> bool:
 
     import torch  # only here: a CPU run's --check needs no torch
 
-    with warnings.catch_warnings(record=True) as said:  # torch says why CUDA failed (an old driver) in a warning
-        warnings.simplefilter("always")
+    said = []
+    with warnings.catch_warnings(record=device == "cuda") as caught:  # torch says why CUDA failed in a warning
+        if device == "cuda":  # (only where a GPU is required: elsewhere torch's own warning is printed as ever)
+            warnings.simplefilter("always")
         available = torch.cuda.is_available()
+        said = caught or []
     if device == "cuda" and not available:
         torch_says = "; ".join(str(warning.message).strip() for warning in said if "CUDA" in str(warning.message))
         raise LaunchError("PRETRAIN_DEVICE=cuda but torch sees no GPU (CUDA_VISIBLE_DEVICES="

@@ -45,32 +45,33 @@ def accelerator(name: str) -> Accelerator:
         raise ValueError(f"unknown GPU {name!r}; known: {', '.join(ACCELERATORS)}") from None
 
 
-# Dense bf16 TFLOP/s by the device name torch reports, most specific first: the same chip differs by form
-# factor (data sheets: H100 SXM 989, H100 NVL 835, H100 PCIe 756; H200 SXM 989, H200 NVL 835; A100 312 in
-# every form; GH200's Hopper 989). A name matched by none gets no MFU rather than a wrong one.
+# Dense bf16 TFLOP/s by the device name torch reports, most specific first, each a whole word ("A100" is not
+# "A1000", "H200" not "GH200"): the same chip differs by form factor (data sheets: H100 SXM 989, H100 NVL 835,
+# H100 PCIe 756; H200 SXM 989, H200 NVL 835; A100 312 in every form; GH200's Hopper 989; GB200's Blackwell
+# 2500). A name matched by none gets no MFU rather than a wrong one.
 DEVICE_PEAKS = (
-    ("H100 NVL", 835.0),
-    ("H100 PCIE", 756.0),
-    ("H100", 989.0),  # "NVIDIA H100 80GB HBM3" (SXM5)
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("H800 PCIE", 756.0),
-    ("H800", 989.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("B200", 2250.0),
+    (r"\bH100 NVL\b", 835.0),
+    (r"\bH100 PCIE\b", 756.0),
+    (r"\bH100\b", 989.0),  # "NVIDIA H100 80GB HBM3" (SXM5)
+    (r"\bH200 NVL\b", 835.0),
+    (r"\bH200\b", 989.0),
+    (r"\bGH200\b", 989.0),
+    (r"\bH800 PCIE\b", 756.0),
+    (r"\bH800\b", 989.0),
+    (r"\bA100\b", 312.0),
+    (r"\bA800\b", 312.0),
+    (r"\bL40S\b", 362.0),
+    (r"\bGB200\b", 2500.0),
+    (r"\bB200\b", 2250.0),
 )
 
 
 def peak_tflops_by_device_name(device_name: str) -> float | None:
     """Dense bf16 peak of a device as torch names it ("NVIDIA H100 80GB HBM3"), for MFU; None if unknown."""
+    import re
+
     upper = device_name.upper()
-    for pattern, tflops in DEVICE_PEAKS:
-        if pattern in upper and not (pattern == "H200" and "GH200" in upper):
-            return tflops
-    return None
+    return next((tflops for pattern, tflops in DEVICE_PEAKS if re.search(pattern, upper)), None)
 
 
 @dataclass(frozen=True)

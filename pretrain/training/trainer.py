@@ -456,7 +456,7 @@ class Trainer:
         saving after the step that saw it; returns the reason, "finished" at the end."""
         config, first = self.config, self.step
         stop = self._stop_agreed(after_a_step=False)  # a kill switch left in place, a signal during start-up
-        self._clock = None  # the first step is timed from its own start (start-up is not a step's cost)
+        self._clock = None  # the first step's time is its compute time (start-up is not a step's cost)
         while self.step < config.train.max_steps and stop is None:
             self.metrics.write(self.train_step())
             if config.eval.interval and self.step % config.eval.interval == 0:

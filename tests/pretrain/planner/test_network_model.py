@@ -44,7 +44,13 @@ def test_the_ring_all_reduce_formula_matches_gloo_over_a_rate_limited_link():
         ranks = [subprocess.Popen(link.command(side, [sys.executable, "-c", RANK, str(side), link.addresses[0],
                                                       json.dumps(sizes)]),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for side in (1, 0)]
-        outputs = [rank.communicate(timeout=120) for rank in ranks]
+        try:
+            outputs = [rank.communicate(timeout=120) for rank in ranks]
+        finally:
+            for rank in ranks:  # a rank still there (a timeout) must not outlive its namespace
+                if rank.poll() is None:
+                    rank.kill()
+                    rank.wait()
     assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outputs]
     measured = {float(size): seconds for size, seconds in json.loads(outputs[1][0]).items()}
     for size in sizes:

@@ -126,7 +126,8 @@ def test_step_time_parts_follow_their_formulas():
                                         ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
                                         ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-40GB", 312.0),
                                         ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.0),
-                                        ("NVIDIA B200", 2250.0), ("Tesla V100-SXM2-32GB", None)])
+                                        ("NVIDIA B200", 2250.0), ("NVIDIA GB200", 2500.0),
+                                        ("NVIDIA RTX A1000", None), ("Tesla V100-SXM2-32GB", None)])
 def test_mfu_peaks_are_found_by_the_device_name_torch_reports(name, peak):
     from pretrain.planner.hardware import peak_tflops_by_device_name
 
