@@ -9,12 +9,14 @@ whether this machine allows it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 
 
+@functools.cache  # asked at collection (skipif) and for the reason: one probe per session
 def available() -> str | None:
     """None where namespaces can be made here, else why not (for pytest.skip): root, iproute2, and the
     right to make a namespace (a container may lack CAP_SYS_ADMIN or CAP_NET_ADMIN even as root)."""

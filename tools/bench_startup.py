@@ -7,7 +7,7 @@
 One process builds the model as the trainer does (pretrain/parallel/build.py: megatron-core's layers,
 initialized from (seed, parameter name) on the CPU at full size, then split for tensor parallelism), for
 one rank of a TP=1 PP=1 layout, which holds the whole model. It reports the seconds the build takes and
-the process's peak resident memory before and after (ru_maxrss), and checks a few initial values against
+the process's peak resident memory before and after (VmHWM), and checks a few initial values against
 the seed so that a faster build can be compared value for value. The figures go in docs/benchmarks.md.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -27,7 +26,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+    from data_pipeline.peak_memory import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**30
 
 
 def main(argv=None) -> int:

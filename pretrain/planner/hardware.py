@@ -6,6 +6,8 @@ bandwidth per direction, which is what one GPU can send while it receives as muc
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 
@@ -68,8 +70,6 @@ DEVICE_PEAKS = (
 
 def peak_tflops_by_device_name(device_name: str) -> float | None:
     """Dense bf16 peak of a device as torch names it ("NVIDIA H100 80GB HBM3"), for MFU; None if unknown."""
-    import re
-
     upper = device_name.upper()
     return next((tflops for pattern, tflops in DEVICE_PEAKS if re.search(pattern, upper)), None)
 

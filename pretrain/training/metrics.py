@@ -3,6 +3,7 @@ TensorBoard events, and RUN_DIR/metrics.jsonl (one JSON object per step)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from data_pipeline.peak_memory import peak_rss_bytes
 
 log = logging.getLogger("pretrain")
 
+@functools.cache  # the device does not change during a run; read once, not at every step
 def device_peak_tflops() -> float | None:
     """Dense bf16 peak of this GPU, for MFU (the planner's table of data-sheet figures); None if unknown."""
     from pretrain.planner.hardware import peak_tflops_by_device_name
