@@ -181,6 +181,6 @@ def find_resume_point(directory: Path, config, layout, model_shape: dict, tokeni
     reshard = manifest["layout"] != ours
     refusal = reshard and reshard_refusal(manifest["layout"], ours)
     if refusal:
-        raise CheckpointError(f"checkpoint {tag} was saved with layout {manifest['layout']}, this run is "
-                              f"{ours}: {refusal}")
+        raise CheckpointError(f"checkpoint {tag} was saved on {reshard_text(manifest['layout'], ours)}, this run is "
+                              f"{reshard_text(ours, manifest['layout'])}: {refusal}")
     return ResumePoint(tag, manifest, reshard, data_changes=changes, ours=ours)
