@@ -340,10 +340,15 @@ def test_runs_killed_mid_run_resume_with_other_rank_counts_to_the_same_bytes(big
 @pytest.mark.slow
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path, real_documents):
     """An undecodable file (first in input order, so its rank meets it at once) while the other rank
-    tokenizes a large file: both stop, each says why, and the large file is left unfinished."""
-    corpus = tmp_path / "corpus"
+    tokenizes a large file: both stop, each says why, and the large file is left unfinished.
+
+    The large files are 12 copies of the real text (about 40 MB, some 7 s of tokenizing alone): with 4
+    copies, a rank that started 2-3 s before its peer on a loaded machine (the suite's background runs)
+    once finished its whole file before the failure reached it, and the test failed though nothing was
+    wrong."""
+    corpus, copies = tmp_path / "corpus", 12
     for name in ("big-1", "big-2"):
-        write_jsonl(corpus / f"{name}.jsonl", real_documents * 4)
+        write_jsonl(corpus / f"{name}.jsonl", real_documents * copies)
     bad = corpus / "a-bad.jsonl.zst"
     bad.write_bytes(b"this is not a zstd frame\n" * 100)
     prefix = str(tmp_path / "o" / "c")
@@ -366,7 +371,7 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path, real_d
     strict = run_ranks(2, "--input", str(corpus / "big-1.jsonl"), str(corpus / "big-2.jsonl"), "--output-prefix",
                        str(tmp_path / "strict" / "c"), "--workers", "1", "--quiet", "--strict", timeout=300)
     assert strict.returncode == 1 and "Traceback" not in strict.stderr, strict.stderr[-3000:]
-    line = len(real_documents) * 4 + 1
+    line = len(real_documents) * copies + 1
     assert f"error: {corpus / 'big-2.jsonl'}:{line}: malformed_json" in strict.stderr
     assert "another rank failed: rank " in strict.stderr
     print(f"\nan undecodable file on one rank stopped both ranks; the run ended after {elapsed:.1f} s")
