@@ -14,6 +14,7 @@ import yaml
 
 from data_pipeline.tokenizers import padded_vocab_size
 from pretrain.model.shape import GPTConfig
+from pretrain.parallel.deepspeed_config import OVERLAP_BUCKET_SIZE
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,12 @@ class ParallelSection:
     """Sequences per rank per forward pass."""
     global_batch_size: int = 8
     """Sequences per optimizer step; gradient accumulation is derived from it."""
+    overlap_communication: bool = True
+    """With data parallelism under bf16 ZeRO-1 (DeepSpeed's BF16_Optimizer): reduce the gradients in
+    buckets while the last micro-batch's backward runs, and gather the updated weights while the next
+    forward runs (pretrain/parallel/overlap.py). false: DeepSpeed's blocking reduction and gather."""
+    bucket_size: int = OVERLAP_BUCKET_SIZE
+    """Elements per gradient bucket reduced at once when overlapping (160 MB in fp32)."""
 
 
 @dataclass

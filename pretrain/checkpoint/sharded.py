@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.atomic import fsync_path, write_text_atomically
+from pretrain.parallel.overlap import finish_weights
 # Defined without torch (--check reads checkpoints too); imported from here by the tools and the trainer.
 from pretrain.checkpoint.resume import (  # noqa: F401
     LATEST,
@@ -95,6 +96,7 @@ class CheckpointManager:
     def save(self, engine, step: int, manifest: dict, client_state: dict) -> Path:
         tag, partial_tag = tag_for(step), TMP_PREFIX + tag_for(step)
         partial = self.directory / partial_tag
+        finish_weights(engine)  # the updated weights may still be arriving (pretrain/parallel/overlap.py)
         engine.save_checkpoint(str(self.directory), tag=partial_tag, save_latest=False,
                                client_state={**client_state, "step": step, "iteration": step})
         torch.save(random_state(), partial / f"rng_rank{self.rank:05d}.pt")
@@ -128,6 +130,7 @@ class CheckpointManager:
         """Load `tag` as saved, or from its universal form (pretrain/checkpoint/reshard.py) on another layout."""
         directory = self.directory / tag
         where = (universal.parent, universal.name) if universal else (self.directory, tag)
+        finish_weights(engine)  # no broadcast of the old weights may land on the loaded ones
         try:
             load_path, _ = engine.load_checkpoint(str(where[0]), tag=where[1], load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)

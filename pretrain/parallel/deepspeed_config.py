@@ -6,6 +6,9 @@ from __future__ import annotations
 from pretrain.parallel.layout import ParallelLayout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Elements per gradient bucket of the overlapped reduction (pretrain/parallel/overlap.py; parallel.bucket_size):
+# Megatron-LM's default DDP bucket, 160 MB in fp32.
+OVERLAP_BUCKET_SIZE = 40_000_000
 GRADIENT_DTYPES = ("fp32", "bf16")
 
 

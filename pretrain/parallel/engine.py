@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.parallel.layout import ParallelLayout
+from pretrain.parallel.overlap import arm
 
 
 def initialize_engine(model: torch.nn.Module, layout: ParallelLayout, topology, optimizer, config: dict):
@@ -53,10 +54,12 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], t
                              for (token_ids, labels), states in zip(micro_batches, hidden)]
         return engine.train_batch(iter(micro_batches)).item()
     losses = []
-    for token_ids, labels in micro_batches:  # non-blocking from pinned memory; no host sync per micro-batch
+    for index, (token_ids, labels) in enumerate(micro_batches):  # non-blocking from pinned memory; no host sync
         token_ids = token_ids.to(engine.device, non_blocking=True)
         extra = {} if teacher is None else {"teacher_hidden": teacher.hidden_states(token_ids)}
         loss = engine(token_ids, labels.to(engine.device, non_blocking=True), **extra)
+        if index == len(micro_batches) - 1:
+            arm(engine)  # the gradients are complete as this backward produces them: reduce them meanwhile
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from pretrain.model.gpt2 import Block, FinalNorm, GPTConfig, WordEmbedding, layer_classes
 from pretrain.model.loss import CHUNK_ELEMENTS
+from pretrain.parallel.deepspeed_config import OVERLAP_BUCKET_SIZE
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.parallel.pipeline import layer_parameter_counts
 
@@ -56,6 +57,11 @@ class RunShape:
     activation_checkpointing: int = 0
     partition_method: str = "parameters"
     reduce_bucket_size: int = REDUCE_BUCKET_SIZE
+    overlap: bool = True
+    """parallel.overlap_communication: gradients reduced during the last backward, weights gathered
+    during the next forward, where the optimizer is BF16_Optimizer (pretrain/parallel/overlap.py)."""
+    overlap_bucket_size: int = OVERLAP_BUCKET_SIZE
+    """parallel.bucket_size, elements."""
 
     @property
     def sequence(self) -> int:

@@ -108,7 +108,8 @@ def run_from_config(config, cluster: Cluster) -> RunShape:
     model, layout = check_settings(config, cluster.world_size, on_gpu=True)
     bucket = config.deepspeed.get("zero_optimization", {}).get("reduce_bucket_size", REDUCE_BUCKET_SIZE)
     return RunShape(model, layout, config.train.precision, config.train.gradient_dtype,
-                    config.model.activation_checkpointing, config.model.partition_method, int(bucket))
+                    config.model.activation_checkpointing, config.model.partition_method, int(bucket),
+                    config.parallel.overlap_communication, config.parallel.bucket_size)
 
 
 def check_config(args, cluster: Cluster) -> int:

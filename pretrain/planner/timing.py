@@ -4,9 +4,24 @@ Compute counts the trainer's own FLOPs (pretrain/model/presets.py flops_per_toke
 12 L C T for attention), at an assumed fraction of the GPU's dense bf16 peak. Nothing here is
 measured on a GPU yet: the fraction is set from published end-to-end figures (llm.c's GPT-2
 1.5B: about 48% MFU on H100; Megatron-LM's 1.7B: 41%), and every communication term states its
-formula. Communication is assumed not to overlap compute: DeepSpeed's ZeRO-1/2 default is
-overlap_comm=false, and Megatron-style tensor parallelism without sequence parallelism waits
-for each all-reduce.
+formula. Tensor-parallel communication does not overlap compute (Megatron-style tensor parallelism
+without sequence parallelism waits for each all-reduce), nor does data-parallel communication
+under DeepSpeed's own paths (ZeRO-1/2 default overlap_comm=false).
+
+Where the trainer overlaps (parallel.overlap_communication under BF16_Optimizer,
+pretrain/parallel/overlap.py), K gradient buckets become ready one after another during the last
+micro-batch's backward (duration W) and are reduced one after another; the reduction of R seconds
+in all then shows
+
+    exposed = max(R / K, R - W (K - 1) / K)
+
+(the last bucket alone when the network keeps up; otherwise what the window after the first bucket
+cannot hold). The weights are broadcast slice by slice from their dp owners under the next forward,
+whose modules wait for their own slice: the same formula with K = dp and the first micro-batch's
+forward as the window. NCCL runs the broadcasts one after another, each a ring moving its slice
+over every link: W / bandwidth in all, dp / (dp - 1) times an all-gather (1.6% more at 64 ranks,
+twice at 2). gloo may run two side by side, which only makes it faster than costed. Pipelines reduce
+after their schedule, so only the gather is hidden there.
 
 Collective times on the ring algorithm (Patarasuk and Yuan 2009; NCCL's "bus bandwidth"):
     all-reduce of B bytes over n ranks        2 (n - 1) / n x B / bandwidth
@@ -48,12 +63,15 @@ class StepTime:
     tensor_parallel: float
     pipeline_transfers: float
     data_parallel: float
+    """Data-parallel communication the step waits for (all of it, unless overlapped)."""
     optimizer: float
     tokens_per_step: int
     flops_per_token: int
     world_size: int
     peak_tflops: float
     """The precision's peak (dense bf16, or fp32 for fp32 runs): MFU is measured against it."""
+    data_parallel_hidden: float = 0.0
+    """Data-parallel communication that runs under compute (not part of the step's time)."""
 
     @property
     def seconds(self) -> float:
@@ -130,16 +148,41 @@ def step_time(run: RunShape, cluster: Cluster, efficiency: float = COMPUTE_EFFIC
     # Data parallel: ranks tp apart (megatron-core's order: tensor, then data, then pipeline).
     dp_bandwidth = cluster.bandwidth_gbytes(dp, spans_nodes=spans_nodes(tp * dp, gpn))
     parameters = max(stage_parameters(run, layers) for layers in stages)
+    forward = per_micro / 3 if not recomputed else per_micro * blocks / (3 * blocks + recomputed)
+    exposed, hidden = data_parallel_exposed(run, parameters, dp, dp_bandwidth, forward, per_micro - forward)
     return StepTime(
         compute=micro_batches * per_micro, pipeline_bubble=(pp - 1) * (per_micro + tp_per_micro),
         tensor_parallel=micro_batches * tp_per_micro, pipeline_transfers=slots * pp_per_micro,
-        data_parallel=data_parallel_seconds(run, parameters, dp, dp_bandwidth),
+        data_parallel=exposed, data_parallel_hidden=hidden,
         # Adam reads and writes fp32 master weights, two moments and the gradient, and writes the
         # model-dtype weights: about 36 bytes per parameter it owns, at HBM bandwidth.
         optimizer=36 * parameters / (dp if layout.zero_stage else 1) / (gpu.memory_gbytes * 1e9),
         tokens_per_step=layout.global_batch_size * run.sequence,
         flops_per_token=flops_per_token(model, run.sequence), world_size=layout.world_size,
         peak_tflops=peak)
+
+
+def overlapped(total: float, window: float, pieces: int) -> float:
+    """What shows of `total` seconds of communication in `pieces` equal parts, each ready to go
+    when its share of a `window` of compute has run (see the module docstring)."""
+    return max(total / pieces, total - window * (pieces - 1) / pieces)
+
+
+def data_parallel_exposed(run: RunShape, parameters: int, dp: int, bandwidth: float, forward: float,
+                          backward: float) -> tuple[float, float]:
+    """(exposed, hidden) data-parallel seconds per step; `forward` and `backward` are one micro-batch's."""
+    if not (run.overlap and run.optimizer == "bf16_optimizer" and dp > 1):
+        return data_parallel_seconds(run, parameters, dp, bandwidth), 0.0
+    grad_bytes = 4 if run.gradient_dtype == "fp32" else 2
+    reduce = all_reduce_seconds(parameters * grad_bytes, dp, bandwidth)
+    if run.layout.pipeline_parallel_size == 1:
+        buckets = max(1, -(-parameters // run.overlap_bucket_size))
+        reduce_shows = overlapped(reduce, backward, buckets)
+    else:
+        reduce_shows = reduce  # the pipeline engine reduces after its schedule
+    broadcasts = parameters * run.weight_bytes / (bandwidth * 1e9)  # dp ring broadcasts, one after another
+    gather_shows = overlapped(broadcasts, forward, dp)
+    return reduce_shows + gather_shows, reduce + broadcasts - reduce_shows - gather_shows
 
 
 def data_parallel_seconds(run: RunShape, parameters: int, dp: int, bandwidth: float) -> float:

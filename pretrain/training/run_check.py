@@ -49,6 +49,9 @@ def check_settings(config: Config, world_size: int, on_gpu: bool | None = None) 
         world_size, tp, config.parallel.pipeline_parallel_size, config.parallel.zero_stage,
         config.parallel.micro_batch_size, config.parallel.global_batch_size,
     ).validate(model_config)
+    if config.parallel.bucket_size < 1:
+        raise ConfigError(f"parallel.bucket_size={config.parallel.bucket_size} must be a positive number of "
+                          "elements (default 40000000)")
     try:  # the DeepSpeed config this run would generate; a refusal names the setting
         deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, config.deepspeed,
                          config.train.gradient_dtype)

@@ -43,6 +43,7 @@ from pretrain.parallel.distributed import (
     on_rank_zero,
 )
 from pretrain.parallel.deepspeed_config import deepspeed_config
+from pretrain.parallel.overlap import install as install_overlap
 from pretrain.parallel.engine import (
     evaluate_loss,
     initialize_engine,
@@ -276,7 +277,10 @@ class Trainer:
                                                     "load_universal": load_universal}}
         ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, extra,
                                      config.train.gradient_dtype)
-        return initialize_engine(model, layout, topology, self.optimizer, ds_config)
+        engine = initialize_engine(model, layout, topology, self.optimizer, ds_config)
+        if config.parallel.overlap_communication:
+            install_overlap(engine, config.parallel.bucket_size)
+        return engine
 
     # ---- checkpoints ----------------------------------------------------------------
 
