@@ -143,6 +143,8 @@ def check_config(args, cluster: Cluster) -> int:
               f"{gib['buffers']:.2f}: total {gib['total']:.2f} (peak at the {stage.moment})")
     time = candidate.time
     parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.3f}" for name, seconds in time.parts().items() if seconds)
+    if time.data_parallel_hidden:
+        parts += f"; {time.data_parallel_hidden:.3f} more of data-parallel traffic hidden behind compute"
     print(f"step {time.seconds:.3f} s ({parts}); {time.tokens_per_second:,.0f} tokens/s, MFU {time.mfu:.1%} "
           f"(at --efficiency {args.efficiency})")
     verdict = "fits" if candidate.fits else "does NOT fit"

@@ -54,6 +54,7 @@ class Candidate:
             "fits": self.fits, "memory_gib": self.memory.gib(), "peak_stage": self.memory.stage,
             "peak_moment": self.memory.moment, "optimizer_path": self.run.optimizer,
             "step_seconds": self.time.seconds, "step_seconds_by_part": self.time.parts(),
+            "data_parallel_hidden_seconds": self.time.data_parallel_hidden,
             "tokens_per_second": self.time.tokens_per_second, "mfu": self.time.mfu, "settings": self.settings(extra),
         }
 
