@@ -2,7 +2,9 @@
 
     build_model                  layers -> GPT2 (one stage) or a DeepSpeed PipelineModule (stages,
                                  pretrain/parallel/pipeline.py: each rank builds its own stage only);
-                                 tensor parallelism is already inside the layers (megatron-core)
+                                 tensor parallelism is already inside the layers (megatron-core);
+                                 built on the meta device, then given weights layer by layer on the
+                                 rank's device (pretrain/parallel/materialize.py)
     apply_activation_checkpointing   none, every block, or every k-th block
     apply_compile                torch.compile each block (train.compile)
     (then deepspeed.initialize, in the trainer)
@@ -10,19 +12,28 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from pretrain.model.gpt2 import GPT2, Block, GPTConfig
+from pretrain.parallel.distributed import collective_device
 from pretrain.parallel.layout import ParallelLayout
+from pretrain.parallel.materialize import materialize
 from pretrain.parallel.pipeline import build_pipeline
 
 
 def build_model(config: GPTConfig, layout: ParallelLayout, topology, parallel, seed: int,
-                partition_method: str = "parameters") -> nn.Module:
+                partition_method: str = "parameters", device: torch.device | str | None = None) -> nn.Module:
+    """This rank's part of the model with its initial weights on `device` (default: where its collectives run,
+    the GPU under NCCL): constructed on the meta device, then layer by layer (pretrain/parallel/materialize.py),
+    so the host never holds the whole model."""
+    device = collective_device() if device is None else device
     if layout.pipeline_parallel_size == 1:
-        model = GPT2(config, parallel, seed)
+        with torch.device("meta"):
+            model = GPT2(config, parallel, seed)
+        materialize(model, config, parallel, seed, device)
     else:
-        model = build_pipeline(config, topology, parallel, seed, partition_method)
+        model = build_pipeline(config, topology, parallel, seed, partition_method, device)
     return without_empty_extra_state(model)
 
 

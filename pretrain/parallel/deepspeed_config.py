@@ -24,13 +24,33 @@ def gradient_dtype_refusal(precision: str, gradient_dtype: str, zero_stage: int)
     return None
 
 
+def uses_bf16_optimizer(layout: ParallelLayout, precision: str, gradient_dtype: str) -> bool:
+    """Whether DeepSpeed 0.19 wraps the optimizer in its BF16_Optimizer (pretrain/planner/memory.py has
+    every path): bf16 with fp32 gradients at ZeRO-1, or bf16 at ZeRO-0 with a pipeline."""
+    return precision == "bf16" and (layout.zero_stage == 1 and gradient_dtype == "fp32"
+                                    or layout.zero_stage == 0 and layout.pipeline_parallel_size > 1)
+
+
+def deepspeed_overlaps(layout: ParallelLayout, precision: str, gradient_dtype: str) -> bool:
+    """Whether parallel.overlap_communication is DeepSpeed's own overlap_comm here: ZeRO-1/2 through
+    its DeepSpeedZeroOptimizer (fp32, fp16, or bf16 with bf16 gradients; ZeRO-2 in any precision),
+    with data parallelism and without a pipeline (whose engine turns overlap_comm off)."""
+    return (layout.zero_stage in (1, 2) and not uses_bf16_optimizer(layout, precision, gradient_dtype)
+            and layout.data_parallel_size > 1 and layout.pipeline_parallel_size == 1)
+
+
 def deepspeed_config(layout: ParallelLayout, precision: str = "fp32", gradient_clipping: float = 0.0,
-                     extra: dict | None = None, gradient_dtype: str = "fp32") -> dict:
+                     extra: dict | None = None, gradient_dtype: str = "fp32", overlap_communication: bool = False,
+                     bucket_size: int = OVERLAP_BUCKET_SIZE) -> dict:
     """The DeepSpeed JSON for a layout; `extra` keys are passed through on top.
 
     In bf16, gradients are accumulated over micro-batches and reduced over data-parallel
     ranks in `gradient_dtype`: fp32 by default (DeepSpeed's own default is the model's
     dtype, whose 8-bit mantissa loses small contributions over many micro-batches).
+    With `overlap_communication` where DeepSpeed's ZeRO-1/2 optimizer runs (deepspeed_overlaps),
+    its overlap_comm reduces `bucket_size`-element buckets on a side stream during the last
+    backward (ZeRO-1) or every backward (ZeRO-2); under BF16_Optimizer the trainer overlaps
+    itself (pretrain/parallel/overlap.py).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
@@ -42,7 +62,9 @@ def deepspeed_config(layout: ParallelLayout, precision: str = "fp32", gradient_c
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
         "gradient_clipping": gradient_clipping,
-        "zero_optimization": {"stage": layout.zero_stage},
+        "zero_optimization": {"stage": layout.zero_stage, **(
+            {"overlap_comm": True, "reduce_bucket_size": bucket_size}
+            if overlap_communication and deepspeed_overlaps(layout, precision, gradient_dtype) else {})},
         # ZeRO accepts only optimizer classes it lists; ours is torch's AdamW plus a
         # skip on non-finite gradients (pretrain/training/optim.py), the same update otherwise.
         "zero_allow_untested_optimizer": True,

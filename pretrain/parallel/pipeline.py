@@ -105,10 +105,24 @@ def _pipeline_module_counting_by_class() -> type:
     from deepspeed.pipe import PipelineModule
 
     class PipelineModuleCountingByClass(PipelineModule):
-        def __init__(self, layers, parameters_per_class: dict[type, int], **kwargs):
+        def __init__(self, layers, parameters_per_class: dict[type, int], materialize_on=None, **kwargs):
             # Set first: PipelineModule.__init__ partitions, and so counts, before it returns.
             self.parameters_per_class = parameters_per_class
+            self.materialize_on = materialize_on  # (config, parallel, seed, device), or None to build as DeepSpeed does
             super().__init__(layers, **kwargs)
+
+        def _build(self):
+            # DeepSpeed builds this stage's layers here, then moves them to the device and broadcasts the tied
+            # weights: the layers are built on the meta device and given their weights on the device in between.
+            if self.materialize_on is None:
+                return super()._build()
+            import torch
+
+            from pretrain.parallel.materialize import materialize
+
+            with torch.device("meta"):
+                super()._build()
+            materialize(self, *self.materialize_on)
 
         def _count_layer_params(self) -> list[int]:
             # The list DeepSpeed's own count gives (every spec, each tied copy counted
@@ -123,8 +137,10 @@ def _pipeline_module_counting_by_class() -> type:
     return PipelineModuleCountingByClass
 
 
-def build_pipeline(config: GPTConfig, topology, parallel, seed: int, partition_method: str = "parameters"):
-    """The layer sequence as a DeepSpeed PipelineModule; this rank builds only its stage.
+def build_pipeline(config: GPTConfig, topology, parallel, seed: int, partition_method: str = "parameters",
+                   device=None):
+    """The layer sequence as a DeepSpeed PipelineModule; this rank builds only its stage, on the meta device
+    and then layer by layer on `device` (pretrain/parallel/materialize.py), or as DeepSpeed does when None.
 
     `partition_method` is DeepSpeed's: "parameters" (balance parameter counts,
     here computed rather than built), "uniform", or "type:Block".
@@ -132,4 +148,5 @@ def build_pipeline(config: GPTConfig, topology, parallel, seed: int, partition_m
     counts = layer_parameter_counts(config, parallel.tensor_model_parallel_size)
     return _pipeline_module_counting_by_class()(
         layer_specs(config, parallel, seed), counts, loss_fn=pipeline_loss, topology=topology,
-        partition_method=partition_method)
+        partition_method=partition_method,
+        materialize_on=None if device is None else (config, parallel, seed, device))

@@ -72,6 +72,18 @@ class RunShape:
         return 4 if self.precision == "fp32" else 2
 
     @property
+    def bucket(self) -> int:
+        """Elements of DeepSpeed's reduce bucket: parallel.bucket_size where DeepSpeed overlaps."""
+        return self.overlap_bucket_size if self.deepspeed_overlap else self.reduce_bucket_size
+
+    @property
+    def deepspeed_overlap(self) -> bool:
+        """parallel.overlap_communication as DeepSpeed's overlap_comm (ZeRO-1/2 through its ZeRO optimizer)."""
+        from pretrain.parallel.deepspeed_config import deepspeed_overlaps
+
+        return self.overlap and deepspeed_overlaps(self.layout, self.precision, self.gradient_dtype)
+
+    @property
     def optimizer(self) -> str:
         """The DeepSpeed optimizer path (see the module docstring)."""
         stage, bf16 = self.layout.zero_stage, self.precision == "bf16"
@@ -239,9 +251,10 @@ def optimizer_bytes(run: RunShape, P: int, bucket: int, biggest_layer: int) -> d
         # in fp32 and the gradients are not (engine.py sets communication_data_type = gradient_dtype).
         accumulation = 4 if run.gradient_dtype == "fp32" else w
         flat = min(bucket, P) * 4 if w < 4 and run.gradient_dtype == "fp32" else 0
+        buffers = 2 if run.deepspeed_overlap else 1  # overlap_comm double-buffers the bucket
         return dict(weights=w * P, optimizer=12 * P // dp, held_gradients=0,
-                    accumulated=accumulation * P // dp if stage == 2 else w * P, bucket=bucket * w + flat,
-                    step=8 * P // dp)
+                    accumulated=accumulation * P // dp if stage == 2 else w * P,
+                    bucket=buffers * bucket * w + flat, step=8 * P // dp)
     # ZeRO-3: weights split too, gathered for each layer's forward and backward while the next
     # prefetch bucket's worth arrives; an fp32 gradient partition and the reduce bucket from start-up on.
     gathered = w * min(P, biggest_layer + STAGE3_PREFETCH_BUCKET_SIZE) if dp > 1 else 0
@@ -264,7 +277,7 @@ def estimate_stage(run: RunShape, stage: int, resident: bool = False) -> MemoryE
     """
     layers = stage_layers(run)[stage]
     P = stage_parameters(run, layers)
-    bucket = min(run.reduce_bucket_size, P) if resident else run.reduce_bucket_size
+    bucket = min(run.bucket, P) if resident else run.bucket
     counts = layer_parameter_counts(run.model, run.layout.tensor_parallel_size)
     path = optimizer_bytes(run, P, bucket, max(counts[cls] for cls in layers))
     act = activation_bytes(run, layers, stage, resident)

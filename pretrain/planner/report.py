@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 
@@ -106,10 +108,15 @@ def run_from_config(config, cluster: Cluster) -> RunShape:
     from pretrain.training.run_check import check_settings
 
     model, layout = check_settings(config, cluster.world_size, on_gpu=True)
-    bucket = config.deepspeed.get("zero_optimization", {}).get("reduce_bucket_size", REDUCE_BUCKET_SIZE)
-    return RunShape(model, layout, config.train.precision, config.train.gradient_dtype,
-                    config.model.activation_checkpointing, config.model.partition_method, int(bucket),
-                    config.parallel.overlap_communication, config.parallel.bucket_size)
+    run = RunShape(model, layout, config.train.precision, config.train.gradient_dtype,
+                   config.model.activation_checkpointing, config.model.partition_method, REDUCE_BUCKET_SIZE,
+                   config.parallel.overlap_communication, config.parallel.bucket_size)
+    # deepspeed.zero_optimization.reduce_bucket_size, where given, overrides the one the trainer generates.
+    given = config.deepspeed.get("zero_optimization", {}).get("reduce_bucket_size")
+    if given is None:
+        return run
+    return dataclasses.replace(run, reduce_bucket_size=int(given),
+                               overlap_bucket_size=int(given) if run.deepspeed_overlap else run.overlap_bucket_size)
 
 
 def check_config(args, cluster: Cluster) -> int:

@@ -21,7 +21,9 @@ whose modules wait for their own slice: the same formula with K = dp and the fir
 forward as the window. NCCL runs the broadcasts one after another, each a ring moving its slice
 over every link: W / bandwidth in all, dp / (dp - 1) times an all-gather (1.6% more at 64 ranks,
 twice at 2). gloo may run two side by side, which only makes it faster than costed. Pipelines reduce
-after their schedule, so only the gather is hidden there.
+after their schedule, so only the gather is hidden there. Where DeepSpeed's ZeRO-1/2 optimizer runs,
+parallel.overlap_communication is its overlap_comm: the same formula for the reduction (every
+micro-batch's at ZeRO-2), and a blocking gather of the weights.
 
 Collective times on the ring algorithm (Patarasuk and Yuan 2009; NCCL's "bus bandwidth"):
     all-reduce of B bytes over n ranks        2 (n - 1) / n x B / bandwidth
@@ -171,6 +173,14 @@ def overlapped(total: float, window: float, pieces: int) -> float:
 def data_parallel_exposed(run: RunShape, parameters: int, dp: int, bandwidth: float, forward: float,
                           backward: float) -> tuple[float, float]:
     """(exposed, hidden) data-parallel seconds per step; `forward` and `backward` are one micro-batch's."""
+    if run.deepspeed_overlap:  # DeepSpeed's overlap_comm: the reduction behind backward, a blocking gather
+        whole = data_parallel_seconds(run, parameters, dp, bandwidth)
+        grad_bytes = 4 if run.precision == "fp32" or run.gradient_dtype == "fp32" else 2
+        reduce = all_reduce_seconds(parameters * grad_bytes, dp, bandwidth)
+        reductions = run.layout.gradient_accumulation_steps if run.layout.zero_stage == 2 else 1
+        buckets = max(1, -(-parameters // run.bucket))
+        exposed = whole - reductions * (reduce - overlapped(reduce, backward, buckets))
+        return exposed, whole - exposed
     if not (run.overlap and run.optimizer == "bf16_optimizer" and dp > 1):
         return data_parallel_seconds(run, parameters, dp, bandwidth), 0.0
     grad_bytes = 4 if run.gradient_dtype == "fp32" else 2

@@ -276,7 +276,8 @@ class Trainer:
         extra = {**config.deepspeed, "checkpoint": {**config.deepspeed.get("checkpoint", {}),
                                                     "load_universal": load_universal}}
         ds_config = deepspeed_config(layout, config.train.precision, config.optim.gradient_clipping, extra,
-                                     config.train.gradient_dtype)
+                                     config.train.gradient_dtype, config.parallel.overlap_communication,
+                                     config.parallel.bucket_size)
         engine = initialize_engine(model, layout, topology, self.optimizer, ds_config)
         if config.parallel.overlap_communication:
             install_overlap(engine, config.parallel.bucket_size)

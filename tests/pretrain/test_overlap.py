@@ -24,10 +24,12 @@ class Overlap:
     overlap: bool
     bucket_size: int = 5000  # elements: the tiny model's 0.27M parameters make dozens of buckets
     compile: bool = False
+    precision: str = "bf16"
+    zero_stage: int = 1
 
     @property
     def scenario(self) -> Scenario:  # DP 2, micro batch 2 x 2 accumulation steps
-        return Scenario(1, self.pipeline_parallel_size, 2, steps=STEPS, zero_stage=1)
+        return Scenario(1, self.pipeline_parallel_size, 2, steps=STEPS, zero_stage=self.zero_stage)
 
 
 def run_rank(rank: int, case: Overlap, out_dir: str) -> None:
@@ -44,14 +46,19 @@ def run_rank(rank: int, case: Overlap, out_dir: str) -> None:
     from pretrain.parallel.overlap import install
 
     init_distributed("gloo")
-    layout = ParallelLayout(scenario.world_size, 1, scenario.pipeline_parallel_size, 1, scenario.micro_batch_size,
-                            scenario.global_batch_size).validate(TINY)
+    layout = ParallelLayout(scenario.world_size, 1, scenario.pipeline_parallel_size, case.zero_stage,
+                            scenario.micro_batch_size, scenario.global_batch_size).validate(TINY)
     topology = initialize_model_parallel(layout)
     model = build_model(TINY, layout, topology, model_parallel_config(layout), scenario.seed)
     apply_compile(model, case.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    engine = initialize_engine(model, layout, topology, optimizer, deepspeed_config(layout, "bf16", 1.0))
+    config = deepspeed_config(layout, case.precision, 1.0, overlap_communication=case.overlap,
+                              bucket_size=case.bucket_size)
+    engine = initialize_engine(model, layout, topology, optimizer, config)
     overlap = install(engine, case.bucket_size) if case.overlap else None
+    if case.precision == "fp32":  # DeepSpeed's own overlap_comm, not ours
+        assert overlap is None and config["zero_optimization"].get("overlap_comm") is case.overlap
+        assert not case.overlap or engine.optimizer.overlap_comm
     data_rank = parallel_state.get_data_parallel_rank()
     losses, norms, early = [], [], []
     for step in range(scenario.steps):
@@ -70,7 +77,8 @@ def run_rank(rank: int, case: Overlap, out_dir: str) -> None:
 
 @lru_cache(maxsize=None)
 def run(case: Overlap, out_root: str) -> list[dict]:
-    out = Path(out_root) / f"pp{case.pipeline_parallel_size}-{case.overlap}-{case.bucket_size}-{case.compile}"
+    out = Path(out_root) / (f"pp{case.pipeline_parallel_size}-{case.overlap}-{case.bucket_size}-{case.compile}-"
+                            f"{case.precision}-zero{case.zero_stage}")
     out.mkdir(parents=True, exist_ok=True)
     start_ranks(run_rank, (case, str(out)), case.scenario.world_size)
     return [torch.load(out / f"rank{r}.pt") for r in range(case.scenario.world_size)]
@@ -115,3 +123,18 @@ def test_compiled_blocks_wait_for_their_weights_outside_the_graph(out_root):
     on, off = run(Overlap(1, True, compile=True), out_root), run(Overlap(1, False, compile=True), out_root)
     assert_same_training(on, off)
     assert all(rank["early"] == [on[0]["buckets"]] * STEPS for rank in on)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_fp32_zero_1_and_2_take_deepspeeds_own_overlap_with_the_same_training(out_root, zero_stage):
+    """fp32 runs through DeepSpeed's ZeRO-1/2 optimizer, whose overlap_comm (with parallel.bucket_size
+    buckets) the setting turns on: the same losses, norms and weights as without (on CPU its reduction
+    runs on the one stream; on a GPU on a side stream)."""
+    on = run(Overlap(1, True, precision="fp32", zero_stage=zero_stage), out_root)
+    off = run(Overlap(1, False, precision="fp32", zero_stage=zero_stage), out_root)
+    for with_overlap, without in zip(on, off):
+        assert with_overlap["losses"] == pytest.approx(without["losses"], rel=1e-6)
+        assert with_overlap["norms"] == pytest.approx(without["norms"], rel=1e-5)
+        for name, tensor in without["final"].items():
+            assert torch.allclose(with_overlap["final"][name], tensor, rtol=0, atol=1e-6), name
