@@ -57,7 +57,7 @@ def run_rank(rank: int, case: Overlap, out_dir: str) -> None:
     engine = initialize_engine(model, layout, topology, optimizer, config)
     overlap = install(engine, case.bucket_size) if case.overlap else None
     if case.precision == "fp32":  # DeepSpeed's own overlap_comm, not ours
-        assert overlap is None and config["zero_optimization"].get("overlap_comm") is case.overlap
+        assert overlap is None and bool(config["zero_optimization"].get("overlap_comm")) is case.overlap
         assert not case.overlap or engine.optimizer.overlap_comm
     data_rank = parallel_state.get_data_parallel_rank()
     losses, norms, early = [], [], []
