@@ -104,6 +104,16 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
+def control_group():
+    """A process group over every rank on gloo, for small decisions read on the host (the stop check): under
+    NCCL a flag all-reduced on the GPU is read only after every kernel queued before it, which would make
+    each step wait for the GPU; over gloo it never touches the GPU. Collective: every rank calls it together
+    (once; `None`, the world group, where the world group is gloo already)."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
     """torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
     registered with DeepSpeed's communication layer too. An existing process group is reused.

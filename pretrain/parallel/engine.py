@@ -41,10 +41,11 @@ def loss_scale(optimizer) -> float | None:
     return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else None
 
 
-def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], teacher=None) -> float:
+def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], teacher=None) -> torch.Tensor:
     """One optimizer step over this data-parallel rank's micro-batches; returns the
-    mean loss over the whole global batch (all micro-batches, all DP ranks). With a
-    `teacher` (pretrain/training/distill.py FrozenTeacher), the loss is the distillation objective."""
+    mean loss over the whole global batch (all micro-batches, all DP ranks), a scalar on the
+    device, not read (a read waits for the device). With a `teacher`
+    (pretrain/training/distill.py FrozenTeacher), the loss is the distillation objective."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     if isinstance(engine, PipelineEngine):
@@ -52,7 +53,7 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], t
             hidden = teacher.pipeline_hidden_states(micro_batches)
             micro_batches = [(token_ids, labels if states is None else (labels, states))
                              for (token_ids, labels), states in zip(micro_batches, hidden)]
-        return engine.train_batch(iter(micro_batches)).item()
+        return engine.train_batch(iter(micro_batches))
     losses = []
     for index, (token_ids, labels) in enumerate(micro_batches):  # non-blocking from pinned memory; no host sync
         token_ids = token_ids.to(engine.device, non_blocking=True)
@@ -65,7 +66,7 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], t
         losses.append(loss.detach().float())
     total = torch.stack(losses).mean()  # on the model's device, as NCCL needs
     dist.all_reduce(total, group=engine.mpu.get_data_parallel_group())
-    return (total / engine.mpu.get_data_parallel_world_size()).item()
+    return total / engine.mpu.get_data_parallel_world_size()
 
 
 def evaluate_loss(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -37,6 +37,7 @@ from pretrain.inference.loading import Weights, load_weights, save_consolidated
 from pretrain.parallel.distributed import (
     bind_device,
     collective_device,
+    control_group,
     init_distributed,
     initialize_model_parallel,
     model_parallel_config,
@@ -109,6 +110,7 @@ class Trainer:
         self.started = time.monotonic()  # for train.exit_after_minutes
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.pending: list[dict] = []  # rows of steps whose device figures flush() has not read yet
         self._clock: float | None = None  # when the last step (or evaluation, or save) ended
         self.next_batch: NextBatch | None = None
 
@@ -123,6 +125,7 @@ class Trainer:
                                                os.environ.get("WORLD_SIZE", "1"), host_name(), device)
         init_distributed(timeout_minutes=config.train.distributed_timeout_minutes)
         self.rank = dist.get_rank()
+        self.control = control_group()  # the stop check's, on the host
         plan = plan_run(config, dist.get_world_size())
         self.model_config, self.layout, self.tokenizer, self.blend = plan.model_config, plan.layout, plan.tokenizer, plan.blend
         self.tasks, self.teacher_config = plan.tasks, plan.teacher_config
@@ -359,14 +362,15 @@ class Trainer:
             budget = self.config.train.exit_after_minutes
             reasons[3] = (self.run_dir / STOP_FILE).exists()
             reasons[4] = after_a_step and budget > 0 and time.monotonic() - self.started >= budget * 60
-        flags = torch.tensor(reasons, dtype=torch.float32, device=collective_device())
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = torch.tensor(reasons, dtype=torch.float32)  # on the host, over gloo: no wait for the GPU
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
         return next((reason for reason, flag in zip(self.STOP_REASONS, flags.tolist()) if flag), None)
 
     # ---- steps --------------------------------------------------------------------
 
-    def train_step(self) -> dict:
-        """One optimizer step on global batch `self.step`; returns its metrics."""
+    def train_step(self) -> None:
+        """One optimizer step on global batch `self.step`. Its loss and gradient norm stay on the device, and
+        its row waits in `self.pending` until `flush` reads them with those of the steps around it."""
         lr = self._set_learning_rate()
         if self.next_batch is None:
             self.next_batch = NextBatch(self.train_data, self.layout, self.data_rank, self.config.train.max_steps,
@@ -377,13 +381,23 @@ class Trainer:
         loss = train_step(self.engine, batches, self.teacher)
         ended = time.perf_counter()
         self.step += 1
+        # Decided in the step already (DeepSpeed's norm check and the guard's are read on the host there).
         skipped = self.optimizer.guard.finish_step() or self.engine.skipped_steps > skipped_before
-        self._count_skip(skipped, loss)
         # From the previous step's end: everything a step costs (the batch read, the metrics written, the stop
         # check), as a run's wall clock sees it. Evaluation and saves restart the clock: they have their own.
         step_seconds, self._clock = ended - (self._clock or began), ended
-        return {**self._step_metrics(loss, lr, step_seconds, ended - began), **self._distillation_terms(),
-                "skipped": skipped, "skipped_steps": self.skipped_steps}
+        self.pending.append({**self._step_metrics(loss.detach().clone(), lr, step_seconds, ended - began),
+                             **self._distillation_terms(), "skipped": skipped})
+
+    def flush(self) -> None:
+        """The rows of the steps since the last flush, their device figures read now (one wait for the device,
+        at logging.interval and before anything else the loop does): skips counted in order, rows written."""
+        rows, self.pending = self.pending, []
+        for row in rows:
+            row["loss"], row["grad_norm"] = (None if value is None else float(value)
+                                             for value in (row["loss"], row["grad_norm"]))
+            self._count_skip(row["skipped"], row["loss"], row["step"])  # may stop the run: diverged
+            self.metrics.write({**row, "skipped_steps": self.skipped_steps})
 
     def _distillation_terms(self) -> dict:
         """While distilling, the objective's terms over the global batch: lm_loss (the cross entropy
@@ -409,30 +423,32 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _count_skip(self, skipped: bool, loss: float) -> None:
+    def _count_skip(self, skipped: bool, loss: float, step: int) -> None:
         self.skipped_steps += skipped
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         if skipped:
-            log.warning("step %d skipped: non-finite loss or gradients (loss %s); %d in a row", self.step, loss,
+            log.warning("step %d skipped: non-finite loss or gradients (loss %s); %d in a row", step, loss,
                         self.consecutive_skips)
         limit = self.config.train.max_consecutive_skips
         if self.consecutive_skips >= limit:
             raise TrainingDiverged(
-                f"{self.consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                f"{self.consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or "
                 f"gradients (train.max_consecutive_skips={limit}); the weights are those of the last good step. "
                 "Lower optim.lr, check the data, or resume from an earlier checkpoint")
 
-    def _step_metrics(self, loss: float, lr: float, step_seconds: float, compute_seconds: float) -> dict:
-        """The step's figures. tokens_per_second, tflops_per_device and mfu count the whole step, from the
-        previous step's end; the compute_ figures only its forward, backward and optimizer step, which is
-        what a kernel benchmark would report: the gap between the two is what the loop around them costs."""
+    def _step_metrics(self, loss: torch.Tensor, lr: float, step_seconds: float, compute_seconds: float) -> dict:
+        """The step's figures; loss and grad_norm still on the device (flush reads them). tokens_per_second,
+        tflops_per_device and mfu count the whole step, from the previous step's end; the compute_ figures
+        only its forward, backward and optimizer step, which is what a kernel benchmark would report: the gap
+        between the two is what the loop around them costs."""
         tokens = self.layout.global_batch_size * self.config.model.n_positions
         flops = flops_per_token(self.model_config, self.model_config.n_positions)
         peak = device_peak_tflops()
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm()  # a float, or a tensor DeepSpeed may reuse: kept as a copy
+        grad_norm = grad_norm.detach().clone() if isinstance(grad_norm, torch.Tensor) else grad_norm
         scale = loss_scale(self.engine.optimizer) if self.config.train.precision == "fp16" else None
         figures = {"step": self.step, "loss": loss, "lr": lr,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "loss_scale": scale,
+                   "grad_norm": grad_norm, "loss_scale": scale,
                    "step_seconds": step_seconds, "compute_seconds": compute_seconds}
         for prefix, seconds in (("", step_seconds), ("compute_", compute_seconds)):
             tflops = tokens / seconds * flops / self.layout.world_size / 1e12
@@ -463,15 +479,20 @@ class Trainer:
         stop = self._stop_agreed(after_a_step=False)  # a kill switch left in place, a signal during start-up
         self._clock = None  # the first step's time is its compute time (start-up is not a step's cost)
         while self.step < config.train.max_steps and stop is None:
-            self.metrics.write(self.train_step())
-            if config.eval.interval and self.step % config.eval.interval == 0:
+            self.train_step()
+            evaluating = config.eval.interval and self.step % config.eval.interval == 0
+            if self.step % config.logging.interval == 0 or evaluating:
+                self.flush()
+            if evaluating:
                 self.metrics.write(self.evaluate())
                 self._clock = time.perf_counter()
             stop = self._stop_agreed()
             at_end = self.step == config.train.max_steps and config.checkpoint.at_end
             if stop or self.step % config.checkpoint.interval == 0 or at_end:
+                self.flush()  # the rows up to the checkpoint's step, before it is on disk
                 self.save()
                 self._clock = time.perf_counter()
+        self.flush()
         if self.step == first and self.resume_point is None and stop is None:
             self.save()  # a run of 0 steps saves its initial state (tools/convert_checkpoint.py --from hf)
         reason = "finished" if self.step >= config.train.max_steps else stop  # a stop in the last step: done

@@ -87,7 +87,8 @@ def run_rank(rank: int, scenario: Scenario, out_dir: str) -> None:
     optimizer.register_step_pre_hook(record_first_gradients)
     engine = initialize_engine(model, layout, topology, optimizer, deepspeed_config(layout))
     data_rank = parallel_state.get_data_parallel_rank()
-    losses = [train_step(engine, rank_micro_batches(step, scenario, data_rank)) for step in range(scenario.steps)]
+    losses = [train_step(engine, rank_micro_batches(step, scenario, data_rank)).item()
+              for step in range(scenario.steps)]
     coords = (parallel_state.get_pipeline_model_parallel_rank(), data_rank,
               parallel_state.get_tensor_model_parallel_rank())
     torch.save({"coords": coords, "losses": losses, "initial": initial, "gradients": first_gradients,

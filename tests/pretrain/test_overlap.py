@@ -62,7 +62,7 @@ def run_rank(rank: int, case: Overlap, out_dir: str) -> None:
     data_rank = parallel_state.get_data_parallel_rank()
     losses, norms, early = [], [], []
     for step in range(scenario.steps):
-        losses.append(train_step(engine, rank_micro_batches(step, scenario, data_rank)))
+        losses.append(train_step(engine, rank_micro_batches(step, scenario, data_rank)).item())
         norms.append(float(engine.get_global_grad_norm()))
         early.append(overlap.reduced_in_backward if overlap else 0)
     if overlap:

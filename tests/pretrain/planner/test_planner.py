@@ -125,7 +125,8 @@ def test_step_time_parts_follow_their_formulas():
 def test_overlap_hides_what_the_last_backward_and_the_next_forward_can_hold():
     """With parallel.overlap_communication, K buckets of the reduction R behind the last micro-batch's
     backward W show max(R / K, R - W (K - 1) / K); the dp broadcasts of the weights behind the first
-    forward, likewise; what is hidden is the rest. Off, or outside BF16_Optimizer, nothing is hidden."""
+    forward, likewise; what is hidden is the rest. ZeRO-2 through DeepSpeed's overlap_comm hides each
+    micro-batch's reduction alike; off, or at ZeRO-3, nothing is hidden."""
     from pretrain.planner.timing import all_reduce_seconds, overlapped
 
     cluster = Cluster(2, 8, accelerator("h100"))
@@ -140,8 +141,14 @@ def test_overlap_hides_what_the_last_backward_and_the_next_forward_can_hold():
     assert with_overlap.data_parallel + with_overlap.data_parallel_hidden == pytest.approx(reduce + 2 * P / 50e9)
     assert with_overlap.data_parallel < without.data_parallel / 2 and without.data_parallel_hidden == 0
     assert overlapped(1.0, 10.0, 4) == 0.25 and overlapped(1.0, 0.4, 5) == pytest.approx(0.68)
-    zero2 = run_shape("gpt2-1.5b", 16, zero=2, micro=8, global_batch=256)  # DeepSpeedZeroOptimizer: not ours
-    assert step_time(zero2, cluster).data_parallel_hidden == 0
+    # ZeRO-2 (DeepSpeedZeroOptimizer): DeepSpeed's overlap_comm hides each micro-batch's reduction, not the gather.
+    zero2, zero2_off = (run_shape("gpt2-1.5b", 16, zero=2, micro=8, global_batch=256, overlap=flag) for flag in (1, 0))
+    buckets = -(-P // zero2.bucket)
+    assert step_time(zero2, cluster).data_parallel_hidden == pytest.approx(
+        2 * (reduce - overlapped(reduce, per_micro * 2 / 3, buckets)))
+    assert step_time(zero2_off, cluster).data_parallel_hidden == 0
+    zero3 = run_shape("gpt2-1.5b", 16, zero=3, micro=8, global_batch=256)
+    assert step_time(zero3, cluster).data_parallel_hidden == 0
 
 
 def test_the_shipped_xl_recipe_is_the_recommended_layout_and_keeps_its_mfu_at_scale():
