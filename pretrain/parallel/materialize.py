@@ -75,5 +75,6 @@ def place(name: str, module: nn.Module, real: nn.Module, device) -> None:
     for key, parameter in theirs.items():
         owner_name, _, attribute = key.rpartition(".")
         placed = nn.Parameter(parameter.data.to(device), requires_grad=parameter.requires_grad)
-        placed.__dict__.update(parameter.__dict__)  # megatron-core's attributes (tensor_model_parallel, ...)
+        # Marks set on the meta one since (DeepSpeed's pipeline sets some), then megatron-core's from the constructor.
+        placed.__dict__.update({**mine[key].__dict__, **parameter.__dict__})
         module.get_submodule(owner_name)._parameters[attribute] = placed

@@ -15,8 +15,14 @@ step: at 8 nodes x 8 GPUs that is a third of the 1.5B model's step (tools/plan.p
   1/dp, as DeepSpeed does): the same gradients, reduced while backward still runs.
 - **Weights**: after the optimizer step each rank broadcasts the slice of bf16 weights it updated,
   asynchronously, first slices first. The flat buffer follows the model's order, so the embedding
-  and first blocks arrive first; a hook before each module's forward waits only for the slices that
-  hold its own parameters. The gather thus runs under the next step's forward.
+  and first blocks arrive first; a hook before each block's forward waits only for the slices that
+  hold its own parameters (and one before the whole model's, for the tied embedding, which a
+  pipeline's last stage reads as its head without calling it). The gather thus runs under the next
+  step's forward.
+
+Both go over a communicator of their own (the same ranks as the data-parallel group): under NCCL a
+communicator runs its work in order, and a blocking collective on the data-parallel group (the loss
+average) would otherwise wait for every broadcast in flight.
 
 Anything that reads the weights other than a forward (a checkpoint save, a load) must call
 `finish_weights(engine)` first. The pipeline engine reduces its gradients itself after the whole
@@ -26,14 +32,17 @@ overlap, and only the weight gather overlaps.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from pretrain.model.gpt2 import Block
+from pretrain.model.gpt2 import Block, WordEmbedding
 from pretrain.parallel.deepspeed_config import OVERLAP_BUCKET_SIZE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +58,12 @@ class DataParallelOverlap:
 
     def __init__(self, engine, bucket_size: int = OVERLAP_BUCKET_SIZE, overlap_gather: bool = True):
         self.engine, self.optimizer = engine, engine.optimizer
-        self.groups = self.optimizer.real_dp_process_group
-        self.world = dist.get_world_size(group=self.groups[0])
+        # The same ranks as the optimizer's data-parallel group, on a communicator of its own: NCCL runs one
+        # communicator's work in order, so a blocking collective of the trainer or DeepSpeed on the data-parallel
+        # group (the loss average, the pipeline's) would otherwise wait behind every broadcast still in flight.
+        own = own_communicator(self.optimizer.real_dp_process_group[0])
+        self.groups = [own for _ in self.optimizer.real_dp_process_group]
+        self.world = dist.get_world_size(group=own)
         order = {id(p): k for k, p in enumerate(engine.module.parameters())}
         self.buckets: list[Bucket] = []
         self._members: dict[int, list[torch.Tensor]] = {}  # id(bucket) -> its parameters
@@ -104,6 +117,9 @@ class DataParallelOverlap:
 
     def arm(self) -> None:
         """The next backward is the step's last: start each bucket's reduction as soon as it is whole."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("the overlap was armed for a backward that is not the step's last (DeepSpeed's "
+                               "gradient accumulation count and the trainer's micro-batches disagree)")
         self._armed = True
 
     def _on_gradient(self, param: torch.Tensor) -> None:
@@ -143,6 +159,7 @@ class DataParallelOverlap:
         """In place of BF16_Optimizer.update_lp_params: this rank's updated slice into the bf16 weights,
         then every slice broadcast from its owner without waiting. Owner by owner, each owner's slice of
         every parameter group together: a block's weights and its biases (another group) arrive together."""
+        self.finish_weights()  # slices nothing waited for (no forward since): this rank's is about to change
         optimizer = self.optimizer
         for i, (slices, fp32_slice) in enumerate(zip(optimizer.bf16_partitioned_groups,
                                                      optimizer.fp32_groups_flat_partition)):
@@ -176,13 +193,17 @@ class DataParallelOverlap:
             for p in params:
                 place[id(p)] = [(i, owner) for owner in range(offset // size, (offset + p.numel() - 1) // size + 1)]
                 offset += p.numel()
-        inside_blocks = {id(m) for block in self.engine.module.modules() if isinstance(block, Block)
+        root = self.engine.module
+        inside_blocks = {id(m) for block in root.modules() if isinstance(block, Block)
                          for m in block.modules() if m is not block}
-        for module in self.engine.module.modules():
+        for module in root.modules():
             if id(module) in inside_blocks:
                 continue
             keys = sorted({key for p in module.parameters(recurse=isinstance(module, Block))
                            for key in place.get(id(p), [])})
+            if module is root:  # the tied embedding: a pipeline's last stage reads it as the head, never calling it
+                keys = sorted({key for embedding in root.modules() if isinstance(embedding, WordEmbedding)
+                               for p in embedding.parameters() for key in place.get(id(p), [])})
             if keys:
                 self._hooks.append(module.register_forward_pre_hook(self._waiter(keys)))
 
@@ -194,6 +215,20 @@ class DataParallelOverlap:
         return wait_for_slices
 
 
+def own_communicator(group):
+    """A new process group of the ranks of `group` (this rank's), made collectively: every rank learns every
+    rank's group and makes them all, in one order, as torch requires of new_group."""
+    mine = dist.get_process_group_ranks(group)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    made = None
+    for ranks in sorted({tuple(ranks) for ranks in everyone}):
+        new = dist.new_group(list(ranks))
+        if dist.get_rank() in ranks:
+            made = new
+    return made
+
+
 def overlap_refusal(engine) -> str | None:
     """Why the overlap cannot replace this engine's reduction (it then keeps DeepSpeed's), or None."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
@@ -202,6 +237,9 @@ def overlap_refusal(engine) -> str | None:
         return f"the optimizer is DeepSpeed's {type(engine.optimizer).__name__}, not BF16_Optimizer"
     if getattr(engine.optimizer, "has_moe_layers", False):
         return "mixture-of-experts layers"
+    if not engine.optimizer.immediate_grad_update:
+        # Then the last micro-batch's gradients reach the buffer only after backward, after the buckets started.
+        return "deepspeed.bf16.immediate_grad_update=false"
     buffers = {flat.dtype for flat in engine.optimizer.fp32_groups_gradients_flat}
     if engine.communication_data_type not in buffers or len(buffers) != 1:
         return f"gradients are communicated in {engine.communication_data_type}, accumulated in {buffers}"
@@ -213,7 +251,16 @@ def overlap_refusal(engine) -> str | None:
 def install(engine, bucket_size: int = OVERLAP_BUCKET_SIZE) -> DataParallelOverlap | None:
     """Make `engine` reduce gradients and gather weights behind compute; None (and DeepSpeed's own
     path kept) where it does not apply."""
-    if overlap_refusal(engine) is not None or dist.get_world_size(engine.optimizer.real_dp_process_group[0]) == 1:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    if not isinstance(engine.optimizer, BF16_Optimizer):
+        return None  # DeepSpeed's own path (its overlap_comm at ZeRO-1/2: pretrain/parallel/deepspeed_config.py)
+    refusal = overlap_refusal(engine)
+    if refusal is not None:
+        log.warning("parallel.overlap_communication is off for this run: %s; DeepSpeed reduces the gradients and "
+                    "gathers the weights after backward, blocking", refusal)
+        return None
+    if dist.get_world_size(engine.optimizer.real_dp_process_group[0]) == 1:
         return None
     overlap = DataParallelOverlap(engine, bucket_size)
     fallback = engine.buffered_allreduce_fallback

@@ -205,7 +205,8 @@ def data_parallel_seconds(run: RunShape, parameters: int, dp: int, bandwidth: fl
     micro_batches = run.layout.gradient_accumulation_steps
     kind, stage = run.optimizer, run.layout.zero_stage
     if stage == 0 or kind == "bf16_optimizer":  # all-reduce the gradients (then gather the updated slices)
-        gather = gather_seconds(weights, dp, bandwidth) if stage else 0.0
+        # BF16_Optimizer splits the master weights over data parallel even at ZeRO-0 (with a pipeline).
+        gather = gather_seconds(weights, dp, bandwidth) if stage or kind == "bf16_optimizer" else 0.0
         return all_reduce_seconds(parameters * grad_bytes, dp, bandwidth) + gather
     if stage == 1:
         return all_reduce_seconds(parameters * grad_bytes, dp, bandwidth) + gather_seconds(weights, dp, bandwidth)

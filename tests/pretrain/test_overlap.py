@@ -26,6 +26,7 @@ class Overlap:
     compile: bool = False
     precision: str = "bf16"
     zero_stage: int = 1
+    immediate_grad_update: bool = True
 
     @property
     def scenario(self) -> Scenario:  # DP 2, micro batch 2 x 2 accumulation steps
@@ -53,9 +54,12 @@ def run_rank(rank: int, case: Overlap, out_dir: str) -> None:
     apply_compile(model, case.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     config = deepspeed_config(layout, case.precision, 1.0, overlap_communication=case.overlap,
-                              bucket_size=case.bucket_size)
+                              bucket_size=case.bucket_size,
+                              extra={"bf16": {"immediate_grad_update": case.immediate_grad_update}})
     engine = initialize_engine(model, layout, topology, optimizer, config)
     overlap = install(engine, case.bucket_size) if case.overlap else None
+    if not case.immediate_grad_update:  # the last gradients would reach the buffer after the buckets started
+        assert overlap is None
     if case.precision == "fp32":  # DeepSpeed's own overlap_comm, not ours
         assert overlap is None and bool(config["zero_optimization"].get("overlap_comm")) is case.overlap
         assert not case.overlap or engine.optimizer.overlap_comm
@@ -78,7 +82,7 @@ def run_rank(rank: int, case: Overlap, out_dir: str) -> None:
 @lru_cache(maxsize=None)
 def run(case: Overlap, out_root: str) -> list[dict]:
     out = Path(out_root) / (f"pp{case.pipeline_parallel_size}-{case.overlap}-{case.bucket_size}-{case.compile}-"
-                            f"{case.precision}-zero{case.zero_stage}")
+                            f"{case.precision}-zero{case.zero_stage}-{case.immediate_grad_update}")
     out.mkdir(parents=True, exist_ok=True)
     start_ranks(run_rank, (case, str(out)), case.scenario.world_size)
     return [torch.load(out / f"rank{r}.pt") for r in range(case.scenario.world_size)]
@@ -138,3 +142,14 @@ def test_fp32_zero_1_and_2_take_deepspeeds_own_overlap_with_the_same_training(ou
         assert with_overlap["norms"] == pytest.approx(without["norms"], rel=1e-5)
         for name, tensor in without["final"].items():
             assert torch.allclose(with_overlap["final"][name], tensor, rtol=0, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_without_immediate_gradient_updates_the_overlap_steps_aside(out_root):
+    """deepspeed.bf16.immediate_grad_update=false adds the last micro-batch's gradients to the buffer after
+    backward, when the buckets would already be on their way: the overlap is refused (a warning), and the run
+    trains as DeepSpeed's own path does."""
+    on = run(Overlap(1, True, immediate_grad_update=False), out_root)
+    off = run(Overlap(1, False, immediate_grad_update=False), out_root)
+    assert_same_training(on, off)
+    assert all(rank["buckets"] == 0 for rank in on)
