@@ -76,7 +76,9 @@ class DataParallelOverlap:
         self._bucket_of = {pid: self._index[id(b)] for pid, b in self._bucket_of.items()}
         self._armed = False
         self.reduced_in_backward = 0  # buckets of the last step whose reduction started during backward
-        self.waited = {"gradients": 0.0, "weights": 0.0}  # seconds the step stood still for each, in all
+        # Host seconds the step stood still for each, in all (tools/bench_overlap.py). Under NCCL a wait only
+        # makes the compute stream wait, so these read near zero there; the device's time is in the step's.
+        self.waited = {"gradients": 0.0, "weights": 0.0}
         self._reset_step()
         self._weight_handles: dict[tuple[int, int], object] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient)
