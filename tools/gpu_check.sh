@@ -412,6 +412,9 @@ text = (f"compile {sys.argv[3]}: step {median('step_seconds'):.3f} s (compute {m
 stamps = [(datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"), line) for line in open(sys.argv[2])
           if (m := re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) \[rank 0\]", line))]
 last_step = max((t for t, line in stamps if "| loss" in line), default=None)
+first_step = min((t for t, line in stamps if "| loss" in line), default=None)
+if first_step and stamps:  # start-up: the lean build on the GPU, data, engine, then step 1
+    text += f"; first step {(first_step - stamps[0][0]).total_seconds():.1f} s after rank 0's first line"
 saved = [t for t, line in stamps if "saved checkpoint" in line]
 if last_step and saved:
     text += f"; save after the last step {(saved[-1] - last_step).total_seconds():.1f} s"
