@@ -163,7 +163,8 @@ class CheckpointSection:
 @dataclass
 class LoggingSection:
     interval: int = 1
-    """Console line every this many steps (metrics.jsonl gets every step)."""
+    """Console line every this many steps; metrics.jsonl gets every step's row, written then (the loss and
+    gradient norm stay on the device until then)."""
     tensorboard: bool = True
     """Write TensorBoard events to RUN_DIR/tensorboard."""
 
