@@ -154,6 +154,10 @@ class CheckpointSection:
     """Keep this many most recent checkpoints."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra."""
+    async_save: bool = True
+    """(also `checkpoint.async`) Write checkpoints in the background: a save blocks the step loop only while each rank copies its
+    state to host memory; the checkpoint becomes `latest` once every rank's files are written. A second
+    save waits for the first. false: a save returns when the checkpoint is complete."""
     allow_data_change: bool = False
     """Resume even though data.prefixes (or the shards behind them), data.split, train.seed or
     data.tokenizer differ from the checkpoint's; the change is logged and written to metrics.jsonl.
@@ -258,10 +262,15 @@ def _coerce(key: str, value, annotation):
     return value
 
 
+# Settings whose name is a Python keyword, and the field that holds them.
+ALIASES = {"checkpoint.async": "async_save"}
+
+
 def _apply(target, values: dict, prefix: str = "") -> None:
     hints = {f.name: f.type for f in dataclasses.fields(target)}
     for name, value in values.items():
         key = f"{prefix}{name}"
+        name = ALIASES.get(key, name)
         if name not in hints:
             raise ConfigError(f"unknown setting {key!r}; known under {prefix or 'the top level'}: {', '.join(hints)}")
         current = getattr(target, name)

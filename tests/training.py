@@ -44,8 +44,11 @@ def train(run_dir: Path, shards: str, *settings: str, nproc: int = 1, timeout: i
     return cli.run(train_command(run_dir, shards, *settings, nproc=nproc), cwd=REPO, env=train_env(), timeout=timeout)
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def metrics(run_dir: Path, saves: bool = False) -> list[dict]:
+    """metrics.jsonl's rows; a save's row (`"event": "checkpoint"`, written when the save completes, among
+    later steps' rows) only with `saves`."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows if saves else [row for row in rows if row.get("event") != "checkpoint"]
 
 
 # Texts whose last word even a model trained for 4 steps predicts greedily (some of them): lambada's

@@ -1,12 +1,15 @@
 """Sharded checkpoints, written atomically, with a manifest; resume from `latest`.
 
 Every rank writes its own model and optimizer shards through DeepSpeed's
-`save_checkpoint`, into `DIR/.tmp-step_0000020/`. When all ranks are done, rank 0
-lists every file with its size in `manifest.json` (with the layout, step,
-consumed samples, config hash, model shape and data identity), renames the
-directory to `DIR/step_0000020/`, and only then points `DIR/latest` at it. A
-crash at any moment leaves the previous checkpoint as `latest`; a `.tmp-` directory
-is never loaded and is removed at the next start.
+`save_checkpoint`, into `DIR/.tmp-step_0000020/`: copied to host memory while the
+step loop waits, written by a background thread while training goes on
+(pretrain/checkpoint/writer.py; checkpoint.async=false waits for the writing too).
+Each rank then marks its files complete; when all have, rank 0 lists every file
+with its size in `manifest.json` (with the layout, step, consumed samples, config
+hash, model shape and data identity), renames the directory to
+`DIR/step_0000020/`, and only then points `DIR/latest` at it, and removes old
+checkpoints. A crash at any moment leaves the previous checkpoint as `latest`; a
+`.tmp-` directory is never loaded and is removed at the next start.
 
 On load, every file the manifest lists must exist with its recorded size, and
 the model shape must match the config; otherwise the error names the file or the
@@ -22,12 +25,15 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from data_pipeline.atomic import fsync_path, write_text_atomically
+from pretrain.checkpoint.writer import BackgroundWriter
 from pretrain.parallel.overlap import finish_weights
 # Defined without torch (--check reads checkpoints too); imported from here by the tools and the trainer.
 from pretrain.checkpoint.resume import (  # noqa: F401
@@ -40,6 +46,7 @@ from pretrain.checkpoint.resume import (  # noqa: F401
 log = logging.getLogger("pretrain")
 
 TMP_PREFIX = ".tmp-"
+DONE_MARK, FAILED_MARK = ".done_rank", ".failed_rank"  # each rank's word on its files, in a save's .tmp- directory
 
 
 def tag_for(step: int) -> str:
@@ -78,10 +85,22 @@ def first_unreadable(checkpoint: Path) -> str | None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, keep_last: int, keep_every: int):
+    """Saves and loads a run's checkpoints; saves write in the background (pretrain/checkpoint/writer.py)
+    unless `asynchronous` is false, when a save returns once the checkpoint is complete."""
+
+    def __init__(self, directory: Path, keep_last: int, keep_every: int, asynchronous: bool = True,
+                 timeout_minutes: float = 10.0):
         self.directory = Path(directory)
         self.keep_last, self.keep_every = keep_last, keep_every
-        self.rank = dist.get_rank()
+        self.asynchronous, self.timeout_minutes = asynchronous, timeout_minutes
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.writer = BackgroundWriter()  # the engine's checkpoint engine (use_writer)
+        self._completed: list[dict] = []  # rows of finished saves, for metrics.jsonl (rank 0)
+        self._lock = threading.Lock()
+
+    def use_writer(self, engine) -> None:
+        """Make `engine` write its checkpoint files through our background writer."""
+        engine.checkpoint_engine = self.writer
 
     def clean_partial_saves(self) -> None:
         """Remove `.tmp-` directories a crash mid-save left behind (rank 0)."""
@@ -94,26 +113,82 @@ class CheckpointManager:
     # ---- save ----------------------------------------------------------------------
 
     def save(self, engine, step: int, manifest: dict, client_state: dict) -> Path:
+        """Save step `step`. Returns once this rank's state is copied to host memory (asynchronous) or the
+        checkpoint is complete; it becomes `latest` when every rank's files are on disk."""
+        began = time.perf_counter()
+        self.wait()  # one save at a time: the previous one's files, and on rank 0 its finalization
         tag, partial_tag = tag_for(step), TMP_PREFIX + tag_for(step)
         partial = self.directory / partial_tag
         finish_weights(engine)  # the updated weights may still be arriving (pretrain/parallel/overlap.py)
+        self.writer.begin()
         engine.save_checkpoint(str(self.directory), tag=partial_tag, save_latest=False,
                                client_state={**client_state, "step": step, "iteration": step})
-        torch.save(random_state(), partial / f"rng_rank{self.rank:05d}.pt")
-        dist.barrier()  # every rank's shards are on disk
-        final = self.directory / tag
+        rng = random_state()
+        self.writer.submit(lambda: torch.save(rng, partial / f"rng_rank{self.rank:05d}.pt"))
+        timing = {"began": began, "blocking": time.perf_counter() - began, "bytes": self.writer.staged_bytes}
+        self.writer.submit(lambda: self._mark(partial, timing), always=True)
         if self.rank == 0:
-            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-            write_text_atomically(partial / MANIFEST, json.dumps({**manifest, "step": step, "files": files}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            fsync_path(self.directory)
-            write_text_atomically(self.directory / LATEST, tag + "\n")
-            self._prune()
-            log.info("saved checkpoint %s", final)
-        dist.barrier()
-        return final
+            self.writer.submit(lambda: self._finalize(partial, tag, step, manifest, timing), always=True)
+        if not self.asynchronous:
+            self.wait()
+            dist.barrier()  # every rank's files are in place before any goes on
+        return self.directory / tag
+
+    def wait(self) -> None:
+        """Until the saves started so far are written (on rank 0: complete, or failed); raises a failure."""
+        self.writer.drain()
+
+    def completed(self) -> list[dict]:
+        """The metrics rows of the saves finished since the last call (rank 0)."""
+        with self._lock:
+            rows, self._completed = self._completed, []
+        return rows
+
+    def _mark(self, partial: Path, timing: dict) -> None:
+        """On the writer thread, after this rank's files: say so, or why they are not all there."""
+        error = self.writer.error
+        name = f"{FAILED_MARK if error else DONE_MARK}{self.rank:05d}"
+        body = {"error": f"{type(error).__name__}: {error}"} if error else {
+            "seconds": time.perf_counter() - timing["began"], "bytes": timing["bytes"]}
+        partial.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(partial / name, json.dumps(body))
+
+    def _finalize(self, partial: Path, tag: str, step: int, manifest: dict, timing: dict) -> None:
+        """On rank 0's writer thread: once every rank's files are marked complete, the manifest, the rename,
+        `latest`, then the old checkpoints removed (after the new one is complete, off the step's path)."""
+        deadline = time.monotonic() + 60 * self.timeout_minutes
+        while True:
+            failed = sorted(partial.glob(FAILED_MARK + "*"))
+            if failed:
+                raise CheckpointError(f"the save of step {step} failed on rank {failed[0].name[-5:].lstrip('0') or 0}: "
+                                      f"{json.loads(failed[0].read_text())['error']}; {self.directory / LATEST} "
+                                      "still names the previous checkpoint")
+            done = list(partial.glob(DONE_MARK + "*"))
+            if len(done) == self.world_size:
+                break
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"the save of step {step}: {self.world_size - len(done)} rank(s) did not finish "
+                                      f"writing within {self.timeout_minutes:g} minutes (train.distributed_timeout_"
+                                      f"minutes); {self.directory / LATEST} still names the previous checkpoint")
+            time.sleep(0.05)
+        for mark in done:
+            mark.unlink()
+        final = self.directory / tag
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        write_text_atomically(partial / MANIFEST, json.dumps({**manifest, "step": step, "files": files}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        fsync_path(self.directory)
+        write_text_atomically(self.directory / LATEST, tag + "\n")
+        written = time.perf_counter() - timing["began"]
+        size = sum(files.values())
+        log.info("saved checkpoint %s: %.2f GB, the step loop blocked %.2f s, written in %.2f s", final, size / 1e9,
+                 timing["blocking"], written)
+        with self._lock:
+            self._completed.append({"step": step, "event": "checkpoint", "bytes": size,
+                                    "blocking_seconds": timing["blocking"], "write_seconds": written})
+        self._prune()
 
     def _prune(self) -> None:
         steps = sorted(int(p.name.split("_")[1]) for p in self.directory.glob("step_*") if p.is_dir())

@@ -133,7 +133,8 @@ class Trainer:
         with console.prints_to_log():  # DeepSpeed prints its topology
             topology = initialize_model_parallel(self.layout, config.train.distributed_timeout_minutes)
         self.checkpoints = CheckpointManager(Path(config.checkpoint.dir or self.run_dir / "checkpoints"),
-                                             config.checkpoint.keep_last, config.checkpoint.keep_every)
+                                             config.checkpoint.keep_last, config.checkpoint.keep_every,
+                                             config.checkpoint.async_save, config.train.distributed_timeout_minutes)
         self.checkpoints.clean_partial_saves()
         self.resume_point = plan.resume_point  # run_check found and checked it, before the engine is built
         self._record_start()
@@ -144,6 +145,7 @@ class Trainer:
         with console.prints_to_log():
             self.engine = self._build_engine(topology, load_universal=self.resume_point is not None
                                              and self.resume_point.reshard, initial=self._initial_weights(teacher_weights))
+        self.checkpoints.use_writer(self.engine)
         self.teacher = None
         if teacher_weights is not None:
             self.teacher = self._build_teacher(teacher_weights, topology)
@@ -346,8 +348,10 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
             rows = [(line, json.loads(line)) for line in path.read_text().splitlines() if line]
-            # Steps up to the checkpoint stay; an event at the checkpoint's step is this start's to write again.
-            kept = [line for line, row in rows if row["step"] < step or (row["step"] == step and "event" not in row)]
+            # Steps up to the checkpoint stay, and its save's row; another event at the checkpoint's step is this
+            # start's to write again. (A save's row comes in after later steps': it is written when complete.)
+            kept = [line for line, row in rows if row["step"] < step
+                    or (row["step"] == step and row.get("event") in (None, "checkpoint"))]
             path.write_text("".join(line + "\n" for line in kept))
 
     STOP_REASONS = ("signal:SIGTERM", "signal:SIGUSR1", "signal:SIGINT", "stop_file", "exit_after_minutes")
@@ -398,6 +402,8 @@ class Trainer:
                                              for value in (row["loss"], row["grad_norm"]))
             self._count_skip(row["skipped"], row["loss"], row["step"])  # may stop the run: diverged
             self.metrics.write({**row, "skipped_steps": self.skipped_steps})
+        for row in self.checkpoints.completed():  # saves finished in the background since (rank 0)
+            self.metrics.write(row)
 
     def _distillation_terms(self) -> dict:
         """While distilling, the objective's terms over the global batch: lm_loss (the cross entropy
@@ -456,11 +462,19 @@ class Trainer:
                         f"{prefix}mfu": tflops / peak if peak else None}
         return {**figures, "memory_gib": memory_gib(), "consumed_samples": self.step * self.layout.global_batch_size}
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
         """Validation loss and perplexity over the first eval.iterations global batches of the valid split,
-        and the figures of the eval.tasks."""
-        losses = [evaluate_loss(self.engine, micro_batches(self.valid_data, batch, self.layout, self.data_rank))
-                  for batch in range(self.config.eval.iterations)]
+        and the figures of the eval.tasks; None when a stop request came first (a preemption must not wait
+        for the whole evaluation: the ranks agree between batches, and the run goes on to save)."""
+        losses, iterations = [], self.config.eval.iterations
+        for batch in range(iterations):
+            losses.append(evaluate_loss(self.engine, micro_batches(self.valid_data, batch, self.layout,
+                                                                   self.data_rank)))
+            stop = self._stop_agreed()
+            if stop and (batch + 1 < iterations or self.tasks):
+                log.warning("evaluation at step %d left after %d of %d batches: %s", self.step, batch + 1,
+                            iterations, stop)
+                return None
         loss = sum(losses) / len(losses)
         figures = {"step": self.step, "valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50.0))}
         if self.tasks:
@@ -484,7 +498,9 @@ class Trainer:
             if self.step % config.logging.interval == 0 or evaluating:
                 self.flush()
             if evaluating:
-                self.metrics.write(self.evaluate())
+                figures = self.evaluate()
+                if figures is not None:
+                    self.metrics.write(figures)
                 self._clock = time.perf_counter()
             stop = self._stop_agreed()
             at_end = self.step == config.train.max_steps and config.checkpoint.at_end
@@ -492,9 +508,10 @@ class Trainer:
                 self.flush()  # the rows up to the checkpoint's step, before it is on disk
                 self.save()
                 self._clock = time.perf_counter()
-        self.flush()
         if self.step == first and self.resume_point is None and stop is None:
             self.save()  # a run of 0 steps saves its initial state (tools/convert_checkpoint.py --from hf)
+        self.checkpoints.wait()  # the last checkpoint complete before the exit is recorded
+        self.flush()
         reason = "finished" if self.step >= config.train.max_steps else stop  # a stop in the last step: done
         if self.rank != 0:  # rank 0 records and reports for all
             return reason

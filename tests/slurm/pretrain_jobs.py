@@ -68,8 +68,8 @@ def wait_until_requeued(job_id: str, restarts: int) -> None:
 
 
 def steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+    path = run_dir / "metrics.jsonl"  # a step's row has its loss; a save's row does not
+    return sum('"loss"' in line for line in path.read_text().splitlines()) if path.is_file() else 0
 
 
 def log_of(workdir: Path, job_id: str) -> str:

@@ -404,3 +404,23 @@ def test_retention_with_keep_every(single_process_group, tmp_path):
         (tmp_path / tag_for(step)).mkdir()
     CheckpointManager(tmp_path, keep_last=2, keep_every=4)._prune()
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(s) for s in (4, 8, 9, 10)]
+
+
+@pytest.mark.slow
+def test_a_stop_during_evaluation_leaves_it_between_batches_and_saves(tmp_path, shards):
+    """A preemption must not wait for a long evaluation: SIGTERM while 5,000 validation batches run (minutes
+    here) is agreed between two ranks after the batch under way; the run saves the step it trained and exits 0
+    within seconds, writing no validation row for the evaluation it left."""
+    process = start(tmp_path, shards, "eval.interval=2", "eval.iterations=5000", nproc=2)
+    wait_for_step(process, tmp_path, 2)  # step 2's row is written just before its evaluation starts
+    time.sleep(1.0)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    elapsed = time.monotonic() - signalled
+    assert process.returncode == 0, stderr[-3000:]
+    assert "evaluation at step 2 left after" in stderr and "of 5000 batches: signal:SIGTERM" in stderr
+    assert latest_step(tmp_path) == 2
+    assert json.loads((tmp_path / "exit.json").read_text())["reason"] == "signal:SIGTERM"
+    assert not any("valid_loss" in row for row in metrics(tmp_path))
+    assert elapsed < 30, elapsed
