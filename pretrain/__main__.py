@@ -100,6 +100,9 @@ def check(config, world_size: int | None) -> int:
     print(f"ok: {world_size} ranks, {plan.layout.describe()}; {len(plan.blend[0])} data shard(s)")
     point = plan.resume_point
     print(f"resume: {point.describe()}" if point else "resume: none (starts at step 0)")
+    print(f"checkpoints: about {plan.checkpoint_bytes / 1e9:.2f} GB each, keep_last={config.checkpoint.keep_last}")
+    for warning in plan.warnings:
+        print(f"warning: {warning}")
     print(f"run_dir={config.run.dir}")  # slurm/pretrain.sbatch reads this line
     return 0
 

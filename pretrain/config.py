@@ -154,6 +154,10 @@ class CheckpointSection:
     """Keep this many most recent checkpoints."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra."""
+    check_space: bool = True
+    """Refuse to start (and `--check` refuses) when the checkpoint directory's file system lacks room for
+    keep_last + 1 checkpoints of the predicted size. false: for file systems whose free space is not what
+    they report (quotas enforced elsewhere, object stores)."""
     async_save: bool = True
     """(also `checkpoint.async`) Write checkpoints in the background: a save blocks the step loop only while each rank copies its
     state to host memory; the checkpoint becomes `latest` once every rank's files are written. A second

@@ -6,6 +6,7 @@ login node takes well under a second; every rank runs it again at start-up (pret
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from pretrain.checkpoint.resume import MODEL_SHAPE_KEYS, ResumePoint, find_resume_point
 from pretrain.config import Config, ConfigError
+from pretrain.model.presets import parameter_count
 from pretrain.model.shape import GPTConfig
 from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.environment import wants_gpu
@@ -37,6 +39,10 @@ class RunPlan:
     """distill.teacher's model shape; None when not distilling."""
     resume_point: ResumePoint | None = None
     """The checkpoint the run continues from, checked; None for a run that starts at step 0."""
+    checkpoint_bytes: int = 0
+    """The predicted size of one checkpoint."""
+    warnings: tuple[str, ...] = ()
+    """What --check and the trainer say but do not refuse."""
 
 
 def check_settings(config: Config, world_size: int, on_gpu: bool | None = None) -> tuple[GPTConfig, ParallelLayout]:
@@ -116,7 +122,45 @@ def plan_run(config: Config, world_size: int) -> RunPlan:
     checkpoints = Path(config.checkpoint.dir or Path(config.run.dir) / "checkpoints")
     shape = {key: getattr(model_config, key) for key in MODEL_SHAPE_KEYS}
     resume_point = find_resume_point(checkpoints, config, layout, shape, tokenizer.identity()["sha256"], blend)
-    return RunPlan(model_config, layout, tokenizer, blend, tasks, teacher_config, resume_point)
+    size = checkpoint_bytes(model_config, config.train.precision, layout.zero_stage)
+    warnings = check_checkpoint_room(config, checkpoints, size)
+    return RunPlan(model_config, layout, tokenizer, blend, tasks, teacher_config, resume_point, size, warnings)
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def check_checkpoint_room(config: Config, checkpoints: Path, size: int) -> tuple[str, ...]:
+    """Refuse a checkpoint directory without room for checkpoint.keep_last + 1 checkpoints of `size` bytes
+    (the ones kept and the one being written; those already there count as room); the warnings to print."""
+    key = "checkpoint.dir" if config.checkpoint.dir else "run.dir"
+    existing = checkpoints
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    held = sum(f.stat().st_size for d in checkpoints.glob("step_*") if d.is_dir() for f in d.rglob("*") if f.is_file()) \
+        if checkpoints.is_dir() else 0
+    count = max(config.checkpoint.keep_last, 1) + 1
+    if config.checkpoint.check_space and free + held < count * size:
+        raise ConfigError(
+            f"{key}: {checkpoints} has {free / 1e9:.1f} GB free (and {held / 1e9:.1f} GB of checkpoints), but "
+            f"checkpoint.keep_last={config.checkpoint.keep_last} + 1 checkpoints of about {size / 1e9:.1f} GB need "
+            f"{count * size / 1e9:.1f} GB; free space, lower checkpoint.keep_last, or set checkpoint.dir to a larger "
+            "file system (a scratch directory); checkpoint.check_space=false where the free space shown is not real")
+    warnings = []
+    if count * size >= 1e9 and checkpoints.resolve().is_relative_to(REPOSITORY):
+        warnings.append(f"checkpoints go to {checkpoints}, inside the repository checkout: "
+                        f"{count * size / 1e9:.0f} GB or more over the run; set checkpoint.dir to a scratch directory")
+    return tuple(warnings)
+
+
+def checkpoint_bytes(model: GPTConfig, precision: str, zero_stage: int) -> int:
+    """About what one checkpoint holds: the weights in the model's dtype (2 or 4 bytes a parameter) and
+    Adam's two fp32 moments (8), with fp32 master weights (4) where the optimizer keeps them apart from
+    the model's (every ZeRO stage; at ZeRO-0 only under bf16/fp16). 21.8 GB for the 1.5B model in bf16."""
+    weights = 4 if precision == "fp32" else 2
+    master = 0 if precision == "fp32" and zero_stage == 0 else 4
+    return parameter_count(model, include_padding=True) * (weights + master + 8)
 
 
 def plan_tasks(config: Config, tokenizer: Tokenizer, window: int) -> list[TrainingTask]:

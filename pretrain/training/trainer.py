@@ -127,6 +127,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.control = control_group()  # the stop check's, on the host
         plan = plan_run(config, dist.get_world_size())
+        for warning in plan.warnings if self.rank == 0 else ():
+            log.warning(warning)
         self.model_config, self.layout, self.tokenizer, self.blend = plan.model_config, plan.layout, plan.tokenizer, plan.blend
         self.tasks, self.teacher_config = plan.tasks, plan.teacher_config
         self._log_start(device)

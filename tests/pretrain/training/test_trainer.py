@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -192,6 +193,32 @@ def test_check_imports_no_torch_and_says_ok_or_names_the_setting(shards, tmp_pat
                                 capture_output=True, text=True, timeout=60)
     assert unwritable.returncode == 2 and unwritable.stderr.strip().splitlines() == [unwritable.stderr.strip()]
     assert f"run.dir={tmp_path / 'a_file' / 'run'} cannot be made" in unwritable.stderr
+
+
+def test_check_refuses_a_checkpoint_directory_without_room_and_warns_inside_the_checkout(shards, tmp_path):
+    """A 1.5B-wide model (about 21 GB a checkpoint in bf16: weights 2, fp32 master 4, Adam 8 bytes a parameter):
+    keep_last + 1 checkpoints must fit the file system's free space, or --check refuses naming the settings;
+    checkpoint.check_space=false lets a quota-managed file system through; checkpoints of a gigabyte or more
+    inside the repository checkout are warned about."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    big = ["model.n_layer=48", "model.n_embd=1600", "model.n_head=25"]
+    common = [sys.executable, "-m", "pretrain", "--config", TINY, "--check", "--world-size", "1", "--set",
+              *data_settings(shards), *big]
+    refused = subprocess.run([*common, f"run.dir={tmp_path}", "checkpoint.keep_last=10000"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+    assert re.search(r"checkpoint.keep_last=10000 \+ 1 checkpoints of about 2\d\.\d GB need 2\d\d\d\d\d\.\d GB",
+                     refused.stderr), refused.stderr
+    assert "set checkpoint.dir to a larger file system" in refused.stderr
+    inside = subprocess.run([*common, f"run.dir={REPO / 'runs' / 'space-check-probe'}", "checkpoint.check_space=false"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert inside.returncode == 0, inside.stderr
+    assert re.search(r"checkpoints: about 2\d\.\d\d GB each, keep_last=2", inside.stdout), inside.stdout
+    assert "warning: checkpoints go to" in inside.stdout and "inside the repository checkout" in inside.stdout
 
 
 @pytest.mark.parametrize("where", ["under a file", "under /proc", "checkpoint.dir under a file", "writable"])
