@@ -157,13 +157,16 @@ class CheckpointManager:
         """On rank 0's writer thread: once every rank's files are marked complete, the manifest, the rename,
         `latest`, then the old checkpoints removed (after the new one is complete, off the step's path)."""
         deadline = time.monotonic() + 60 * self.timeout_minutes
+        def marks(prefix: str) -> list[Path]:  # written atomically: a NAME.tmp is a mark still being written
+            return sorted(p for p in partial.glob(prefix + "*") if not p.name.endswith(".tmp"))
+
         while True:
-            failed = sorted(partial.glob(FAILED_MARK + "*"))
+            failed = marks(FAILED_MARK)
             if failed:
                 raise CheckpointError(f"the save of step {step} failed on rank {failed[0].name[-5:].lstrip('0') or 0}: "
                                       f"{json.loads(failed[0].read_text())['error']}; {self.directory / LATEST} "
                                       "still names the previous checkpoint")
-            done = list(partial.glob(DONE_MARK + "*"))
+            done = marks(DONE_MARK)
             if len(done) == self.world_size:
                 break
             if time.monotonic() > deadline:
