@@ -20,6 +20,8 @@ import threading
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
+from pretrain.checkpoint.resume import CheckpointError
+
 
 def to_host(value):
     """A copy of a state dict that training cannot change any more: tensors copied to host memory (compact:
@@ -94,6 +96,9 @@ class BackgroundWriter(CheckpointEngine):
         self._jobs.join()
         if self._failure is not None:
             failure, self._failure = self._failure, None
+            if isinstance(failure, OSError):  # a full or vanished disk: one line, and no requeue (exit 2)
+                raise CheckpointError(f"writing a checkpoint failed: {failure}; `latest` still names the previous "
+                                      "checkpoint") from failure
             raise failure
 
     def _work(self) -> None:
