@@ -4,7 +4,7 @@
     python tools/bench_checkpoint.py --preset gpt2-124m --data demo_out/tokens/demo
     python tools/bench_checkpoint.py --preset gpt2-355m --data demo_out/tokens/demo --json
 
-Trains the preset for a few steps on one CPU rank (bf16, ZeRO-1), saving after every step, once with
+Trains the preset on one CPU rank (bf16, ZeRO-1), saving every --interval steps, once with
 `checkpoint.async=true` and once with `false`, and reads each save's row from metrics.jsonl (bytes,
 blocking_seconds, write_seconds). Beside them, `dd` writes as many bytes to the same file system with
 direct I/O (no page cache): the disk's own rate. The throughput of a save is its bytes over its write
@@ -43,11 +43,11 @@ def disk_rate(directory: Path, megabytes: int) -> float:
 def saves(args, run_dir: Path, asynchronous: bool) -> list[dict]:
     """The checkpoint rows of a run saving after every step."""
     command = [sys.executable, "-m", "pretrain", "--config", str(REPO / "configs" / f"{args.preset}.yaml"), "--set",
-               f"data.prefixes=[{args.data}]", f"run.dir={run_dir}", f"train.max_steps={args.steps}",
-               "checkpoint.interval=1", f"checkpoint.keep_last={args.steps}", f"checkpoint.async={str(asynchronous).lower()}",
+               f"data.prefixes=[{args.data}]", f"run.dir={run_dir}", f"train.max_steps={args.interval * args.saves}",
+               f"checkpoint.interval={args.interval}", f"checkpoint.keep_last={args.saves}", f"checkpoint.async={str(asynchronous).lower()}",
                "eval.interval=0", "logging.interval=1", "logging.tensorboard=false", "train.precision=bf16",
                f"parallel.micro_batch_size={args.micro_batch}", f"parallel.global_batch_size={args.micro_batch}",
-               f"model.n_positions={args.sequence}", "checkpoint.check_space=false"]
+               f"model.n_positions={args.sequence}", "checkpoint.check_space=false", "data.split=100,0,0"]
     done = subprocess.run(command, cwd=REPO, env=dict(os.environ, PRETRAIN_DEVICE="cpu"), capture_output=True,
                           text=True)
     if done.returncode:
@@ -60,7 +60,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2-124m", help="configs/PRESET.yaml")
     parser.add_argument("--data", required=True, help="a token shard prefix in the preset's tokenizer (GPT-2's)")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--interval", type=int, default=10,
+                        help="steps between saves: more than a save takes to write, or the next save waits for it")
+    parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--sequence", type=int, default=128, help="model.n_positions: short, the step is not measured")
     parser.add_argument("--dir", help="where the runs go (default: a temporary directory here)")

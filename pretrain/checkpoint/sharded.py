@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.atomic import fsync_path, write_text_atomically
-from pretrain.checkpoint.writer import BackgroundWriter
+from pretrain.checkpoint.writer import BackgroundWriter, save_durably
 from pretrain.parallel.overlap import finish_weights
 # Defined without torch (--check reads checkpoints too); imported from here by the tools and the trainer.
 from pretrain.checkpoint.resume import (  # noqa: F401
@@ -124,8 +124,10 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.directory), tag=partial_tag, save_latest=False,
                                client_state={**client_state, "step": step, "iteration": step})
         rng = random_state()
-        self.writer.submit(lambda: torch.save(rng, partial / f"rng_rank{self.rank:05d}.pt"))
-        timing = {"began": began, "blocking": time.perf_counter() - began, "bytes": self.writer.staged_bytes}
+        self.writer.submit(lambda: save_durably(rng, partial / f"rng_rank{self.rank:05d}.pt"))
+        # Synchronous, the loop waits for the whole save: its blocking time is the write time (set at the end).
+        blocking = time.perf_counter() - began if self.asynchronous else None
+        timing = {"began": began, "blocking": blocking, "bytes": self.writer.staged_bytes}
         self.writer.submit(lambda: self._mark(partial, timing), always=True)
         if self.rank == 0:
             self.writer.submit(lambda: self._finalize(partial, tag, step, manifest, timing), always=True)
@@ -185,6 +187,7 @@ class CheckpointManager:
         fsync_path(self.directory)
         write_text_atomically(self.directory / LATEST, tag + "\n")
         written = time.perf_counter() - timing["began"]
+        timing["blocking"] = written if timing["blocking"] is None else timing["blocking"]
         size = sum(files.values())
         log.info("saved checkpoint %s: %.2f GB, the step loop blocked %.2f s, written in %.2f s", final, size / 1e9,
                  timing["blocking"], written)

@@ -38,6 +38,17 @@ def to_host(value):
     return copy.deepcopy(value)
 
 
+def save_durably(state, path) -> None:
+    """torch.save, then the file's data flushed to the disk: a checkpoint is declared complete (its rank's mark,
+    then `latest`) only over files a power cut would not take back."""
+    torch.save(state, path)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def tensor_bytes(value) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -69,7 +80,7 @@ class BackgroundWriter(CheckpointEngine):
     def save(self, state_dict, path: str) -> None:
         staged = to_host(state_dict)
         self.staged_bytes += tensor_bytes(staged)
-        self.submit(lambda: torch.save(staged, path))
+        self.submit(lambda: save_durably(staged, path))
 
     def load(self, path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=False)
