@@ -93,10 +93,11 @@ def run_tool(script: str, *args: str, timeout: float = 600, env: dict | None = N
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests that check a run started in the background go last (tests/head_start.py)."""
+    """The tests that check a run started in the background go last (tests/head_start.py), and after them the
+    ones that time something (marked `timing`): by then the background runs are over and the CPUs quiet."""
     from tests.head_start import last
 
-    items.sort(key=last)
+    items.sort(key=lambda item: (item.get_closest_marker("timing") is not None, last(item)))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -33,6 +33,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.timing
 @pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
 def test_the_ring_all_reduce_formula_matches_gloo_over_a_rate_limited_link():
     """2 (n - 1) / n x bytes / bandwidth, for n = 2 over a 200 Mbit/s link: within 25% at 5 and 20 MB, the
@@ -61,6 +62,7 @@ def test_the_ring_all_reduce_formula_matches_gloo_over_a_rate_limited_link():
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
 def test_the_planner_predicts_exposed_communication_with_and_without_overlap():
     """DP=2 on gloo over 400 Mbit/s, a model whose fp32 gradients take about as long to all-reduce as a
