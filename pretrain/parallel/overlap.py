@@ -51,12 +51,13 @@ class Bucket:
     start: int  # element range of the group's flat gradient buffer
     end: int
     parameters: int  # how many parameters' gradients it waits for
+    first: int  # the model-order position of its earliest parameter: backward finishes it last
 
 
 class DataParallelOverlap:
     """Installed on one engine whose optimizer is DeepSpeed's BF16_Optimizer (`install`)."""
 
-    def __init__(self, engine, bucket_size: int = OVERLAP_BUCKET_SIZE, overlap_gather: bool = True):
+    def __init__(self, engine, bucket_size: int = OVERLAP_BUCKET_SIZE):
         self.engine, self.optimizer = engine, engine.optimizer
         # The same ranks as the optimizer's data-parallel group, on a communicator of its own: NCCL runs one
         # communicator's work in order, so a blocking collective of the trainer or DeepSpeed on the data-parallel
@@ -65,15 +66,12 @@ class DataParallelOverlap:
         self.groups = [own for _ in self.optimizer.real_dp_process_group]
         self.world = dist.get_world_size(group=own)
         order = {id(p): k for k, p in enumerate(engine.module.parameters())}
-        self.buckets: list[Bucket] = []
-        self._members: dict[int, list[torch.Tensor]] = {}  # id(bucket) -> its parameters
-        self._bucket_of: dict[int, int] = {}
-        for i, params in enumerate(self.optimizer.bf16_groups):
-            self._cut_buckets(i, params, bucket_size, order)
+        members = [bucket for i, params in enumerate(self.optimizer.bf16_groups)
+                   for bucket in self._cut_buckets(i, params, bucket_size, order)]
         # Start order: the bucket holding the model's latest parameters first (backward reaches them first).
-        self.buckets.sort(key=lambda b: -min(order[id(p)] for p in self._bucket_params(b)))
-        self._index = {id(b): k for k, b in enumerate(self.buckets)}
-        self._bucket_of = {pid: self._index[id(b)] for pid, b in self._bucket_of.items()}
+        members.sort(key=lambda item: -item[0].first)
+        self.buckets = [bucket for bucket, _ in members]
+        self._bucket_of = {id(p): index for index, (_, params) in enumerate(members) for p in params}
         self._armed = False
         self.reduced_in_backward = 0  # buckets of the last step whose reduction started during backward
         # Host seconds the step stood still for each, in all (tools/bench_overlap.py). Under NCCL a wait only
@@ -83,33 +81,26 @@ class DataParallelOverlap:
         self._weight_handles: dict[tuple[int, int], object] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient)
                        for params in self.optimizer.bf16_groups for p in params if p.requires_grad]
-        self.overlap_gather = overlap_gather
-        if overlap_gather:
-            self._install_weight_waits()
+        self._install_weight_waits()
 
     # ---- gradients ------------------------------------------------------------------------
 
-    def _cut_buckets(self, group: int, params: list[torch.Tensor], bucket_size: int, order: dict) -> None:
-        """Buckets of whole, consecutive parameters of one group, cut from the group's end; the last
-        bucket also takes the buffer's alignment padding, so the buckets cover the whole buffer."""
+    def _cut_buckets(self, group: int, params: list[torch.Tensor], bucket_size: int,
+                     order: dict) -> list[tuple[Bucket, list[torch.Tensor]]]:
+        """Buckets of whole, consecutive parameters of one group, cut from the group's end, each with its
+        parameters; the last bucket also takes the buffer's alignment padding, so they cover the whole buffer."""
         flat = self.optimizer.fp32_groups_gradients_flat[group]
         offsets, offset = [], 0
         for p in params:
             offsets.append(offset)
             offset += p.numel()
-        end, members = flat.numel(), []
+        end, members, cut = flat.numel(), [], []
         for j in reversed(range(len(params))):
             members.append(params[j])
             if end - offsets[j] >= bucket_size or j == 0:
-                bucket = Bucket(group, offsets[j], end, len(members))
-                self.buckets.append(bucket)
-                self._members[id(bucket)] = list(members)
-                for p in members:
-                    self._bucket_of[id(p)] = bucket
+                cut.append((Bucket(group, offsets[j], end, len(members), order[id(params[j])]), members))
                 end, members = offsets[j], []
-
-    def _bucket_params(self, bucket: Bucket) -> list[torch.Tensor]:
-        return self._members[id(bucket)]
+        return cut
 
     def _reset_step(self) -> None:
         self._waiting = [b.parameters for b in self.buckets]
@@ -232,11 +223,7 @@ def own_communicator(group):
 
 
 def overlap_refusal(engine) -> str | None:
-    """Why the overlap cannot replace this engine's reduction (it then keeps DeepSpeed's), or None."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
-    if not isinstance(engine.optimizer, BF16_Optimizer):
-        return f"the optimizer is DeepSpeed's {type(engine.optimizer).__name__}, not BF16_Optimizer"
+    """Why the overlap cannot replace this BF16_Optimizer engine's reduction (it then keeps DeepSpeed's), or None."""
     if getattr(engine.optimizer, "has_moe_layers", False):
         return "mixture-of-experts layers"
     if not engine.optimizer.immediate_grad_update:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from pretrain.model.gpt2 import Block, FinalNorm, GPTConfig, WordEmbedding, layer_classes
 from pretrain.model.loss import CHUNK_ELEMENTS
-from pretrain.parallel.deepspeed_config import OVERLAP_BUCKET_SIZE
+from pretrain.parallel.deepspeed_config import OVERLAP_BUCKET_SIZE, deepspeed_overlaps, uses_bf16_optimizer
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.parallel.pipeline import layer_parameter_counts
 
@@ -79,20 +79,16 @@ class RunShape:
     @property
     def deepspeed_overlap(self) -> bool:
         """parallel.overlap_communication as DeepSpeed's overlap_comm (ZeRO-1/2 through its ZeRO optimizer)."""
-        from pretrain.parallel.deepspeed_config import deepspeed_overlaps
-
         return self.overlap and deepspeed_overlaps(self.layout, self.precision, self.gradient_dtype)
 
     @property
     def optimizer(self) -> str:
         """The DeepSpeed optimizer path (see the module docstring)."""
-        stage, bf16 = self.layout.zero_stage, self.precision == "bf16"
-        if stage == 0:
-            if self.precision == "fp32":
-                return "torch"
-            return "bf16_optimizer" if bf16 and self.layout.pipeline_parallel_size > 1 else "mixed_whole"
-        if stage == 1 and bf16 and self.gradient_dtype == "fp32":
+        stage = self.layout.zero_stage
+        if uses_bf16_optimizer(self.layout, self.precision, self.gradient_dtype):
             return "bf16_optimizer"
+        if stage == 0:
+            return "torch" if self.precision == "fp32" else "mixed_whole"
         return "zero3" if stage == 3 else "zero12"
 
 
